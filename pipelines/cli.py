@@ -1,0 +1,134 @@
+"""`twinq index ...` and `twinq search`: build, manage and query snapshots from the shell."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from shared import snapshot as snap
+
+index_app = typer.Typer(help="Build and manage versioned snapshots.", no_args_is_help=True)
+console = Console()
+RootOpt = typer.Option(..., "--root", help="Snapshot root directory.", envvar="TWINQ_ROOT")
+
+
+@index_app.command(
+    "build", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def build_command(
+    ctx: typer.Context,
+    corpus: list[str] = typer.Option(..., "--corpus", help="Corpus file or glob (CSV, TSV, JSONL, Parquet); repeatable."),
+    root: Path = RootOpt,
+    shards: int = typer.Option(4, help="Number of shards (ids are assigned by a stable hash)."),
+    model: Optional[str] = typer.Option(None, help="Bi-encoder path or hub name; default: bundled all-MiniLM-L6-v2.", envvar="TWINQ_MODEL"),
+    id_field: Optional[str] = typer.Option(None, help="Id column (default: _id, id, qid or question_id)."),
+    text_field: Optional[str] = typer.Option(None, help="Text column (default: text, question, query or title)."),
+    publish: bool = typer.Option(False, "--publish", help="Publish (swap CURRENT) once the snapshot validates."),
+    memory_budget: str = typer.Option("4G", help="Memory budget per shard index, e.g. 512M or 4G."),
+    index_factory: Optional[str] = typer.Option(None, help="FAISS factory key overriding the automatic choice."),
+    reuse_from: Optional[str] = typer.Option("auto", help="Root whose published vectors to reuse; 'auto' = --root, 'none' = off."),
+    threads: Optional[int] = typer.Option(None, help="Torch threads per Beam worker process.", envvar="TWINQ_THREADS"),
+    batch_size: int = typer.Option(128, help="Largest inference batch."),
+    canary: int = typer.Option(200, help="Rows self-queried to validate the snapshot (0 = off)."),
+    pushgateway: Optional[str] = typer.Option(None, help="Push build metrics to this Prometheus Pushgateway."),
+) -> None:
+    """Embed a corpus with Beam and write a new snapshot. Extra `--flags` go to Beam
+    (e.g. `--direct_num_workers 2 --direct_running_mode multi_processing`, or `--runner FlinkRunner`)."""
+    from pipelines.build_metrics import push_build_metrics
+    from pipelines.index import BuildOptions, build_snapshot
+
+    opts = BuildOptions(
+        corpus=corpus, root=root, shards=shards, model=model, id_field=id_field,
+        text_field=text_field, publish=publish, memory_budget=memory_budget,
+        index_factory=index_factory, reuse_from=None if reuse_from == "none" else reuse_from,
+        threads=threads, batch_size=batch_size, canary=canary, beam_args=list(ctx.args))
+    try:
+        result = build_snapshot(opts)
+    except Exception:
+        if pushgateway:
+            push_build_metrics(pushgateway, None)
+        raise
+    if pushgateway:
+        push_build_metrics(pushgateway, result.manifest)
+    _print_summary(result.manifest, result.published)
+
+
+def _print_summary(manifest: dict, published: bool) -> None:
+    corpus, build = manifest["corpus"], manifest["build"]["stages_s"]
+    table = Table(title=f"snapshot {manifest['version']}" + (" (published)" if published else ""))
+    for column in ("rows read", "rejected", "distinct texts", "embedded", "reused", "shards", "seconds"):
+        table.add_column(column, justify="right")
+    table.add_row(*map(str, (corpus["rows_read"], corpus["rows_rejected"], corpus["rows_indexed"],
+                             corpus["rows_embedded"], corpus["rows_reused"],
+                             len(manifest["shards"]), build.get("total"))))
+    console.print(table)
+    kinds = sorted({e["faiss_factory"] for e in manifest["shards"]})
+    console.print(f"index types: {', '.join(kinds)}; canary rank-1 rate "
+                  f"{manifest['validation'].get('rank1_rate')}")
+
+
+@index_app.command("list")
+def list_command(root: Path = RootOpt) -> None:
+    """List versions: complete or not, and which one is published."""
+    table = Table()
+    for column in ("version", "published", "complete", "rows", "created"):
+        table.add_column(column)
+    for info in snap.list_versions(root):
+        state = "building" if info.building else ("yes" if info.complete else "no")
+        table.add_row(info.version, "*" if info.published else "", state, str(info.rows or ""),
+                      info.created_at or "")
+    console.print(table)
+
+
+@index_app.command("publish")
+def publish_command(version: str, root: Path = RootOpt) -> None:
+    """Publish a complete version (atomic swap of CURRENT)."""
+    snap.publish(root, version)
+    console.print(f"published {version}")
+
+
+@index_app.command("rollback")
+def rollback_command(root: Path = RootOpt) -> None:
+    """Publish the previously published version again."""
+    console.print(f"rolled back to {snap.rollback(root)}")
+
+
+@index_app.command("gc")
+def gc_command(root: Path = RootOpt, keep: int = typer.Option(3, help="Complete versions to keep.")) -> None:
+    """Delete old versions and abandoned builds; never the published one."""
+    removed = snap.gc(root, keep)
+    console.print(f"removed {len(removed)}: {', '.join(removed) or '-'}")
+
+
+def search_command(
+    question: str = typer.Argument(..., help="The question to find twins for."),
+    root: Path = RootOpt,
+    top_k: int = typer.Option(10, help="Hits to show."),
+    model: Optional[str] = typer.Option(None, help="Override the snapshot's bi-encoder."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Search the published snapshot in-process (no queue, no rerank)."""
+    from shared.models import load_bi_encoder
+    from shared.search import search_shards
+    from shared.text import normalize_text
+
+    snapshot = snap.load_snapshot(root)
+    encoder = load_bi_encoder(model or snapshot.manifest["model"]["name"])
+    vectors = encoder.encode([normalize_text(question)], normalize_embeddings=True)
+    hits = search_shards(snapshot, vectors, top_k)[0]
+    if json_out:
+        print(json.dumps({"snapshot": snapshot.version,
+                          "results": [h.to_dict(i + 1) for i, h in enumerate(hits)]}, ensure_ascii=False))
+        return
+    table = Table(title=f"snapshot {snapshot.version}")
+    table.add_column("rank", justify="right")
+    table.add_column("id")
+    table.add_column("question")
+    table.add_column("recall score", justify="right")
+    for i, hit in enumerate(hits, start=1):
+        table.add_row(str(i), hit.id, hit.text, f"{hit.recall_score:.3f}")
+    console.print(table)

@@ -1,0 +1,104 @@
+"""Beam `ModelHandler` around a sentence-transformers bi-encoder.
+
+`load_model` only loads (once per worker process, shared across its threads by RunInference);
+`run_inference` only encodes. Beam does the batching from `batch_elements_kwargs`, and buckets
+texts of similar length together so that batches carry less padding.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from apache_beam.ml.inference.base import ModelHandler, PredictionResult
+
+from shared.models import load_bi_encoder, resolve_model, set_threads
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+log = logging.getLogger(__name__)
+
+LENGTH_BUCKETS = [48, 96, 192]
+"""Character-length boundaries for Beam's bucketed batching (questions are mostly < 100 chars)."""
+
+
+class EmbedHandler(ModelHandler[str, PredictionResult, "SentenceTransformer"]):
+    """Embed question texts into L2-normalised float32 vectors."""
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        threads: int | None = None,
+        min_batch_size: int = 16,
+        max_batch_size: int = 128,
+        encode_batch_size: int = 64,
+        progress_total: int | None = None,
+    ) -> None:
+        """
+        Args:
+            model: A local path, hub name, or None for the bundled all-MiniLM-L6-v2.
+            threads: Torch threads per SDK process. Defaults to torch's choice.
+            min_batch_size: Smallest batch Beam forms. Defaults to 16.
+            max_batch_size: Largest batch Beam forms. Defaults to 128.
+            encode_batch_size: Batch size inside `encode`. Defaults to 64.
+            progress_total: Expected number of texts, for progress lines with an ETA.
+        """
+        if min_batch_size > max_batch_size:
+            raise ValueError(f"min_batch_size ({min_batch_size}) > max_batch_size ({max_batch_size})")
+        super().__init__(min_batch_size=min_batch_size, max_batch_size=max_batch_size,
+                         batch_length_fn=len, batch_bucket_boundaries=LENGTH_BUCKETS)
+        self._model = model
+        self._threads = threads
+        self._batching = {"min_batch_size": min_batch_size, "max_batch_size": max_batch_size}
+        self._encode_batch_size = encode_batch_size
+        self._progress_total = progress_total
+        self._done = 0
+        self._started = 0.0
+        self._last_log = 0.0
+
+    def load_model(self) -> SentenceTransformer:
+        set_threads(self._threads)
+        return load_bi_encoder(self._model)
+
+    def run_inference(
+        self,
+        batch: Sequence[str],
+        model: SentenceTransformer,
+        inference_args: dict[str, Any] | None = None,
+    ) -> Iterable[PredictionResult]:
+        vectors = model.encode(list(batch), batch_size=self._encode_batch_size,
+                               normalize_embeddings=True, convert_to_numpy=True,
+                               show_progress_bar=False)
+        self._report(len(batch))
+        return [PredictionResult(text, vec.astype("float32"), self.model_id())
+                for text, vec in zip(batch, vectors)]
+
+    def batch_elements_kwargs(self) -> dict[str, int]:
+        return dict(self._batching)
+
+    def model_id(self) -> str:
+        return resolve_model(self._model)[1]
+
+    def get_metrics_namespace(self) -> str:
+        return "twinq_embed"
+
+    def _report(self, n: int) -> None:
+        """Progress lines every ~5 s: texts embedded in this process, rate and ETA."""
+        now = time.perf_counter()
+        if not self._started:
+            self._started = now
+        self._done += n
+        if now - self._last_log < 5:
+            return
+        self._last_log = now
+        rate = self._done / max(now - self._started, 1e-9)
+        if self._progress_total:
+            left = max(self._progress_total - self._done, 0)
+            log.info("embedded %d/~%d texts (%.0f/s, ETA %.0fs)", self._done, self._progress_total,
+                     rate, left / max(rate, 1e-9))
+        else:
+            log.info("embedded %d texts (%.0f/s)", self._done, rate)
