@@ -42,10 +42,15 @@ def build_registry(manifest: dict[str, Any] | None) -> Any:
 
 
 def push_build_metrics(url: str, manifest: dict[str, Any] | None) -> None:
-    """Push, logging (not raising) on failure: a monitoring outage must not fail a good build."""
-    from prometheus_client import push_to_gateway
+    """Push, logging (not raising) on failure: a monitoring outage must not fail a good build.
 
+    A failed build uses push-add, which replaces only the metrics it sends, so the last success
+    timestamp survives and the "no good build in 36 h" alert stays truthful.
+    """
+    from prometheus_client import push_to_gateway, pushadd_to_gateway
+
+    push = push_to_gateway if manifest is not None else pushadd_to_gateway
     try:
-        push_to_gateway(url, job=JOB, registry=build_registry(manifest))
+        push(url, job=JOB, registry=build_registry(manifest))
     except OSError as exc:
         log.warning("could not push build metrics to %s: %s", url, exc)

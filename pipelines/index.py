@@ -185,7 +185,9 @@ def _collect_entries(path: Path, shards: int, dim: int | None) -> list[dict[str,
             entries[int(entry["name"].split("-")[1])] = entry
         part.unlink()
     if not entries:
-        raise BadInput("empty corpus: no valid rows were found (see rejects.jsonl)")
+        rejects = path / snap.REJECTS
+        rejected = len(rejects.read_text().splitlines()) if rejects.exists() else 0
+        raise BadInput(f"empty corpus: no valid rows were found ({rejected} rejected)")
     if dim is None:
         import pyarrow.parquet as pq
 

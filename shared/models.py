@@ -57,6 +57,13 @@ def set_threads(threads: int | None) -> None:
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
 
+def _quiet_loading() -> None:
+    """Weight-loading progress bars are noise on a CLI's stderr, whose last line is the error."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def _hub_hint(name: str, exc: Exception) -> ModelLoadError:
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     hint = " (HF_HUB_OFFLINE=1 is set: only cached or local models load)" if offline else ""
@@ -74,6 +81,7 @@ def load_bi_encoder(
     from sentence_transformers import SentenceTransformer
 
     source, stable = resolve_model(name)
+    _quiet_loading()
     start = time.perf_counter()
     try:
         model = SentenceTransformer(
@@ -98,6 +106,7 @@ def load_cross_encoder(
     from sentence_transformers import CrossEncoder
 
     source, stable = resolve_model(name)
+    _quiet_loading()
     start = time.perf_counter()
     try:
         model = CrossEncoder(

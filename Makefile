@@ -1,0 +1,30 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both install into ./.venv.
+PY ?= python3.11
+VENV := .venv
+export HF_HUB_OFFLINE := 1
+
+.PHONY: demo serve test reliability bench venv clean
+
+$(VENV)/.installed: pyproject.toml
+	@command -v $(PY) >/dev/null || (echo "need $(PY)"; exit 1)
+	[ -x $(VENV)/bin/python ] || $(PY) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv            ## build, train, serve and ask: the whole lifecycle, offline
+	$(VENV)/bin/twinq demo
+
+serve: venv           ## the demo, left running with its status page
+	$(VENV)/bin/twinq demo --serve
+
+test:                 ## the same command CI runs
+	bash .ci/run
+
+reliability: venv     ## the long fault and load suites
+	$(VENV)/bin/python -m pytest -q -m reliability --run-reliability tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,345 @@
+"""The queue protocol: request and reply schemas, error codes and the stream encoding.
+
+A request is one stream entry with a single field, `payload`, holding a JSON object, so that
+anyone can drive twinq with `redis-cli` alone:
+
+    XADD twinq:queries * payload '{"id":"a1","query":"how do I reset my password"}'
+    BLPOP twinq:reply:a1 10
+
+Only `id` and `query` are required. Everything else the worker fills from its settings. Parsing
+is strict (unknown fields, wrong types and out-of-range values are refused with `bad_request`),
+because a silently ignored typo such as `topk` would give an answer to a different question.
+
+Example:
+    >>> from shared.config import Settings
+    >>> req = parse_request({b"payload": b'{"id": "a1", "query": "reset password"}'}, Settings())
+    >>> (req.reply_to, req.top_k)
+    ('twinq:reply:a1', 10)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, Any, get_args
+
+from shared import constants as C
+from shared.config import FusionMethod
+from shared.errors import ProtocolError
+from shared.text import normalize_text
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from shared.config import Settings
+    from shared.search import Hit
+
+PAYLOAD_FIELD = "payload"
+"""The one stream field of a request; it holds the JSON object."""
+
+ID_MAX_CHARS = 128
+_ID = re.compile(r"^[A-Za-z0-9._:-]{1,%d}$" % ID_MAX_CHARS)
+REPLY_TO_MAX_CHARS = 256
+PAYLOAD_OVERHEAD_BYTES = 4096
+"""Room for the JSON around the query: a payload past 4 bytes per allowed character plus this
+is refused as `too_large` before it is parsed, so a huge message costs no JSON work."""
+
+REQUEST_FIELDS = ("id", "query", "top_k", "recall_k", "rerank", "reply_to", "rerank_depth",
+                  "fusion", "fusion_weight", "min_probability", "submitted_ms")
+STAGES = ("queue", "embed", "search", "rerank", "total")
+
+
+class ErrorCode(str, Enum):
+    """Why a request got an error reply (architecture.md section 4)."""
+
+    #: The request does not follow the protocol; resending it unchanged fails again.
+    BAD_REQUEST = "bad_request"
+    #: The query (or the whole payload) is longer than the worker accepts.
+    TOO_LARGE = "too_large"
+    #: The queue is too deep, or the request waited too long in it; retry later.
+    OVERLOADED = "overloaded"
+    #: The worker has no snapshot to search yet; retry later.
+    NOT_READY = "not_ready"
+    #: The worker failed on this request (after its retries); see the message.
+    INTERNAL = "internal"
+
+
+RETRYABLE = {ErrorCode.OVERLOADED: True, ErrorCode.NOT_READY: True, ErrorCode.BAD_REQUEST: False,
+             ErrorCode.TOO_LARGE: False, ErrorCode.INTERNAL: False}
+"""Default `retryable` flag per code: only conditions of the service, not of the request."""
+
+
+@dataclass(frozen=True)
+class QueryRequest:
+    """A parsed, validated request. Knobs left as None take the worker's defaults."""
+
+    id: str
+    """Client-chosen id (a UUID from the client library); also the idempotency key."""
+    query: str
+    """The question, normalised (NFKC, whitespace collapsed)."""
+    top_k: int
+    recall_k: int
+    rerank: bool
+    reply_to: str
+    """Reply list key; always under the settings' `reply_prefix`."""
+    rerank_depth: int | None = None
+    fusion: str | None = None
+    fusion_weight: float | None = None
+    min_probability: float | None = None
+    """If set, the reply carries `no_twin`: true when no hit's duplicate probability reaches it."""
+    submitted_ms: int | None = None
+    """Client wall-clock time of submission, epoch milliseconds (for the queue timing)."""
+
+    def to_payload(self) -> dict[str, Any]:
+        """The JSON object of this request, without the knobs left at None."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    def to_fields(self) -> dict[str, str]:
+        """The stream fields for `XADD`."""
+        return encode_request(self.to_payload())
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[bytes | str, bytes | str], settings: Settings
+                    ) -> QueryRequest:
+        """Parse stream fields; see `parse_request`."""
+        return parse_request(fields, settings)
+
+
+def encode_request(payload: Mapping[str, Any]) -> dict[str, str]:
+    """Stream fields for a request payload: `{"payload": "<json>"}`."""
+    return {PAYLOAD_FIELD: json.dumps(payload, ensure_ascii=False, separators=(",", ":"))}
+
+
+def _field(fields: Mapping[bytes | str, bytes | str], name: str) -> bytes | str | None:
+    return fields.get(name.encode()) if name.encode() in fields else fields.get(name)
+
+
+def _bad(message: str, code: ErrorCode = ErrorCode.BAD_REQUEST) -> ProtocolError:
+    return ProtocolError(code, message)
+
+
+def decode_payload(fields: Mapping[bytes | str, bytes | str], settings: Settings) -> dict[str, Any]:
+    """The JSON object of a stream entry, or ProtocolError saying what is wrong with it."""
+    names = (k.decode("utf-8", "replace") if isinstance(k, bytes) else str(k) for k in fields)
+    extra = sorted(name for name in names if name != PAYLOAD_FIELD)
+    if extra:
+        raise _bad(f"unknown stream field(s): {', '.join(extra)} (only {PAYLOAD_FIELD!r})")
+    raw = _field(fields, PAYLOAD_FIELD)
+    if raw is None:
+        raise _bad(f"missing stream field {PAYLOAD_FIELD!r}")
+    limit = settings.max_query_chars * 4 + PAYLOAD_OVERHEAD_BYTES
+    if len(raw) > limit:
+        raise _bad(f"payload is {len(raw)} bytes, over the limit of {limit}", ErrorCode.TOO_LARGE)
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _bad(f"payload is not valid UTF-8 (byte {exc.start})") from exc
+    try:
+        payload = json.loads(raw)
+    except ValueError as exc:
+        raise _bad(f"payload is not valid JSON: {exc}") from exc
+    if not isinstance(payload, dict):
+        raise _bad(f"payload must be a JSON object, not {type(payload).__name__}")
+    return payload
+
+
+def _int(payload: dict[str, Any], name: str, low: int, high: int) -> int | None:
+    value = payload.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad(f"{name} must be an integer, not {type(value).__name__}")
+    if not low <= value <= high:
+        raise _bad(f"{name} must be in {low}..{high}, got {value}")
+    return value
+
+
+def _fraction(payload: dict[str, Any], name: str) -> float | None:
+    value = payload.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _bad(f"{name} must be a number, not {type(value).__name__}")
+    if not 0.0 <= value <= 1.0:
+        raise _bad(f"{name} must be in 0..1, got {value}")
+    return float(value)
+
+
+def _request_id(payload: dict[str, Any]) -> str:
+    value = payload.get("id")
+    if not isinstance(value, str) or not _ID.match(value):
+        raise _bad(f"id must be 1..{ID_MAX_CHARS} characters of [A-Za-z0-9._:-], got {value!r:.80}")
+    return value
+
+
+def _reply_to(payload: dict[str, Any], request_id: str, settings: Settings) -> str:
+    value = payload.get("reply_to")
+    if value is None:
+        return settings.reply_prefix + request_id
+    if not isinstance(value, str):
+        raise _bad(f"reply_to must be a string, not {type(value).__name__}")
+    if not value.startswith(settings.reply_prefix) or len(value) == len(settings.reply_prefix):
+        raise _bad(f"reply_to must start with {settings.reply_prefix!r}")
+    if len(value) > REPLY_TO_MAX_CHARS:
+        raise _bad(f"reply_to is longer than {REPLY_TO_MAX_CHARS} characters")
+    return value
+
+
+def _query(payload: dict[str, Any], settings: Settings) -> str:
+    value = payload.get("query")
+    if value is None:
+        raise _bad("query is required")
+    if not isinstance(value, str):
+        raise _bad(f"query must be a string, not {type(value).__name__}")
+    query = normalize_text(value)
+    if not query:
+        raise _bad("query is empty")
+    if len(query) > settings.max_query_chars:
+        raise _bad(f"query is {len(query)} characters, over the limit of {settings.max_query_chars}",
+                   ErrorCode.TOO_LARGE)
+    return query
+
+
+def parse_request(fields: Mapping[bytes | str, bytes | str], settings: Settings) -> QueryRequest:
+    """Validate one stream entry and fill the worker's defaults.
+
+    Args:
+        fields: The entry's fields as read from Redis (bytes or str keys and values).
+        settings: The worker's settings: prefix, limits and defaults.
+
+    Returns:
+        The request, with `recall_k` defaulting to at least `top_k`.
+
+    Raises:
+        ProtocolError: with code `bad_request` or `too_large` and a message naming the problem.
+    """
+    payload = decode_payload(fields, settings)
+    unknown = sorted(set(payload) - set(REQUEST_FIELDS))
+    if unknown:
+        raise _bad(f"unknown field(s): {', '.join(unknown)}")
+    request_id = _request_id(payload)
+    reply_to = _reply_to(payload, request_id, settings)
+    query = _query(payload, settings)
+    top_k = _int(payload, "top_k", 1, C.MAX_TOP_K)
+    recall_k = _int(payload, "recall_k", 1, C.MAX_RECALL_K)
+    if top_k is not None and recall_k is not None and top_k > recall_k:
+        raise _bad(f"top_k ({top_k}) must not exceed recall_k ({recall_k})")
+    top_k = settings.top_k if top_k is None else top_k
+    recall_k = max(settings.recall_k, top_k) if recall_k is None else recall_k
+    top_k = min(top_k, recall_k)
+    rerank = payload.get("rerank", True)
+    if not isinstance(rerank, bool):
+        raise _bad(f"rerank must be true or false, not {type(rerank).__name__}")
+    fusion = payload.get("fusion")
+    if fusion is not None and fusion not in get_args(FusionMethod):
+        raise _bad(f"fusion must be one of {', '.join(get_args(FusionMethod))}, got {fusion!r:.40}")
+    min_probability = _fraction(payload, "min_probability")
+    if min_probability is not None and not rerank:
+        raise _bad("min_probability needs rerank: probabilities come from the reranker")
+    return QueryRequest(
+        id=request_id, query=query, top_k=top_k, recall_k=recall_k, rerank=rerank,
+        reply_to=reply_to, rerank_depth=_int(payload, "rerank_depth", 0, C.MAX_RECALL_K),
+        fusion=fusion, fusion_weight=_fraction(payload, "fusion_weight"),
+        min_probability=min_probability,
+        submitted_ms=_int(payload, "submitted_ms", 0, 2**63 - 1),
+    )
+
+
+def reply_address(fields: Mapping[bytes | str, bytes | str], settings: Settings
+                  ) -> tuple[str, str] | None:
+    """Best-effort (request id, reply key) of an entry that failed to parse, or None.
+
+    A refused `reply_to` is replaced by the default key under the prefix, so that a request can
+    never make the worker write outside `reply_prefix`.
+    """
+    try:
+        payload = decode_payload(fields, settings)
+        request_id = _request_id(payload)
+    except ProtocolError:
+        return None
+    try:
+        return request_id, _reply_to(payload, request_id, settings)
+    except ProtocolError:
+        return request_id, settings.reply_prefix + request_id
+
+
+@dataclass(frozen=True)
+class ErrorReply:
+    """The `error` object of a failed reply."""
+
+    request_id: str
+    code: ErrorCode
+    message: str
+    retryable: bool
+    worker_id: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": ErrorCode(self.code).value, "message": self.message,
+                "retryable": self.retryable}
+
+
+def _reply(request_id: str, *, ok: bool, results: list[dict[str, Any]], snapshot: str | None,
+           models: dict[str, Any] | None, timings_ms: dict[str, float] | None,
+           error: dict[str, Any] | None, worker_id: str, no_twin: bool | None) -> dict[str, Any]:
+    reply: dict[str, Any] = {
+        "id": request_id, "ok": ok, "results": results, "snapshot": snapshot, "models": models,
+        "timings_ms": timings_ms, "error": error, "worker": worker_id,
+    }
+    if no_twin is not None:
+        reply["no_twin"] = no_twin
+    return reply
+
+
+def models_info(bi_encoder: str, cross_encoder: str | None, backend: str) -> dict[str, Any]:
+    """The reply's `models` object."""
+    return {"bi_encoder": bi_encoder, "cross_encoder": cross_encoder, "backend": backend}
+
+
+def ok_reply(request: QueryRequest, hits: list[Hit], *, snapshot: str, models: dict[str, Any],
+             timings_ms: dict[str, float], worker_id: str, no_twin: bool | None = None
+             ) -> dict[str, Any]:
+    """A successful reply: hits ranked from 1, `no_twin` present only if the request asked.
+
+    Args:
+        request: The request answered.
+        hits: Final hits, best first, already cut to `top_k`.
+        snapshot: The snapshot version that answered.
+        models: From `models_info`.
+        timings_ms: Milliseconds per stage; missing stages are reported as 0.
+        worker_id: The answering worker.
+        no_twin: Whether no hit reached `min_probability`; required when the request set it.
+    """
+    if request.min_probability is not None and no_twin is None:
+        raise ValueError("no_twin is required when the request sets min_probability")
+    return _reply(request.id, ok=True, results=[h.to_dict(i + 1) for i, h in enumerate(hits)],
+                  snapshot=snapshot, models=models, timings_ms=full_timings(timings_ms), error=None,
+                  worker_id=worker_id,
+                  no_twin=no_twin if request.min_probability is not None else None)
+
+
+def error_reply(request_id: str, code: ErrorCode, message: str, retryable: bool | None = None,
+                worker_id: str = "", *, snapshot: str | None = None) -> dict[str, Any]:
+    """A failed reply; `retryable` defaults to the code's usual value (see `RETRYABLE`)."""
+    code = ErrorCode(code)
+    retry = RETRYABLE[code] if retryable is None else retryable
+    error = ErrorReply(request_id, code, message, retry, worker_id)
+    return _reply(request_id, ok=False, results=[], snapshot=snapshot, models=None,
+                  timings_ms=None, error=error.to_dict(), worker_id=worker_id, no_twin=None)
+
+
+def full_timings(timings_ms: Mapping[str, float]) -> dict[str, float]:
+    """Every stage of `STAGES`, rounded to microseconds; absent stages are 0."""
+    return {stage: round(float(timings_ms.get(stage, 0.0)), 3) for stage in STAGES}
+
+
+def encode_reply(reply: Mapping[str, Any]) -> str:
+    """The JSON text pushed onto the reply list."""
+    return json.dumps(reply, ensure_ascii=False, separators=(",", ":"))
+
+
+def decode_reply(raw: bytes | str) -> dict[str, Any]:
+    """Parse a reply popped from the reply list."""
+    return json.loads(raw)

@@ -1,0 +1,134 @@
+"""The Beam index pipeline end to end, with a tiny model (DirectRunner, in-process)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.index import BuildOptions, build_snapshot
+from shared import snapshot as snap
+from shared.cli import main as twinq
+from shared.errors import SnapshotInvalid
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _corpus(n: int = 40) -> list[dict]:
+    return [{"id": f"q{i:03d}", "text": f"how do I fix problem number {i} with my {w}?", "answer": f"a{i}"}
+            for i, w in zip(range(n), ["account", "order", "invoice", "phone"] * n)]
+
+
+def test_build_snapshot_shards_dedupes_and_rejects(tmp_path: Path, tiny_bi_encoder_path: str) -> None:
+    rows = _corpus()
+    rows.append({"id": "dup", "text": "  how do I fix problem   number 3 with my phone? "})
+    jsonl = _write_jsonl(tmp_path / "a.jsonl", rows[:30])
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[30:]) +
+                                      "{broken\n" + json.dumps({"id": "e", "text": " \t "}) + "\n")
+    pq.write_table(pa.table({"id": ["p1"], "text": ["a parquet question"]}), tmp_path / "c.parquet")
+    result = build_snapshot(BuildOptions(corpus=[str(jsonl), str(tmp_path / "b.jsonl"),
+                                                 str(tmp_path / "c.parquet")],
+                                         root=tmp_path / "root", shards=3, model=tiny_bi_encoder_path,
+                                         publish=True))
+    corpus = result.manifest["corpus"]
+    assert (corpus["rows_read"], corpus["rows_rejected"], corpus["rows_indexed"]) == (44, 2, 41)
+    assert corpus["ids_indexed"] == 42
+    rejects = (result.path / snap.REJECTS).read_text().splitlines()
+    assert len(rejects) == 2 and "invalid JSON" in rejects[0] + rejects[1]
+    loaded = snap.load_snapshot(tmp_path / "root")
+    assert loaded.version == result.version and len(loaded.shards) == 3
+    all_rows = [s.row(i) for s in loaded.shards for i in range(s.index.ntotal)]
+    assert sum(s.index.ntotal for s in loaded.shards) == len(all_rows) == 41
+    merged = next(r for r in all_rows if r["id"] == "dup")
+    assert merged["ids"] == ["dup", "q003"] and json.loads(merged["metadata"]) == {}
+    from shared.text import stable_shard
+    for shard_no, shard in enumerate(loaded.shards):
+        assert all(stable_shard(shard.row(i)["id"], 3) == shard_no for i in range(shard.index.ntotal))
+    assert result.manifest["validation"]["passed"] and result.manifest["model"]["dimension"] == 32
+
+
+def test_incremental_build_reembeds_only_changed_rows(tmp_path: Path, tiny_bi_encoder_path: str) -> None:
+    rows = _corpus(50)
+    root = tmp_path / "root"
+    options = dict(root=root, shards=2, model=tiny_bi_encoder_path, publish=True)
+    first = build_snapshot(BuildOptions(corpus=[str(_write_jsonl(tmp_path / "v1.jsonl", rows))], **options))
+    rows[7]["text"] = "a completely rewritten question"
+    rows.append({"id": "new", "text": "a brand new question"})
+    second = build_snapshot(BuildOptions(corpus=[str(_write_jsonl(tmp_path / "v2.jsonl", rows))], **options))
+    corpus = second.manifest["corpus"]
+    assert (corpus["rows_embedded"], corpus["rows_reused"], corpus["reused_from"]) == (2, 49, first.version)
+    # Reused vectors are the stored ones, bit for bit.
+    old = {r["id"]: r["embedding"] for r in _all_rows(first.path)}
+    new = {r["id"]: r["embedding"] for r in _all_rows(second.path)}
+    assert new["q000"] == old["q000"] and new["q007"] != old["q007"]
+
+
+def _all_rows(path: Path) -> list[dict]:
+    return [r for f in sorted(path.glob("shard-*.parquet")) for r in pq.read_table(f).to_pylist()]
+
+
+def test_failed_build_publishes_nothing(tmp_path: Path, tiny_bi_encoder_path: str, monkeypatch) -> None:
+    root = tmp_path / "root"
+    corpus = str(_write_jsonl(tmp_path / "c.jsonl", _corpus(20)))
+    good = build_snapshot(BuildOptions(corpus=[corpus], root=root, shards=2,
+                                       model=tiny_bi_encoder_path, publish=True))
+
+    def broken(*args, **kwargs):
+        raise SnapshotInvalid("canary failed (simulated)")
+
+    monkeypatch.setattr(snap, "validate", broken)
+    with pytest.raises(SnapshotInvalid):
+        build_snapshot(BuildOptions(corpus=[corpus], root=root, shards=2,
+                                    model=tiny_bi_encoder_path, publish=True))
+    assert snap.current_version(root) == good.version
+    incomplete = [i for i in snap.list_versions(root) if not i.complete]
+    assert len(incomplete) == 1 and not incomplete[0].building
+    assert snap.gc(root, keep=5) == [incomplete[0].version]
+
+
+@pytest.mark.parametrize("setup,args,message", [
+    (None, ["--corpus", "{d}/missing.jsonl"], "not found"),
+    ("x.xlsx", ["--corpus", "{d}/x.xlsx"], "unknown corpus format"),
+    ("empty.jsonl", ["--corpus", "{d}/empty.jsonl"], "empty corpus"),
+    ("noid.jsonl", ["--corpus", "{d}/noid.jsonl"], "no id column"),
+    ("ok.jsonl", ["--corpus", "{d}/ok.jsonl", "--text-field", "body"], "no text column 'body'"),
+    ("bad.parquet", ["--corpus", "{d}/bad.parquet"], "cannot read"),
+])
+def test_index_build_bad_input_exits_2(tmp_path: Path, tiny_bi_encoder_path: str, capsys, setup: str | None,
+                                       args: list[str], message: str) -> None:
+    files = {"x.xlsx": "whatever", "empty.jsonl": '{"id": "1", "text": "   "}\n',
+             "noid.jsonl": '{"key": "1", "text": "q"}\n', "ok.jsonl": '{"id": "1", "text": "q"}\n',
+             "bad.parquet": "PAR1 not really"}
+    if setup:
+        (tmp_path / setup).write_text(files[setup])
+    argv = ["index", "build", *[a.format(d=tmp_path) for a in args], "--root", str(tmp_path / "root"),
+            "--model", tiny_bi_encoder_path, "--publish"]
+    assert twinq(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert snap.current_version(tmp_path / "root") is None if (tmp_path / "root").exists() else True
+
+
+def test_index_cli_list_publish_rollback_gc(tmp_path: Path, tiny_bi_encoder_path: str, capsys) -> None:
+    corpus = str(_write_jsonl(tmp_path / "c.jsonl", _corpus(10)))
+    root = str(tmp_path / "root")
+    base = ["index", "build", "--corpus", corpus, "--root", root, "--model", tiny_bi_encoder_path,
+            "--shards", "1", "--reuse-from", "none"]
+    assert twinq(base + ["--publish"]) == 0
+    assert twinq(base) == 0  # built, not published
+    first, second = [i.version for i in snap.list_versions(root)]
+    assert snap.current_version(root) == first
+    assert twinq(["index", "publish", second, "--root", root]) == 0
+    assert twinq(["index", "rollback", "--root", root]) == 0 and snap.current_version(root) == first
+    assert twinq(base) == 0
+    third = snap.list_versions(root)[-1].version
+    assert twinq(["index", "gc", "--keep", "1", "--root", root]) == 0
+    # the newest complete version and the published one stay; the one in between goes
+    assert [i.version for i in snap.list_versions(root)] == [first, third]
+    assert twinq(["index", "publish", "../oops", "--root", root]) == 2
