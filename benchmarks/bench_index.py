@@ -1,0 +1,72 @@
+"""Benchmark: the Beam index pipeline against a plain `SentenceTransformer.encode` loop, and an
+incremental rebuild (1% of texts changed) against a full build, measured in the same run.
+
+    .venv/bin/python benchmarks/bench_index.py --rows 20000
+
+Goals (issue 2 / 7): pipeline/encode throughput ratio >= 0.85 with DirectRunner on 2 cores;
+incremental/full time <= 10%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from common import machine, quora_questions, stopwatch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=20_000)
+    parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--changed", type=float, default=0.01, help="Share of texts changed.")
+    parser.add_argument("--beam-arg", action="append", default=[], help="Extra Beam flag.")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    from pipelines.index import BuildOptions, build_snapshot
+    from shared.models import load_bi_encoder
+
+    texts = quora_questions(args.rows)
+    work = Path(tempfile.mkdtemp(prefix="twinq-bench-index-"))
+    corpus = work / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"_id": f"q{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
+    seconds: dict[str, float] = {}
+
+    model = load_bi_encoder()
+    with stopwatch(seconds, "encode_loop"):
+        model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
+    del model
+
+    options = dict(root=work / "root", shards=args.shards, publish=True, beam_args=args.beam_arg)
+    with stopwatch(seconds, "pipeline_full"):
+        full = build_snapshot(BuildOptions(corpus=[str(corpus)], **options))
+
+    changed = max(1, int(len(texts) * args.changed))
+    edited = [t if i % (len(texts) // changed) else f"{t} (edited {i})" for i, t in enumerate(texts)]
+    corpus2 = work / "corpus2.jsonl"
+    corpus2.write_text("".join(json.dumps({"_id": f"q{i}", "text": t}) + "\n" for i, t in enumerate(edited)))
+    with stopwatch(seconds, "pipeline_incremental"):
+        incremental = build_snapshot(BuildOptions(corpus=[str(corpus2)], **options))
+
+    n = len(texts)
+    print(f"machine: {machine()}")
+    print(f"| what | seconds | texts/s |\n|---|---:|---:|")
+    print(f"| plain encode loop (baseline) | {seconds['encode_loop']:.1f} | {n / seconds['encode_loop']:.0f} |")
+    print(f"| Beam pipeline, full build | {seconds['pipeline_full']:.1f} | {n / seconds['pipeline_full']:.0f} |")
+    print(f"| Beam pipeline, incremental ({incremental.manifest['corpus']['rows_embedded']} re-embedded) "
+          f"| {seconds['pipeline_incremental']:.1f} | - |")
+    print(f"throughput ratio pipeline/encode: {seconds['encode_loop'] / seconds['pipeline_full']:.2f} (goal >= 0.85)")
+    print(f"incremental/full time: {seconds['pipeline_incremental'] / seconds['pipeline_full']:.1%} (goal <= 10%)")
+    print(f"index types: {sorted({e['faiss_factory'] for e in full.manifest['shards']})}; "
+          f"stages full {full.manifest['build']['stages_s']}")
+    shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()
