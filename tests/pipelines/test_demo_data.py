@@ -1,0 +1,34 @@
+"""The shipped demo corpus: its shape, and that pairs.tsv is what its groups derive."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+from pipelines.demo_pairs import DEMO_DIR, derive_pairs, load_groups, render
+
+
+def test_demo_pairs_file_matches_its_groups() -> None:
+    assert (DEMO_DIR / "pairs.tsv").read_text(encoding="utf-8") == render(derive_pairs(*load_groups()))
+
+
+def test_demo_corpus_shape() -> None:
+    rows = [json.loads(line) for line in (DEMO_DIR / "faq.jsonl").read_text().splitlines()]
+    groups = Counter(r["group"] for r in rows)
+    assert len(rows) >= 300 and len(groups) >= 60 and len({r["id"] for r in rows}) == len(rows)
+    assert len({r["topic"] for r in rows}) >= 6 and all(r["answer"] for r in rows)
+    _, near = load_groups()
+    assert len(near) >= 10 and all(a in groups and b in groups for a, b in near)
+    questions = [json.loads(line) for line in (DEMO_DIR / "questions.jsonl").read_text().splitlines()]
+    texts = {r["text"] for r in rows}
+    assert all(q["group"] in groups and q["query"] not in texts for q in questions)
+
+
+def test_derive_pairs_labels() -> None:
+    groups, near = load_groups()
+    group_of = {t: g for g, texts in groups.items() for t in texts}
+    pairs = derive_pairs(groups, near)
+    assert all((group_of[a] == group_of[b]) == bool(label) for a, b, label in pairs)
+    near_set = {frozenset(p) for p in near}
+    hard = [p for p in pairs if not p[2] and frozenset((group_of[p[0]], group_of[p[1]])) in near_set]
+    assert len(hard) >= 5 * len(near)
