@@ -1,0 +1,71 @@
+"""`twinq eval pairs` and `twinq eval retrieval` (see pipelines.evaluate)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+eval_app = typer.Typer(help="Evaluate the reranker on pairs, or the whole retrieval path.",
+                       no_args_is_help=True, add_completion=False)
+
+
+@eval_app.command("pairs")
+def pairs_command(
+    model: str = typer.Option(..., "--model", help="Cross-encoder folder (or hub name)."),
+    pairs: list[Path] = typer.Option(..., "--pairs", help="Labelled pair files."),
+    symmetric: bool = typer.Option(False, "--symmetric", help="Average both orders."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write report + PR curve here."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Accuracy, F1, AP and ROC-AUC at the stored and the best threshold.
+
+    Example: twinq eval pairs --model runs/ce --pairs runs/quora-beir/labelled_test.tsv
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipelines.evaluate import evaluate_pairs
+
+    report = evaluate_pairs(model, [str(p) for p in pairs], symmetric=symmetric,
+                            out=str(out) if out else None)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    table = Table(title=f"{model} on {', '.join(map(str, pairs))}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in report.items():
+        if isinstance(value, float):
+            table.add_row(key, f"{value:.4f}")
+    Console().print(table)
+
+
+@eval_app.command("retrieval")
+def retrieval_command(
+    root: str = typer.Option(..., "--root", help="Snapshot root (published version)."),
+    queries: Path = typer.Option(..., "--queries", help="BEIR queries.jsonl."),
+    qrels: Path = typer.Option(..., "--qrels", help="BEIR qrels TSV (with header)."),
+    reranker: Optional[str] = typer.Option(None, "--reranker", help="Cross-encoder to compare."),
+    recall_k: int = typer.Option(100, "--recall-k", help="Candidates recalled per query."),
+    rerank_depth: int = typer.Option(20, "--rerank-depth", help="Candidates reranked."),
+    fusion_weight: Optional[float] = typer.Option(None, "--fusion-weight",
+                                                  help="z-score weight (default: training.json)."),
+    max_queries: Optional[int] = typer.Option(None, "--max-queries", help="First N queries only."),
+    out: Optional[Path] = typer.Option(None, "--out", help="report.json, report.md, retrieval.png."),
+) -> None:
+    """Recall-only vs rerank-only vs fused nDCG@10, MRR@10, Recall@k and queries/s.
+
+    Example: twinq eval retrieval --root runs/quora-snap --queries q.jsonl --qrels test.tsv --reranker runs/ce
+    """
+    from rich.console import Console
+
+    from pipelines.evaluate import evaluate_retrieval, retrieval_table
+
+    report = evaluate_retrieval(root, str(queries), str(qrels), reranker=reranker,
+                                recall_k=recall_k, rerank_depth=rerank_depth,
+                                fusion_weight=fusion_weight, max_queries=max_queries,
+                                out=str(out) if out else None)
+    Console().print(retrieval_table(report))

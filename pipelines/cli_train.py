@@ -1,0 +1,68 @@
+"""`twinq train reranker`: fine-tune the cross-encoder on question pairs (see pipelines.train)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+train_app = typer.Typer(help="Train models: the cross-encoder reranker.", no_args_is_help=True,
+                        add_completion=False)
+
+
+@train_app.callback()
+def _train() -> None:
+    """Train models: the cross-encoder reranker."""
+
+
+@train_app.command("reranker")
+def reranker_command(
+    pairs: list[Path] = typer.Option(..., "--pairs", help="Pair files (LCQMC, Quora, CSV, PAWS-X, "
+                                     "positive-only; aligned *_q1/_q2 files or their prefix)."),
+    out: Path = typer.Option(..., "--out", help="Output folder: model + training.json."),
+    base: Optional[str] = typer.Option(None, "--base", help="Base model; default bundled MiniLM."),
+    dev: Optional[list[Path]] = typer.Option(None, "--dev", help="Dev pairs; default: a "
+                                             "question-disjoint split of --pairs."),
+    dev_fraction: float = typer.Option(0.1, help="Share of questions held out for dev."),
+    epochs: float = typer.Option(1.0, help="Training epochs."),
+    swap: bool = typer.Option(True, "--swap/--no-swap", help="Also train on (q2, q1)."),
+    hard_negatives: Optional[str] = typer.Option(
+        None, "--hard-negatives", help="Snapshot ROOT to mine negatives from (default: an "
+        "in-memory index over the training questions). Must hold no evaluation questions."),
+    negatives: int = typer.Option(1, help="Mined hard negatives per positive-only pair."),
+    random_negatives: int = typer.Option(0, help="Random negatives per positive-only pair."),
+    margin: float = typer.Option(0.05, help="False-negative margin for mining."),
+    bi_encoder: Optional[str] = typer.Option(None, "--bi-encoder", help="Bi-encoder for mining; "
+                                             "default bundled MiniLM (use recall's model)."),
+    fusion_root: Optional[str] = typer.Option(None, "--fusion-root", help="Snapshot ROOT holding "
+                                              "the dev questions: tune the fusion weight on it."),
+    max_pairs: Optional[int] = typer.Option(None, help="Cap on training pairs (before negatives)."),
+    max_dev_pairs: int = typer.Option(2000, help="Cap on dev pairs."),
+    lr: float = typer.Option(2e-5, help="Learning rate."),
+    batch_size: int = typer.Option(32, help="Training batch size."),
+    max_length: int = typer.Option(64, help="Tokenizer cut-off in tokens."),
+    max_steps: int = typer.Option(-1, help="Stop after this many steps (-1: by epochs)."),
+    seed: int = typer.Option(0, help="Seed for split, mining, shuffling and init."),
+    threads: Optional[int] = typer.Option(None, help="torch threads."),
+) -> None:
+    """Fine-tune a cross-encoder; write the model and training.json to OUT.
+
+    Example: twinq train reranker --pairs runs/quora-beir/train_pairs.tsv --out runs/ce --max-pairs 10000
+    """
+    from rich.console import Console
+
+    from pipelines.train import TrainSettings, train_reranker
+
+    settings = TrainSettings(
+        pairs=[str(p) for p in pairs], out=str(out), base=base,
+        dev=[str(p) for p in dev] if dev else None, dev_fraction=dev_fraction,
+        max_pairs=max_pairs, max_dev_pairs=max_dev_pairs, epochs=epochs, lr=lr,
+        batch_size=batch_size, max_length=max_length, swap=swap, negatives=negatives,
+        random_negatives=random_negatives, margin=margin, bi_encoder=bi_encoder, hard_negatives=hard_negatives,
+        fusion_root=fusion_root, seed=seed, threads=threads, max_steps=max_steps)
+    report = train_reranker(settings)
+    m = report["dev_metrics"]
+    Console().print(f"[bold]wrote {out}[/]: dev accuracy {100 * m['accuracy']:.2f}, F1 "
+                    f"{100 * m['f1']:.2f}, AP {100 * m['ap']:.2f}; threshold "
+                    f"{report['threshold']:.4f}; fusion weight {report['fusion']['weight']}")

@@ -1,0 +1,290 @@
+"""Fine-tune the cross-encoder reranker on question pairs, on CPU.
+
+Steps, each a function: read pairs -> question-disjoint train/dev split -> mine negatives for
+positive-only data -> build the (optionally swapped) dataset -> train with
+``CrossEncoderTrainer`` + ``BinaryCrossEntropyLoss``, evaluating dev and keeping the best
+checkpoint -> score dev with the saved model -> pick the threshold, fit Platt calibration and
+tune the fusion weight on dev -> write the model and ``training.json``.
+
+``training.json`` is the contract with the query worker: ``base``, ``threshold``, ``fusion``
+(``{"method": "zscore", "weight"}``), ``calibration`` (``{"method": "platt", "a", "b"}``, applied
+to the default ``CrossEncoder.predict`` output: sigmoid of the logit for ``num_labels=1``),
+``settings``, ``data`` (sha256 fingerprints) and ``dev_metrics``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipelines.metrics import best_threshold, pair_metrics
+from pipelines.mining import mine_hard_negatives
+from pipelines.splits import is_positive, question_disjoint_split
+from shared.calibration import fit_platt
+from shared.errors import BadInput
+from shared.models import resolve_model, set_threads
+from shared.pairs import LabelledPair, read_pairs
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from sentence_transformers import CrossEncoder
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FUSION_WEIGHT = 0.5
+"""Equal z-score mix: what the calibration run found to help when no dev retrieval is given."""
+
+
+@dataclass
+class TrainSettings:
+    """Everything that shapes a training run; recorded verbatim in training.json."""
+
+    pairs: list[str]
+    out: str
+    base: str | None = None
+    dev: list[str] | None = None
+    dev_fraction: float = 0.1
+    max_pairs: int | None = None
+    max_dev_pairs: int | None = 2000
+    epochs: float = 1.0
+    lr: float = 2e-5
+    batch_size: int = 32
+    max_length: int = 64
+    swap: bool = True
+    negatives: int = 1
+    random_negatives: int = 0
+    margin: float = 0.05
+    hard_negatives: str | None = None
+    bi_encoder: str | None = None
+    fusion_root: str | None = None
+    fusion_queries: int = 300
+    warmup_ratio: float = 0.1
+    eval_times: int = 4
+    seed: int = 0
+    threads: int | None = None
+    max_steps: int = -1
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+
+def swap_augment(pairs: list[LabelledPair]) -> list[LabelledPair]:
+    """Each pair in both orders, so the reranker's score barely depends on the order.
+
+    Returns:
+        A list twice as long: pair i at 2i and its mirror at 2i + 1.
+    """
+    out: list[LabelledPair] = []
+    for p in pairs:
+        out.append(p)
+        out.append(LabelledPair(p.q2, p.q1, p.label))
+    return out
+
+
+def to_dataset(pairs: list[LabelledPair]) -> Dataset:
+    """The trainer's columns: sentence1, sentence2, label (float; None counts as 1)."""
+    from datasets import Dataset
+
+    return Dataset.from_dict({
+        "sentence1": [p.q1 for p in pairs], "sentence2": [p.q2 for p in pairs],
+        "label": [float(1 if p.label is None else p.label) for p in pairs]})
+
+
+def _sample(pairs: list[LabelledPair], limit: int | None, seed: int) -> list[LabelledPair]:
+    if limit is None or len(pairs) <= limit:
+        return list(pairs)
+    rng = random.Random(seed)
+    return rng.sample(list(pairs), limit)
+
+
+def _with_negatives(pairs: list[LabelledPair], settings: TrainSettings, bi_encoder: Any,
+                    snapshot: Any = None) -> tuple[list[LabelledPair], dict[str, int]]:
+    """Keep labelled pairs as they are; add mined negatives for positive-only (label None) pairs."""
+    unlabelled = [p for p in pairs if p.label is None]
+    if not unlabelled or settings.negatives + settings.random_negatives == 0:
+        return [LabelledPair(p.q1, p.q2, 1 if p.label is None else p.label) for p in pairs], {}
+    mined = mine_hard_negatives(pairs, bi_encoder, snapshot=snapshot,
+                                num_negatives=settings.negatives,
+                                random_negatives=settings.random_negatives,
+                                margin=settings.margin, seed=settings.seed)
+    labelled = [LabelledPair(p.q1, p.q2, 1 if p.label is None else p.label) for p in pairs]
+    return labelled + mined.negatives, mined.stats
+
+
+def prepare_data(settings: TrainSettings) -> tuple[list[LabelledPair], list[LabelledPair], dict]:
+    """Read, split, cap and complete train and dev pairs with negatives.
+
+    Returns:
+        (train pairs before swap, dev pairs, data facts for training.json).
+
+    Raises:
+        BadInput: no pairs, or a side of the split without both labels.
+    """
+    from shared.models import load_bi_encoder
+
+    source = read_pairs(settings.pairs)
+    if not source.pairs:
+        raise BadInput(f"no pairs read from {settings.pairs}")
+    data: dict[str, Any] = {"train_sources": source.sources, "train_rejected": source.rejected}
+    if settings.dev:
+        dev_source = read_pairs(settings.dev)
+        train, dev = list(source.pairs), list(dev_source.pairs)
+        data["dev_sources"] = dev_source.sources
+    else:
+        split = question_disjoint_split(source.pairs, settings.dev_fraction, settings.seed)
+        train, dev = split.train, split.dev
+        data["split"] = {"method": "question-disjoint clusters", "dev_fraction":
+                         settings.dev_fraction, "dropped_cross_pairs": split.dropped}
+    train = _sample(train, settings.max_pairs, settings.seed)
+    dev = _sample(dev, settings.max_dev_pairs, settings.seed + 1)
+    needs_bi = any(p.label is None for p in train + dev)
+    bi_encoder = load_bi_encoder(settings.bi_encoder) if needs_bi else None
+    snapshot = None
+    if settings.hard_negatives:
+        from shared.snapshot import load_snapshot
+
+        snapshot = load_snapshot(settings.hard_negatives)
+    train, data["train_mining"] = _with_negatives(train, settings, bi_encoder, snapshot)
+    dev, data["dev_mining"] = _with_negatives(dev, settings, bi_encoder)
+    for name, side in (("train", train), ("dev", dev)):
+        labels = {p.label for p in side}
+        if labels != {0, 1}:
+            raise BadInput(f"{name} pairs need both labels 0 and 1, found {sorted(labels)}")
+        data[f"{name}_pairs"] = len(side)
+        data[f"{name}_positives"] = sum(1 for p in side if is_positive(p))
+    return train, dev, data
+
+
+class _ProgressCallback:
+    """A tqdm bar over optimizer steps with the running loss and ETA (HF's own bar is off)."""
+
+    def __new__(cls) -> Any:
+        from tqdm.auto import tqdm
+        from transformers import TrainerCallback
+
+        class Progress(TrainerCallback):
+            bar: Any = None
+
+            def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+                self.bar = tqdm(total=state.max_steps, desc="train", unit="step", dynamic_ncols=True)
+
+            def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+                self.bar.update(state.global_step - self.bar.n)
+
+            def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+                if self.bar is not None and logs:
+                    shown = {k: round(v, 4) for k, v in logs.items()
+                             if k in ("loss", "eval_dev_average_precision", "learning_rate")}
+                    self.bar.set_postfix(shown)
+                    log.info("step %d: %s", state.global_step, logs)
+
+            def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
+                if self.bar is not None:
+                    self.bar.close()
+
+        return Progress()
+
+
+def fit(train: list[LabelledPair], dev: list[LabelledPair], settings: TrainSettings) -> CrossEncoder:
+    """Train a cross-encoder and return it with the best dev checkpoint loaded."""
+    from sentence_transformers import CrossEncoder
+    from sentence_transformers.cross_encoder import (CrossEncoderTrainer,
+                                                     CrossEncoderTrainingArguments)
+    from sentence_transformers.cross_encoder.evaluation import CrossEncoderClassificationEvaluator
+    from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
+
+    source, _ = resolve_model(settings.base)
+    model = CrossEncoder(source, num_labels=1, max_length=settings.max_length, device="cpu")
+    rows = swap_augment(train) if settings.swap else list(train)
+    random.Random(settings.seed).shuffle(rows)
+    dataset = to_dataset(rows)
+    steps = settings.max_steps if settings.max_steps > 0 else max(
+        1, int(len(rows) * settings.epochs / settings.batch_size))
+    eval_steps = max(1, steps // max(1, settings.eval_times))
+    evaluator = CrossEncoderClassificationEvaluator(
+        [(p.q1, p.q2) for p in dev], [int(p.label or 0) for p in dev], name="dev",
+        batch_size=64, write_csv=False)
+    args = CrossEncoderTrainingArguments(
+        output_dir=str(Path(settings.out) / "checkpoints"), num_train_epochs=settings.epochs,
+        max_steps=settings.max_steps, per_device_train_batch_size=settings.batch_size,
+        learning_rate=settings.lr, warmup_ratio=settings.warmup_ratio, seed=settings.seed,
+        eval_strategy="steps", eval_steps=eval_steps, save_strategy="steps", save_steps=eval_steps,
+        save_total_limit=2, load_best_model_at_end=True,
+        metric_for_best_model="eval_dev_average_precision", greater_is_better=True,
+        logging_steps=max(1, min(50, eval_steps)), report_to="none", disable_tqdm=True,
+        use_cpu=True, dataloader_num_workers=0)
+    trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=dataset,
+                                  loss=BinaryCrossEntropyLoss(model), evaluator=evaluator,
+                                  callbacks=[_ProgressCallback()])
+    trainer.train()
+    return trainer.model
+
+
+def calibrate(model_dir: str, dev: list[LabelledPair], settings: TrainSettings
+              ) -> dict[str, Any]:
+    """Score dev with the saved model's default predict output; pick threshold and Platt map."""
+    from shared.models import load_cross_encoder
+
+    model = load_cross_encoder(model_dir, max_length=settings.max_length)
+    labels = [int(p.label or 0) for p in dev]
+    raw = model.predict([(p.q1, p.q2) for p in dev], batch_size=64, show_progress_bar=False)
+    threshold, _ = best_threshold(labels, raw, "accuracy")
+    platt = fit_platt(raw, labels)
+    metrics = pair_metrics(labels, raw, threshold)
+    from pipelines.metrics import expected_calibration_error
+
+    metrics["ece_calibrated"] = expected_calibration_error(labels, platt(raw))
+    metrics["ece_raw"] = expected_calibration_error(labels, raw)
+    return {"threshold": threshold, "calibration": platt.to_dict(), "dev_metrics": metrics,
+            "raw_score": f"CrossEncoder.predict default activation ({type(model.activation_fn).__name__})"}
+
+
+def train_reranker(settings: TrainSettings) -> dict[str, Any]:
+    """Run the whole recipe and write ``settings.out`` (model + training.json).
+
+    Returns:
+        The training.json content.
+
+    Example:
+        >>> train_reranker(TrainSettings(pairs=["train_pairs.tsv"], out="runs/ce", max_pairs=10000))
+    """
+    set_threads(settings.threads)
+    out = Path(settings.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    train, dev, data = prepare_data(settings)
+    settings.timings_s["data"] = round(time.perf_counter() - t0, 1)
+    t1 = time.perf_counter()
+    model = fit(train, dev, settings)
+    model.save(str(out))
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    settings.timings_s["train"] = round(time.perf_counter() - t1, 1)
+    rows = len(train) * (2 if settings.swap else 1)
+    settings.timings_s["examples_per_s"] = round(rows * settings.epochs / max(settings.timings_s["train"], 1e-9), 1)
+    t2 = time.perf_counter()
+    result = calibrate(str(out), dev, settings)
+    fusion = {"method": "zscore", "weight": DEFAULT_FUSION_WEIGHT, "tuned": False}
+    if settings.fusion_root:
+        from pipelines.evaluate import tune_fusion_on_pairs
+
+        from shared.errors import TwinqError
+
+        try:
+            fusion = tune_fusion_on_pairs(str(out), settings.fusion_root, dev,
+                                          queries=settings.fusion_queries, seed=settings.seed)
+        except TwinqError as exc:  # a missing snapshot must not throw away a trained model
+            log.warning("fusion weight not tuned (%s); keeping %.2f", exc, DEFAULT_FUSION_WEIGHT)
+            fusion["error"] = str(exc)
+    settings.timings_s["calibrate"] = round(time.perf_counter() - t2, 1)
+    report = {"base": resolve_model(settings.base)[1], "threshold": result["threshold"],
+              "fusion": fusion, "calibration": result["calibration"],
+              "raw_score": result["raw_score"], "settings": asdict(settings), "data": data,
+              "dev_metrics": result["dev_metrics"], "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                time.gmtime())}
+    (out / "training.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    log.info("wrote %s: dev %s", out, {k: round(v, 4) for k, v in result["dev_metrics"].items()})
+    return report

@@ -1,0 +1,72 @@
+"""Metrics against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from pipelines import metrics as M
+
+LABELS = [1, 0, 1, 1, 0, 0]
+SCORES = [0.9, 0.8, 0.7, 0.4, 0.3, 0.1]
+
+
+def test_accuracy_precision_recall_f1_by_hand() -> None:
+    # threshold 0.5: predicted positive = 0.9, 0.8, 0.7 -> tp 2, fp 1, fn 1, tn 2
+    assert M.accuracy(LABELS, SCORES, 0.5) == pytest.approx(4 / 6)
+    p, r, f1 = M.precision_recall_f1(LABELS, SCORES, 0.5)
+    assert (p, r, f1) == pytest.approx((2 / 3, 2 / 3, 2 / 3))
+    assert M.precision_recall_f1([0, 0], [0.1, 0.2], 0.5) == (0.0, 0.0, 0.0)
+
+
+def test_average_precision_and_roc_auc_by_hand() -> None:
+    # positives at ranks 1, 3, 4: AP = (1/1 + 2/3 + 3/4) / 3
+    assert M.average_precision(LABELS, SCORES) == pytest.approx((1 + 2 / 3 + 3 / 4) / 3)
+    # pairs (pos > neg): 0.9 beats 3; 0.7 beats 2; 0.4 beats 2 -> 7 of 9
+    assert M.roc_auc(LABELS, SCORES) == pytest.approx(7 / 9)
+    assert M.roc_auc([1, 0], [0.5, 0.5]) == pytest.approx(0.5)  # a tie counts half
+    assert math.isnan(M.roc_auc([1, 1], [0.1, 0.2]))
+
+
+def test_best_threshold_maximises_accuracy() -> None:
+    t, acc = M.best_threshold([0, 0, 1, 1], [0.1, 0.3, 0.6, 0.8])
+    assert t == pytest.approx(0.45) and acc == 1.0
+    # cutting between 0.4 and 0.3 misclassifies only the 0.8 negative: 5/6
+    t, acc = M.best_threshold(LABELS, SCORES)
+    assert t == pytest.approx(0.35) and acc == pytest.approx(5 / 6)
+
+
+def test_expected_calibration_error_by_hand() -> None:
+    # bin (0.1,0.2]: p 0.2 twice, labels 0,1 -> |0.5-0.2| ; bin (0.7,0.8]: p 0.8, label 1 -> 0.2
+    ece = M.expected_calibration_error([0, 1, 1], [0.2, 0.2, 0.8], bins=10)
+    assert ece == pytest.approx((2 * 0.3 + 1 * 0.2) / 3)
+    assert M.expected_calibration_error([1, 0], [1.0, 0.0]) == 0.0
+
+
+def test_retrieval_metrics_by_hand() -> None:
+    ranked = ["d3", "d1", "d7", "d2"]
+    rel = {"d1": 1.0, "d2": 1.0}
+    dcg = 1 / math.log2(3) + 1 / math.log2(5)
+    assert M.ndcg_at_k(ranked, rel, 10) == pytest.approx(dcg / (1 + 1 / math.log2(3)))
+    assert M.mrr_at_k(ranked, rel, 10) == pytest.approx(0.5)
+    assert M.mrr_at_k(ranked, rel, 1) == 0.0
+    assert M.recall_at_k(ranked, rel, 2) == pytest.approx(0.5)
+    assert M.recall_at_k(ranked, rel, 4) == 1.0
+    out = M.retrieval_metrics({"q": ranked, "q2": ["x"]}, {"q": rel, "q2": {"x": 1.0}}, ks=(1,))
+    assert out["recall@1"] == pytest.approx(0.5) and out["mrr@10"] == pytest.approx(0.75)
+
+
+def test_fuse_scores_zscore_and_rrf_by_hand() -> None:
+    recall = [3.0, 2.0, 1.0]
+    rerank = [0.0, 1.0, 2.0]
+    z = np.array([1.0, 0.0, -1.0]) / np.std([1.0, 0.0, -1.0])
+    assert M.fuse_scores(recall, rerank, "zscore", 0.0) == pytest.approx(z)
+    assert M.fuse_scores(recall, rerank, "zscore", 1.0) == pytest.approx(-z)
+    assert M.fuse_scores(recall, rerank, "zscore", 0.5) == pytest.approx([0, 0, 0])
+    rrf = M.fuse_scores(recall, rerank, "rrf")
+    assert rrf == pytest.approx([1 / 61 + 1 / 63, 2 / 62, 1 / 63 + 1 / 61])
+    assert M.fuse_scores([1.0, 1.0], [2.0, 3.0], "zscore", 0.5) == pytest.approx([-0.5, 0.5])
+    with pytest.raises(ValueError):
+        M.fuse_scores(recall, rerank, "max")  # type: ignore[arg-type]

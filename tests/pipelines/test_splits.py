@@ -1,0 +1,51 @@
+"""Question-disjoint split: clusters never straddle train and dev."""
+
+from __future__ import annotations
+
+from pipelines.splits import (UnionFind, build_clusters, question_disjoint_split, question_key,
+                              question_set)
+from shared.pairs import LabelledPair
+
+
+def test_union_find_merges_transitively() -> None:
+    uf = UnionFind()
+    uf.union("a", "b")
+    uf.union("c", "d")
+    uf.union("b", "c")
+    uf.add("e")
+    assert uf.find("a") == uf.find("d") != uf.find("e")
+
+
+def test_build_clusters_ignores_negative_edges_and_normalises() -> None:
+    pairs = [LabelledPair("A  b?", "x", 1), LabelledPair("a b?", "y", None), LabelledPair("x", "z", 0)]
+    clusters = build_clusters(pairs)
+    assert clusters[question_key("x")] == clusters[question_key("y")]
+    assert clusters[question_key("z")] != clusters[question_key("x")]
+
+
+def _chains(n: int) -> list[LabelledPair]:
+    pairs = []
+    for c in range(n):
+        pairs += [LabelledPair(f"c{c} a", f"c{c} b", 1), LabelledPair(f"c{c} b", f"c{c} c", None)]
+        pairs.append(LabelledPair(f"c{c} a", f"c{(c + 1) % n} a", 0))  # cross-cluster negative
+    return pairs
+
+
+def test_question_disjoint_split_has_no_shared_question() -> None:
+    pairs = _chains(50)
+    split = question_disjoint_split(pairs, dev_fraction=0.2, seed=3)
+    assert not question_set(split.train) & question_set(split.dev)
+    assert split.train and split.dev
+    assert len(split.train) + len(split.dev) + split.dropped == len(pairs)
+    share = len(question_set(split.dev)) / len(question_set(pairs))
+    assert 0.15 <= share <= 0.3
+    for p in split.dev:  # whole clusters: each chain is complete on its side
+        if p.label == 1:
+            assert LabelledPair(p.q2, p.q2.replace(" b", " c"), None) in split.dev
+
+
+def test_question_disjoint_split_is_deterministic() -> None:
+    a = question_disjoint_split(_chains(30), 0.3, seed=1)
+    b = question_disjoint_split(_chains(30), 0.3, seed=1)
+    c = question_disjoint_split(_chains(30), 0.3, seed=2)
+    assert a.dev == b.dev and a.dev != c.dev
