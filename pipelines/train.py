@@ -224,9 +224,17 @@ def fit(train: list[LabelledPair], dev: list[LabelledPair], settings: TrainSetti
     return trainer.model
 
 
-def calibrate(model_dir: str, dev: list[LabelledPair], settings: TrainSettings
-              ) -> dict[str, Any]:
-    """Score dev with the saved model's default predict output; pick threshold and Platt map."""
+TRAIN_SAMPLE = 1000
+"""Training pairs re-scored after training, to report train metrics beside dev (overfitting)."""
+
+
+def calibrate(model_dir: str, dev: list[LabelledPair], settings: TrainSettings,
+              train: list[LabelledPair] | None = None) -> dict[str, Any]:
+    """Score dev with the saved model's default predict output; pick threshold and Platt map.
+
+    Also scores a fixed sample of the training pairs at the dev threshold (train metrics).
+    """
+    from pipelines.metrics import expected_calibration_error
     from shared.models import load_cross_encoder
 
     model = load_cross_encoder(model_dir, max_length=settings.max_length)
@@ -235,12 +243,18 @@ def calibrate(model_dir: str, dev: list[LabelledPair], settings: TrainSettings
     threshold, _ = best_threshold(labels, raw, "accuracy")
     platt = fit_platt(raw, labels)
     metrics = pair_metrics(labels, raw, threshold)
-    from pipelines.metrics import expected_calibration_error
-
     metrics["ece_calibrated"] = expected_calibration_error(labels, platt(raw))
     metrics["ece_raw"] = expected_calibration_error(labels, raw)
-    return {"threshold": threshold, "calibration": platt.to_dict(), "dev_metrics": metrics,
-            "raw_score": f"CrossEncoder.predict default activation ({type(model.activation_fn).__name__})"}
+    result = {"threshold": threshold, "calibration": platt.to_dict(), "dev_metrics": metrics,
+              "raw_score": f"CrossEncoder.predict default activation "
+                           f"({type(model.activation_fn).__name__})"}
+    if train:
+        sample = _sample(train, TRAIN_SAMPLE, settings.seed + 2)
+        train_raw = model.predict([(p.q1, p.q2) for p in sample], batch_size=64,
+                                  show_progress_bar=False)
+        result["train_metrics"] = pair_metrics([int(p.label or 0) for p in sample], train_raw,
+                                               threshold)
+    return result
 
 
 def train_reranker(settings: TrainSettings) -> dict[str, Any]:
@@ -266,7 +280,7 @@ def train_reranker(settings: TrainSettings) -> dict[str, Any]:
     rows = len(train) * (2 if settings.swap else 1)
     settings.timings_s["examples_per_s"] = round(rows * settings.epochs / max(settings.timings_s["train"], 1e-9), 1)
     t2 = time.perf_counter()
-    result = calibrate(str(out), dev, settings)
+    result = calibrate(str(out), dev, settings, train)
     fusion = {"method": "zscore", "weight": DEFAULT_FUSION_WEIGHT, "tuned": False}
     if settings.fusion_root:
         from pipelines.evaluate import tune_fusion_on_pairs
@@ -283,7 +297,8 @@ def train_reranker(settings: TrainSettings) -> dict[str, Any]:
     report = {"base": resolve_model(settings.base)[1], "threshold": result["threshold"],
               "fusion": fusion, "calibration": result["calibration"],
               "raw_score": result["raw_score"], "settings": asdict(settings), "data": data,
-              "dev_metrics": result["dev_metrics"], "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+              "dev_metrics": result["dev_metrics"],
+              "train_metrics": result.get("train_metrics", {}), "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                 time.gmtime())}
     (out / "training.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     log.info("wrote %s: dev %s", out, {k: round(v, 4) for k, v in result["dev_metrics"].items()})
