@@ -159,7 +159,7 @@ def _parse_aligned(path1: Path, path2: Path) -> tuple[list[LabelledPair], int]:
     rejected = abs(len(left) - len(right))
     pairs: list[LabelledPair] = []
     for a, b in zip(left, right):
-        a, b = a.strip(), b.strip()
+        a, b = _unquote(a), _unquote(b)  # the Quora files keep CSV quoting here too
         if not a or not b:
             rejected += 1
             continue

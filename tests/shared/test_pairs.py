@@ -60,12 +60,12 @@ def test_read_pairs_positive_tsv(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("spec", ["both", "q1", "q2", "glob", "prefix"])
 def test_read_pairs_aligned_files_every_spelling(tmp_path: Path, spec: str) -> None:
-    q1 = _write(tmp_path / "train_q1.txt", "a1\nb1\n\nd1\n")
+    q1 = _write(tmp_path / "train_q1.txt", 'a1\n"b1 ""x"""\n\nd1\n')
     q2 = _write(tmp_path / "train_q2.txt", "a2\nb2\nc2\nd2\n")
     paths = {"both": [q1, q2], "q1": [q1], "q2": [q2], "glob": [str(tmp_path / "train_q*.txt")],
              "prefix": [tmp_path / "train"]}[spec]
     got = read_pairs(paths)
-    assert got.pairs == [LabelledPair("a1", "a2", None), LabelledPair("b1", "b2", None),
+    assert got.pairs == [LabelledPair("a1", "a2", None), LabelledPair('b1 "x"', "b2", None),
                          LabelledPair("d1", "d2", None)]
     assert got.rejected == 1 and len(got.sources) == 1 and got.sources[0]["format"] == "aligned"
     assert len(got.sources[0]["sha256"]) == 64
