@@ -11,10 +11,21 @@ from rich.console import Console
 from rich.table import Table
 
 from shared import snapshot as snap
+from shared.config import Settings, load_settings
+from shared.errors import BadInput
 
 index_app = typer.Typer(help="Build and manage versioned snapshots.", no_args_is_help=True)
 console = Console()
-RootOpt = typer.Option(..., "--root", help="Snapshot root directory.", envvar="TWINQ_ROOT")
+RootOpt = typer.Option(None, "--root", help="Snapshot root directory (or TWINQ_ROOT).")
+ConfigOpt = typer.Option(None, "--config", help="TOML settings file (or TWINQ_CONFIG).")
+
+
+def _settings(config: Optional[Path], **flags: object) -> Settings:
+    """Flags over `TWINQ_*` over the TOML file over defaults: the one way settings are read."""
+    settings = load_settings(config, overrides=flags)
+    if not settings.root:
+        raise BadInput("no snapshot root: pass --root or set TWINQ_ROOT")
+    return settings
 
 
 @index_app.command(
@@ -22,16 +33,17 @@ RootOpt = typer.Option(..., "--root", help="Snapshot root directory.", envvar="T
 def build_command(
     ctx: typer.Context,
     corpus: list[str] = typer.Option(..., "--corpus", help="Corpus file or glob (CSV, TSV, JSONL, Parquet); repeatable."),
-    root: Path = RootOpt,
+    root: Optional[Path] = RootOpt,
+    config: Optional[Path] = ConfigOpt,
     shards: int = typer.Option(4, help="Number of shards (ids are assigned by a stable hash)."),
-    model: Optional[str] = typer.Option(None, help="Bi-encoder path or hub name; default: bundled all-MiniLM-L6-v2.", envvar="TWINQ_MODEL"),
+    model: Optional[str] = typer.Option(None, help="Bi-encoder path or hub name (or TWINQ_MODEL); default: bundled all-MiniLM-L6-v2."),
     id_field: Optional[str] = typer.Option(None, help="Id column (default: _id, id, qid or question_id)."),
     text_field: Optional[str] = typer.Option(None, help="Text column (default: text, question, query or title)."),
     publish: bool = typer.Option(False, "--publish", help="Publish (swap CURRENT) once the snapshot validates."),
     memory_budget: str = typer.Option("4G", help="Memory budget per shard index, e.g. 512M or 4G."),
     index_factory: Optional[str] = typer.Option(None, help="FAISS factory key overriding the automatic choice."),
     reuse_from: Optional[str] = typer.Option("auto", help="Root whose published vectors to reuse; 'auto' = --root, 'none' = off."),
-    threads: Optional[int] = typer.Option(None, help="Torch threads per Beam worker process.", envvar="TWINQ_THREADS"),
+    threads: Optional[int] = typer.Option(None, help="Torch threads per Beam worker process (or TWINQ_THREADS)."),
     batch_size: int = typer.Option(128, help="Largest inference batch."),
     canary: int = typer.Option(200, help="Rows self-queried to validate the snapshot (0 = off)."),
     pushgateway: Optional[str] = typer.Option(None, help="Push build metrics to this Prometheus Pushgateway."),
@@ -41,11 +53,12 @@ def build_command(
     from pipelines.build_metrics import push_build_metrics
     from pipelines.index import BuildOptions, build_snapshot
 
+    settings = _settings(config, root=str(root) if root else None, model=model, threads=threads)
     opts = BuildOptions(
-        corpus=corpus, root=root, shards=shards, model=model, id_field=id_field,
+        corpus=corpus, root=Path(settings.root), shards=shards, model=settings.model, id_field=id_field,
         text_field=text_field, publish=publish, memory_budget=memory_budget,
         index_factory=index_factory, reuse_from=None if reuse_from == "none" else reuse_from,
-        threads=threads, batch_size=batch_size, canary=canary, beam_args=list(ctx.args))
+        threads=settings.threads, batch_size=batch_size, canary=canary, beam_args=list(ctx.args))
     try:
         result = build_snapshot(opts)
     except Exception:
@@ -72,8 +85,9 @@ def _print_summary(manifest: dict, published: bool) -> None:
 
 
 @index_app.command("list")
-def list_command(root: Path = RootOpt) -> None:
+def list_command(root: Optional[Path] = RootOpt, config: Optional[Path] = ConfigOpt) -> None:
     """List versions: complete or not, and which one is published."""
+    root = Path(_settings(config, root=root and str(root)).root)
     table = Table()
     for column in ("version", "published", "complete", "rows", "created"):
         table.add_column(column)
@@ -85,28 +99,33 @@ def list_command(root: Path = RootOpt) -> None:
 
 
 @index_app.command("publish")
-def publish_command(version: str, root: Path = RootOpt) -> None:
+def publish_command(version: str, root: Optional[Path] = RootOpt, config: Optional[Path] = ConfigOpt) -> None:
     """Publish a complete version (atomic swap of CURRENT)."""
+    root = Path(_settings(config, root=root and str(root)).root)
     snap.publish(root, version)
     console.print(f"published {version}")
 
 
 @index_app.command("rollback")
-def rollback_command(root: Path = RootOpt) -> None:
+def rollback_command(root: Optional[Path] = RootOpt, config: Optional[Path] = ConfigOpt) -> None:
     """Publish the previously published version again."""
+    root = Path(_settings(config, root=root and str(root)).root)
     console.print(f"rolled back to {snap.rollback(root)}")
 
 
 @index_app.command("gc")
-def gc_command(root: Path = RootOpt, keep: int = typer.Option(3, help="Complete versions to keep.")) -> None:
+def gc_command(root: Optional[Path] = RootOpt, config: Optional[Path] = ConfigOpt,
+               keep: int = typer.Option(3, help="Complete versions to keep.")) -> None:
     """Delete old versions and abandoned builds; never the published one."""
+    root = Path(_settings(config, root=root and str(root)).root)
     removed = snap.gc(root, keep)
     console.print(f"removed {len(removed)}: {', '.join(removed) or '-'}")
 
 
 def search_command(
     question: str = typer.Argument(..., help="The question to find twins for."),
-    root: Path = RootOpt,
+    root: Optional[Path] = RootOpt,
+    config: Optional[Path] = ConfigOpt,
     top_k: int = typer.Option(10, help="Hits to show."),
     model: Optional[str] = typer.Option(None, help="Override the snapshot's bi-encoder."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
@@ -116,8 +135,10 @@ def search_command(
     from shared.search import search_shards
     from shared.text import normalize_text
 
-    snapshot = snap.load_snapshot(root)
-    encoder = load_bi_encoder(model or snapshot.manifest["model"]["name"])
+    settings = _settings(config, root=root and str(root), model=model)
+    snapshot = snap.load_snapshot(settings.root)
+    encoder = load_bi_encoder(settings.model or snapshot.manifest["model"]["name"],
+                              backend=settings.backend)
     vectors = encoder.encode([normalize_text(question)], normalize_embeddings=True)
     hits = search_shards(snapshot, vectors, top_k)[0]
     if json_out:
