@@ -33,6 +33,8 @@ from shared.text import normalize_text
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
+    from redis import Redis
+
     from shared.config import Settings
     from shared.search import Hit
 
@@ -45,6 +47,10 @@ REPLY_TO_MAX_CHARS = 256
 PAYLOAD_OVERHEAD_BYTES = 4096
 """Room for the JSON around the query: a payload past 4 bytes per allowed character plus this
 is refused as `too_large` before it is parsed, so a huge message costs no JSON work."""
+
+ADDRESS_PARSE_MAX_BYTES = 1 << 20
+"""A refused payload up to this size is still parsed to find where to send the error reply;
+past it the entry is dead-lettered unparsed."""
 
 REQUEST_FIELDS = ("id", "query", "top_k", "recall_k", "rerank", "reply_to", "rerank_depth",
                   "fusion", "fusion_weight", "min_probability", "submitted_ms")
@@ -255,10 +261,17 @@ def reply_address(fields: Mapping[bytes | str, bytes | str], settings: Settings
     A refused `reply_to` is replaced by the default key under the prefix, so that a request can
     never make the worker write outside `reply_prefix`.
     """
+    raw = _field(fields, PAYLOAD_FIELD)
+    if raw is None or len(raw) > ADDRESS_PARSE_MAX_BYTES:
+        return None
+    if isinstance(raw, bytes):  # ids are ASCII, so a stray bad byte elsewhere cannot hide one
+        raw = raw.decode("utf-8", "replace")
     try:
-        payload = decode_payload(fields, settings)
+        payload = json.loads(raw)
+        if not isinstance(payload, dict):
+            return None
         request_id = _request_id(payload)
-    except ProtocolError:
+    except (ValueError, ProtocolError):
         return None
     try:
         return request_id, _reply_to(payload, request_id, settings)
@@ -343,3 +356,39 @@ def encode_reply(reply: Mapping[str, Any]) -> str:
 def decode_reply(raw: bytes | str) -> dict[str, Any]:
     """Parse a reply popped from the reply list."""
     return json.loads(raw)
+
+
+_REPLY_ONCE = """
+if redis.call('SET', KEYS[1], ARGV[4], 'NX', 'EX', ARGV[2]) then
+  redis.call('LPUSH', KEYS[2], ARGV[1])
+  redis.call('EXPIRE', KEYS[2], ARGV[3])
+  return 1
+end
+return 0
+"""
+"""KEYS: done marker, reply list. ARGV: reply JSON, done TTL s, reply TTL s, marker value.
+One script, so that marking a request answered and pushing its reply cannot be split, and two
+workers racing on a redelivered request cannot both reply."""
+
+
+def push_replies(client: Redis, replies: list[tuple[str, str, dict[str, Any]]], *,
+                 reply_ttl_s: int, worker_id: str) -> list[bool]:
+    """Write replies at most once per request id: LPUSH + EXPIRE, guarded by `twinq:done:<id>`.
+
+    Args:
+        client: A Redis client.
+        replies: (request id, reply key, reply) triples.
+        reply_ttl_s: Seconds the reply list lives.
+        worker_id: Stored in the done marker, to trace who answered.
+
+    Returns:
+        Per reply, True if it was pushed, False if the request had already been answered.
+    """
+    if not replies:
+        return []
+    script = client.register_script(_REPLY_ONCE)
+    pipe = client.pipeline(transaction=False)
+    for request_id, reply_to, reply in replies:
+        script(keys=[C.DONE_PREFIX + request_id, reply_to],
+               args=[encode_reply(reply), C.DONE_TTL_S, reply_ttl_s, worker_id], client=pipe)
+    return [bool(n) for n in pipe.execute()]

@@ -29,7 +29,7 @@ from shared.config import FusionMethod
 from shared.errors import ConfigError
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
     from sentence_transformers import CrossEncoder
 
@@ -159,18 +159,42 @@ def sigmoid(x: float) -> float:
     return z / (1.0 + z)
 
 
-def calibrate(hits: list[Hit], calibration: dict[str, Any] | None) -> None:
-    """Fill `duplicate_probability = sigmoid(a*rerank_score + b)` on reranked hits (Platt).
+def model_activation(model: CrossEncoder) -> Callable[[float], float]:
+    """The model's default `predict` activation (sigmoid for one label) as a float function.
+
+    twinq's calibration is fitted on what `CrossEncoder.predict` returns by default (see
+    `shared.calibration` and pipelines/train.py), while `rerank_score` is the logit; this maps
+    the one onto the other.
+    """
+    import torch
+
+    fn = getattr(model, "activation_fn", None) or torch.nn.Identity()
+    if isinstance(fn, torch.nn.Identity):
+        return float
+    if isinstance(fn, torch.nn.Sigmoid):
+        return sigmoid
+    return lambda x: float(fn(torch.tensor([x], dtype=torch.float32))[0])
+
+
+def calibrate(hits: list[Hit], calibration: dict[str, Any] | None,
+              activation: Callable[[float], float] = float) -> None:
+    """Fill `duplicate_probability = sigmoid(a*activation(rerank_score) + b)` (Platt).
 
     Without a calibration, or for hits that were not reranked, it stays None: an uncalibrated
-    logit is not a probability, and twinq never reports a fake one.
+    score is not a probability, and twinq never reports a fake one.
+
+    Args:
+        hits: Hits with `rerank_score` filled where reranked.
+        calibration: ``{"method": "platt", "a", "b"}`` or None.
+        activation: Maps a logit to the scale the calibration was fitted on (see
+            `model_activation`). Defaults to the identity.
     """
     for hit in hits:
         if calibration is None or hit.rerank_score is None:
             hit.duplicate_probability = None
         else:
-            p = sigmoid(calibration["a"] * hit.rerank_score + calibration["b"])
-            hit.duplicate_probability = round(p, 6)
+            x = activation(hit.rerank_score)
+            hit.duplicate_probability = round(sigmoid(calibration["a"] * x + calibration["b"]), 6)
 
 
 def _number(value: Any, where: str) -> float:
