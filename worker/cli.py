@@ -1,0 +1,292 @@
+"""`twinq worker`, `twinq ask` and `twinq submit`: serve the queue, and use it.
+
+These are plain functions; `shared/cli.py` registers them from the `twinq.commands` entry
+points. Every setting goes through `shared.config.load_settings`, so flags, `TWINQ_*`
+variables and a TOML file combine the same way everywhere.
+
+Without a Redis URL (no --redis-url, no TWINQ_REDIS_URL, none in the config file), `twinq worker`
+starts an embedded server on 127.0.0.1:6390 and records its URL; `twinq ask` and `twinq submit`
+then find it on their own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import redis
+import typer
+
+from shared.config import Settings, load_settings
+from shared.constants import MAX_RECALL_K, MAX_TOP_K
+from shared.errors import BadInput, TwinqError
+from shared.models import set_threads
+from worker.client import TwinqClient
+from worker.consumer import Consumer, default_worker_id
+from worker.embedded_redis import DEFAULT_PORT, EmbeddedRedis, url_file
+from worker.engine import Engine
+from worker.metrics import WorkerMetrics
+from worker.status import StatusServer
+
+log = logging.getLogger(__name__)
+
+_CONFIG = typer.Option(None, "--config", help="TOML settings file (default $TWINQ_CONFIG).")
+_REDIS = typer.Option(None, "--redis-url", help="redis:// or rediss:// URL (with user:password@ "
+                      "for AUTH). Default: TWINQ_REDIS_URL, else the embedded server that "
+                      "`twinq worker` records in $XDG_RUNTIME_DIR/twinq/redis-url.")
+
+
+def install_signal_handlers(consumer: Consumer) -> None:
+    """First SIGTERM/SIGINT drains (within `shutdown_grace_s`); a second one exits at once.
+
+    Un-ACKed entries of a forced exit are redelivered to other workers after the visibility
+    timeout, so exiting early loses nothing. Call from the main thread.
+    """
+    def force(signum: int, _frame: Any) -> None:
+        consumer.log.warning("signal %s while draining: exiting now; un-acked entries will be "
+                             "redelivered", signal.Signals(signum).name)
+        logging.shutdown()
+        os._exit(1)
+
+    def drain(signum: int, _frame: Any) -> None:
+        signal.signal(signal.SIGTERM, force)
+        signal.signal(signal.SIGINT, force)
+        consumer.request_stop()
+        timer = threading.Timer(consumer.settings.shutdown_grace_s, force, (signum, None))
+        timer.daemon = True
+        timer.start()
+
+    signal.signal(signal.SIGTERM, drain)
+    signal.signal(signal.SIGINT, drain)
+
+
+def serve(settings: Settings, *, worker_id: str | None = None,
+          consumer_cls: type[Consumer] = Consumer, embedded_port: int = DEFAULT_PORT,
+          signals: bool = True) -> int:
+    """Run one worker until it is told to stop; return its exit code.
+
+    The status server starts before the models load, so that /healthz answers during a slow
+    start (a Kubernetes startupProbe) while /readyz says not yet.
+
+    Args:
+        settings: Everything; `root` is required. No `redis_url` starts an embedded server.
+        worker_id: Consumer name. Defaults to `<hostname>-<pid>`.
+        consumer_cls: The loop class (tests pass a slowed-down subclass).
+        embedded_port: Port of the embedded server. Defaults to 6390.
+        signals: Install the SIGTERM/SIGINT handlers. Defaults to True.
+    """
+    if not settings.root:
+        raise BadInput("--root is required (or TWINQ_ROOT): the snapshot root to serve")
+    set_threads(settings.threads)
+    worker_id = worker_id or default_worker_id()
+    embedded = status = None
+    try:
+        if settings.redis_url is None:
+            embedded = EmbeddedRedis(port=embedded_port, record=True)
+            settings = settings.replace(redis_url=embedded.start())
+        metrics = WorkerMetrics()
+        engine = Engine(settings, metrics=metrics, worker_id=worker_id)
+        consumer = consumer_cls(settings, engine, worker_id=worker_id, metrics=metrics)
+        if settings.metrics_port is not None:
+            status = StatusServer(consumer, settings.metrics_host, settings.metrics_port).start()
+        if signals:
+            install_signal_handlers(consumer)
+        engine.start()
+        return consumer.run()
+    finally:
+        if status is not None:
+            status.stop()
+        if embedded is not None:
+            embedded.stop()
+
+
+def worker_command(
+    root: str | None = typer.Option(None, "--root", help="Snapshot root to serve."),
+    reranker: str | None = typer.Option(None, "--reranker", help="Cross-encoder folder or hub "
+                                        "name; without it replies carry recall scores only."),
+    model: str | None = typer.Option(None, "--model", help="Bi-encoder override (default: the "
+                                     "snapshot manifest's model)."),
+    redis_url: str | None = _REDIS,
+    metrics_port: int | None = typer.Option(None, "--metrics-port", help="Serve /, /metrics, "
+                                            "/healthz and /readyz on this port (0: any free)."),
+    metrics_host: str | None = typer.Option(None, "--metrics-host", help="Interface for the "
+                                            "status server (default 127.0.0.1)."),
+    batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Requests per batch."),
+    block_ms: int | None = typer.Option(None, "--block-ms", min=0, help="Longest wait for a "
+                                        "batch, milliseconds."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="Torch threads."),
+    worker_id: str | None = typer.Option(None, "--worker-id", help="Consumer name (default "
+                                         "<hostname>-<pid>)."),
+    embedded_port: int = typer.Option(DEFAULT_PORT, "--embedded-port", help="Port of the "
+                                      "embedded Redis started when no URL is configured."),
+    config: Path | None = _CONFIG,
+) -> None:
+    """Answer queries from the Redis stream (starts an embedded Redis when no URL is set)."""
+    settings = load_settings(config, overrides={
+        "root": root, "reranker": reranker, "model": model, "redis_url": redis_url,
+        "metrics_port": metrics_port, "metrics_host": metrics_host, "batch_size": batch_size,
+        "block_ms": block_ms, "threads": threads})
+    code = serve(settings, worker_id=worker_id, embedded_port=embedded_port)
+    if code:
+        raise typer.Exit(code)
+
+
+def _client(settings: Settings) -> TwinqClient:
+    return TwinqClient(settings=settings)
+
+
+def _send(call: Any, url_hint: str) -> Any:
+    try:
+        return call()
+    except TimeoutError as exc:
+        raise TwinqError(str(exc)) from exc
+    except redis.ConnectionError as exc:
+        raise TwinqError(f"cannot reach Redis ({url_hint}): {exc}") from exc
+
+
+def _print_reply(reply: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.panel import Panel
+    from rich.table import Table
+
+    console = Console()
+    if not reply["ok"]:
+        err = reply["error"]
+        console.print(f"[red]error[/red] {err['code']}: {err['message']}")
+        return
+    results = reply["results"]
+    if reply.get("no_twin"):
+        console.print("[yellow]No twin: no match reaches the requested probability.[/yellow]")
+    answer = results[0]["metadata"].get("answer") if results else None
+    if answer and not reply.get("no_twin"):
+        console.print(Panel(str(answer), title=f"Answer — matched: {results[0]['text']}",
+                            border_style="green"))
+    table = Table(show_lines=False)
+    for column in ("rank", "matched question", "recall", "rerank", "p(dup)", "answer"):
+        table.add_column(column, overflow="fold")
+
+    def num(value: float | None) -> str:
+        return "–" if value is None else f"{value:.3f}"
+
+    for hit in results:
+        table.add_row(str(hit["rank"]), hit["text"], num(hit["recall_score"]),
+                      num(hit["rerank_score"]), num(hit["duplicate_probability"]),
+                      str(hit["metadata"].get("answer", ""))[:80])
+    console.print(table)
+    t = reply["timings_ms"]
+    console.print(f"[dim]snapshot {reply['snapshot']} · {reply['models']['bi_encoder']} · "
+                  f"reranker {reply['models']['cross_encoder'] or 'off'} · "
+                  f"{t['total']:.0f} ms (queue {t['queue']:.0f}, embed {t['embed']:.0f}, "
+                  f"search {t['search']:.0f}, rerank {t['rerank']:.0f})[/dim]")
+
+
+def ask_command(
+    question: str = typer.Argument(..., help="The question to find twins of."),
+    top_k: int | None = typer.Option(None, "--top-k", min=1, max=MAX_TOP_K, help="Hits wanted."),
+    recall_k: int | None = typer.Option(None, "--recall-k", min=1, max=MAX_RECALL_K,
+                                        help="Candidates recalled before reranking."),
+    rerank: bool = typer.Option(True, "--rerank/--no-rerank", help="Rerank with the worker's "
+                                "cross-encoder."),
+    min_probability: float | None = typer.Option(None, "--min-probability", min=0.0, max=1.0,
+                                                 help="Say 'no twin' below this calibrated "
+                                                 "duplicate probability."),
+    json_out: bool = typer.Option(False, "--json", help="Print the raw reply as JSON."),
+    redis_url: str | None = _REDIS,
+    timeout: float = typer.Option(30.0, "--timeout", min=0.1, help="Seconds to wait."),
+    config: Path | None = _CONFIG,
+) -> None:
+    """Ask through the queue and print the twins (a worker must be running)."""
+    if not question.strip():
+        raise BadInput("the question is empty")
+    settings = load_settings(config, overrides={"redis_url": redis_url})
+    knobs = {} if min_probability is None else {"min_probability": min_probability}
+    with _client(settings) as client:
+        reply = _send(lambda: client.ask(question, top_k=top_k, recall_k=recall_k, rerank=rerank,
+                                         timeout_s=timeout, **knobs),
+                      settings.redis_url or f"embedded, see {url_file()}")
+    if json_out:
+        typer.echo(json.dumps(reply, ensure_ascii=False, indent=2))
+    else:
+        _print_reply(reply)
+    if not reply["ok"]:
+        raise typer.Exit(2 if reply["error"]["code"] in ("bad_request", "too_large") else 1)
+
+
+def read_questions(path: Path) -> list[dict[str, Any]]:
+    """Questions from a JSONL file (objects with `query`, `question` or `text`, or strings) or a
+    text file with one question per line.
+
+    Raises:
+        BadInput: naming the file and line of the first unusable entry.
+    """
+    if not path.is_file():
+        raise BadInput(f"no such file: {path}")
+    items: list[dict[str, Any]] = []
+    jsonl = path.suffix in (".jsonl", ".json", ".ndjson")
+    with path.open(encoding="utf-8") as fh:
+        for n, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            if not jsonl:
+                items.append({"query": line.strip()})
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                raise BadInput(f"{path}:{n}: not JSON: {exc}") from exc
+            row = {"query": row} if isinstance(row, str) else row
+            query = next((row[k] for k in ("query", "question", "text")
+                          if isinstance(row, dict) and isinstance(row.get(k), str)), None)
+            if not query or not query.strip():
+                raise BadInput(f"{path}:{n}: needs a non-empty 'query' (or 'question'/'text')")
+            items.append({"query": query, **({"input_id": row["id"]} if "id" in row else {})})
+    if not items:
+        raise BadInput(f"{path}: no questions")
+    return items
+
+
+def submit_command(
+    file: Path = typer.Option(..., "--file", help="queries.jsonl (query/question/text per line) "
+                              "or a .txt file with one question per line."),
+    out: Path = typer.Option(..., "--out", help="results.jsonl: one reply per question, in order."),
+    top_k: int | None = typer.Option(None, "--top-k", min=1, max=MAX_TOP_K),
+    recall_k: int | None = typer.Option(None, "--recall-k", min=1, max=MAX_RECALL_K),
+    rerank: bool = typer.Option(True, "--rerank/--no-rerank"),
+    redis_url: str | None = _REDIS,
+    timeout: float = typer.Option(120.0, "--timeout", min=0.1, help="Seconds per chunk."),
+    chunk_size: int = typer.Option(256, "--chunk-size", min=1, help="Requests in flight."),
+    config: Path | None = _CONFIG,
+) -> None:
+    """Send every question of a file through the queue and write the replies as JSONL."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    items = read_questions(file)
+    settings = load_settings(config, overrides={"redis_url": redis_url})
+    failed = missing = 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _client(settings) as client, Progress(
+            "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+            TimeRemainingColumn(), transient=True) as progress:
+        task = progress.add_task("asking", total=len(items))
+        replies = _send(lambda: client.submit_many(
+            [i["query"] for i in items], top_k=top_k, recall_k=recall_k, rerank=rerank,
+            timeout_s=timeout, chunk_size=chunk_size,
+            on_reply=lambda _i, _r: progress.advance(task)), settings.redis_url or "embedded")
+    with out.open("w", encoding="utf-8") as fh:
+        for item, reply in zip(items, replies):
+            if reply is None:
+                missing += 1
+                reply = {"ok": False, "results": [], "error": {
+                    "code": "timeout", "message": f"no reply within {timeout:g}s",
+                    "retryable": True}}
+            failed += not reply["ok"]
+            fh.write(json.dumps({**item, **reply}, ensure_ascii=False) + "\n")
+    typer.echo(f"{len(items) - failed} answered, {failed - missing} errors, {missing} timeouts "
+               f"-> {out}")
+    if missing:
+        raise typer.Exit(1)

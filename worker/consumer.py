@@ -1,0 +1,434 @@
+"""The worker loop: read a batch from the stream, answer it, reply, then acknowledge.
+
+Delivery is at-least-once. An entry is ACKed only after its reply is written; entries left
+pending longer than the visibility timeout (a worker died) are taken over with XAUTOCLAIM; an
+entry delivered more than `max_deliveries` times goes to the dead stream with an `internal`
+error reply. Replies are idempotent by request id: the reply and a `twinq:done:<id>` marker are
+written by one Lua script that pushes only if the marker was absent, so a redelivered request
+that was already answered is ACKed without a second reply, even when two workers race.
+
+Like rq's worker, `run()` is a list of named steps wrapped in try/finally, and exceptions are
+sorted only at the loop boundary (Redis errors back off and reconnect; anything else is logged).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+from shared import constants as C
+from shared.errors import ProtocolError
+from shared.protocol import (ErrorCode, QueryRequest, error_reply, parse_request, push_replies,
+                             reply_address)
+from worker.client import stream_depth
+from worker.engine import QueryCache
+from worker.metrics import RecentStats, WorkerMetrics
+
+if TYPE_CHECKING:
+    from shared.config import Settings
+    from worker.engine import Engine
+
+log = logging.getLogger(__name__)
+
+DEAD_STREAM_MAXLEN = 100_000
+"""Approximate cap of the dead stream, so a flood of bad requests cannot fill Redis."""
+
+
+class WorkerState(str, Enum):
+    """Lifecycle of a worker, stored in its heartbeat hash and shown on the status page."""
+
+    #: Loading models and the snapshot; not reading the stream yet.
+    STARTING = "starting"
+    #: Waiting for requests.
+    IDLE = "idle"
+    #: Answering a batch.
+    BUSY = "busy"
+    #: Asked to stop: finishing and acknowledging the batch in flight, reading nothing new.
+    DRAINING = "draining"
+    #: The loop has ended.
+    STOPPED = "stopped"
+
+
+@dataclass
+class Entry:
+    """One stream entry with the number of times it has been delivered."""
+
+    entry_id: str
+    fields: dict[bytes, bytes]
+    deliveries: int = 1
+
+    @property
+    def enqueued_ms(self) -> int:
+        return int(self.entry_id.split("-", 1)[0])
+
+
+@dataclass
+class _Work:
+    entry: Entry
+    request: QueryRequest
+    queue_ms: float
+    reply: dict[str, Any] | None = None
+
+
+class _Prefixed(logging.LoggerAdapter):
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"[{self.extra['worker']}] {msg}", kwargs  # type: ignore[index]
+
+
+def default_worker_id() -> str:
+    """`<hostname>-<pid>`: unique per process, and readable in `XINFO CONSUMERS`."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Consumer:
+    """One worker process's loop over the request stream.
+
+    Args:
+        settings: Stream names, batch size, timeouts and limits.
+        engine: A started `Engine`.
+        client: A Redis client; defaults to one built from `settings.redis_url`.
+        worker_id: Consumer name in the group. Defaults to `<hostname>-<pid>`.
+        metrics: Prometheus objects. Defaults to a fresh private registry.
+        clock: Wall-clock seconds, injected for queue-latency tests. Defaults to `time.time`.
+        heartbeat_interval_s: Seconds between heartbeats and queue-gauge refreshes.
+    """
+
+    max_connection_wait_s = 10.0
+    """Cap of the exponential back-off while Redis is unreachable."""
+
+    def __init__(self, settings: Settings, engine: Engine, *, client: redis.Redis | None = None,
+                 worker_id: str | None = None, metrics: WorkerMetrics | None = None,
+                 clock: Callable[[], float] = time.time,
+                 heartbeat_interval_s: float = C.HEARTBEAT_INTERVAL_S) -> None:
+        self.settings = settings
+        self.engine = engine
+        self._own_client = client is None
+        self.redis = client or redis.Redis.from_url(
+            settings.redis_url or "redis://127.0.0.1:6379/0", socket_connect_timeout=5,
+            socket_keepalive=True, health_check_interval=30)
+        self.worker_id = worker_id or default_worker_id()
+        self.metrics = metrics or WorkerMetrics()
+        self.stats = RecentStats(clock=clock)
+        self.clock = clock
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.log = _Prefixed(log, {"worker": self.worker_id})
+        self.state = WorkerState.STARTING
+        self.queue: dict[str, int | None] = {"length": None, "lag": None, "pending": None}
+        self.processed = 0
+        self.cache = (QueryCache(self.redis, settings.query_cache_ttl_s, engine, self.metrics,
+                                 self.worker_id) if settings.query_cache_ttl_s > 0 else None)
+        self._stop = threading.Event()
+        self._failures = 0
+        self._group_ready = False
+        self._last_beat = 0.0
+        self._last_claim = 0.0
+        self._claim_cursor = "0-0"
+        self._started_at = clock()
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until `request_stop()` (or a first SIGTERM); return the exit code, 0."""
+        self.metrics.worker_up.set(1)
+        self.log.info("consuming %s as %s/%s (batch %d, block %d ms)", self.settings.stream,
+                      self.settings.group, self.worker_id, self.settings.batch_size,
+                      self.settings.block_ms)
+        try:
+            while not self._stop.is_set():
+                self.run_once()
+        finally:
+            self._teardown()
+        return 0
+
+    def run_once(self) -> int:
+        """One pass of the loop; returns how many entries it handled. Never raises on Redis."""
+        try:
+            if not self._group_ready:
+                self._ensure_group()
+            self._heartbeat()
+            self._maybe_swap_snapshot()
+            batch = self._claim_stale() or self._read_batch(self.settings.block_ms)
+            if batch:
+                self._handle(batch)
+            self._failures = 0
+            return len(batch)
+        except redis.ResponseError as exc:
+            if "NOGROUP" in str(exc):
+                self.log.warning("consumer group vanished (Redis restarted?); recreating it")
+                self._group_ready = False  # the next pass recreates it
+            else:
+                self.log.exception("Redis refused a command; carrying on")
+                self._back_off(None)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            self._back_off(exc)
+        except Exception:
+            self.log.exception("unexpected error in the worker loop; carrying on")
+            self._back_off(None)
+        return 0
+
+    def _back_off(self, exc: Exception | None) -> None:
+        delay = min(self.max_connection_wait_s, 0.1 * 2 ** self._failures)
+        self._failures += 1
+        if exc is not None:
+            self.log.warning("Redis unavailable (%s); retrying in %.1fs", exc, delay)
+        self._stop.wait(delay)
+
+    def _set_state(self, state: WorkerState) -> None:
+        if self.state is WorkerState.DRAINING and state in (WorkerState.IDLE, WorkerState.BUSY):
+            return
+        if state is not self.state:
+            self.state = state
+            self._last_beat = 0.0  # report a state change at once
+
+    def _ensure_group(self) -> None:
+        """Create the group at the stream's start ("0"): requests sent before any worker ran
+        are still answered."""
+        try:
+            self.redis.xgroup_create(self.settings.stream, self.settings.group, id="0",
+                                     mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._group_ready = True
+        self._set_state(WorkerState.IDLE)
+
+    # -- steps -----------------------------------------------------------------------------
+
+    def _claim_stale(self) -> list[Entry]:
+        """Take over entries idle past the visibility timeout, with their delivery counts."""
+        now = time.monotonic()
+        if now - self._last_claim < min(1.0, self.settings.visibility_timeout_ms / 2000):
+            return []
+        self._last_claim = now
+        s = self.settings
+        cursor, claimed, *rest = self.redis.xautoclaim(
+            s.stream, s.group, self.worker_id, s.visibility_timeout_ms, self._claim_cursor,
+            count=s.batch_size)
+        self._claim_cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
+        deleted = rest[0] if rest else []
+        if deleted:  # trimmed away while pending: nothing left to answer
+            self.redis.xack(s.stream, s.group, *deleted)
+        entries = [Entry(i.decode(), f) for i, f in claimed if f is not None]
+        if not entries:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for e in entries:
+            pipe.xpending_range(s.stream, s.group, min=e.entry_id, max=e.entry_id, count=1)
+        for e, info in zip(entries, pipe.execute()):
+            e.deliveries = info[0]["times_delivered"] if info else 1
+        self.log.info("claimed %d stale entries", len(entries))
+        return entries
+
+    def _read_batch(self, block_ms: int) -> list[Entry]:
+        """XREADGROUP up to `batch_size` new entries, waiting at most `block_ms`."""
+        if self._stop.is_set():
+            return []
+        response = self.redis.xreadgroup(self.settings.group, self.worker_id,
+                                         {self.settings.stream: ">"},
+                                         count=self.settings.batch_size, block=block_ms)
+        return [Entry(i.decode(), f) for _, items in response for i, f in items if f is not None]
+
+    def _handle(self, batch: list[Entry]) -> None:
+        """Answer a batch, then ACK it. The procedure:
+
+        1. Dead-letter entries delivered more than `max_deliveries` times.
+        2. Parse; refuse bad requests with an error reply (or dead-letter them without an id).
+        3. Drop requests already answered (`twinq:done:<id>`) or repeated within the batch.
+        4. Refuse requests that waited past the reply TTL (`overloaded`; the client is gone).
+        5. Answer the rest in one engine call, through the query cache when it is on.
+        6. Write every reply (once per id), then ACK every entry that got one.
+        """
+        self._set_state(WorkerState.BUSY)
+        self.metrics.batch_size.observe(len(batch))
+        acks: list[str] = []
+        replies: list[tuple[str, str, dict[str, Any]]] = []
+        work: list[_Work] = []
+        now_ms = self.clock() * 1000
+        for entry in batch:
+            if entry.deliveries > self.settings.max_deliveries:
+                self._dead_letter(entry, f"delivered {entry.deliveries} times "
+                                         f"(max_deliveries {self.settings.max_deliveries})")
+                continue
+            try:
+                request = parse_request(entry.fields, self.settings)
+            except ProtocolError as exc:
+                self._refuse(entry, exc, replies, acks)
+                continue
+            work.append(_Work(entry, request, max(0.0, now_ms - entry.enqueued_ms)))
+        work = self._drop_answered(work, acks)
+        for item in work:
+            if item.queue_ms > self.settings.reply_ttl_s * 1000:
+                item.reply = error_reply(item.request.id, ErrorCode.OVERLOADED,
+                                         f"waited {item.queue_ms / 1000:.1f}s in the queue, past "
+                                         "the reply TTL", worker_id=self.worker_id)
+        self._answer([w for w in work if w.reply is None])
+        for item in work:
+            if item.reply is not None:
+                replies.append((item.request.id, item.request.reply_to, item.reply))
+                acks.append(item.entry.entry_id)
+        self._write_replies(replies)
+        self._ack(acks)
+        self._set_state(WorkerState.IDLE)
+
+    def _refuse(self, entry: Entry, exc: ProtocolError, replies: list, acks: list[str]) -> None:
+        address = reply_address(entry.fields, self.settings)
+        code = ErrorCode(exc.code)
+        if address is None:
+            self._dead_letter(entry, f"{code.value}: {exc.message}", reply=False)
+            self._count(code.value)
+            return
+        request_id, reply_to = address
+        replies.append((request_id, reply_to, error_reply(request_id, code, exc.message,
+                                                          worker_id=self.worker_id)))
+        acks.append(entry.entry_id)
+
+    def _drop_answered(self, work: list[_Work], acks: list[str]) -> list[_Work]:
+        if not work:
+            return work
+        pipe = self.redis.pipeline(transaction=False)
+        for item in work:
+            pipe.exists(C.DONE_PREFIX + item.request.id)
+        fresh, seen = [], set()
+        for item, done in zip(work, pipe.execute()):
+            if done or item.request.id in seen:
+                self.log.info("request %s already answered; acknowledging without a reply",
+                              item.request.id)
+                self._count("duplicate")
+                acks.append(item.entry.entry_id)
+            else:
+                seen.add(item.request.id)
+                fresh.append(item)
+        return fresh
+
+    def _answer(self, work: list[_Work]) -> None:
+        """Fill `reply` on each item; one engine call, or one per item if the batch fails.
+
+        An item that still fails keeps `reply` None and stays un-ACKed, to be redelivered;
+        on its last allowed delivery it is dead-lettered with an `internal` reply instead.
+        """
+        todo = work
+        if self.cache is not None and work:
+            cached = self.cache.get([w.request for w in work], [w.queue_ms for w in work])
+            for item, reply in zip(work, cached):
+                item.reply = reply
+            todo = [w for w in work if w.reply is None]
+        if not todo:
+            return
+        try:
+            self._fill(todo)
+            return
+        except Exception:
+            self.log.exception("batch of %d failed; answering its requests one by one", len(todo))
+        for item in todo:
+            try:
+                self._fill([item])
+            except Exception as exc:
+                self.log.exception("request %s failed (delivery %d)", item.request.id,
+                                   item.entry.deliveries)
+                self.stats.record_error(item.request.id, "internal", str(exc))
+                if item.entry.deliveries >= self.settings.max_deliveries:
+                    self._dead_letter(item.entry, f"internal: {exc}")
+
+    def _fill(self, items: list[_Work]) -> None:
+        requests = [w.request for w in items]
+        replies = self.engine.answer_batch(requests, queue_ms=[w.queue_ms for w in items])
+        for item, reply in zip(items, replies):
+            item.reply = reply
+        if self.cache is not None:
+            self.cache.put(requests, replies)
+
+    def _write_replies(self, replies: list[tuple[str, str, dict[str, Any]]]) -> None:
+        """Push each reply once per request id, in one round trip."""
+        written = push_replies(self.redis, replies, reply_ttl_s=self.settings.reply_ttl_s,
+                               worker_id=self.worker_id)
+        for (_, _, reply), fresh in zip(replies, written):
+            if fresh:
+                self.processed += 1
+            self.metrics.observe_reply(reply, self.stats, duplicate=not fresh)
+
+    def _count(self, outcome: str) -> None:
+        self.metrics.requests.labels(outcome=outcome).inc()
+
+    def _dead_letter(self, entry: Entry, reason: str, *, reply: bool = True) -> None:
+        """Move an entry to the dead stream, reply `internal` if it can be addressed, ACK it."""
+        s = self.settings
+        raw = entry.fields.get(b"payload", b"")
+        self.log.warning("dead-lettering %s: %s", entry.entry_id, reason)
+        self.redis.xadd(s.dead_stream, {"payload": raw, "reason": reason,
+                                        "deliveries": entry.deliveries, "worker": self.worker_id,
+                                        "entry_id": entry.entry_id, "stream": s.stream},
+                        maxlen=DEAD_STREAM_MAXLEN, approximate=True)
+        self.metrics.dead_letters.inc()
+        address = reply_address(entry.fields, s) if reply else None
+        if address is not None:
+            self._write_replies([(address[0], address[1], error_reply(
+                address[0], ErrorCode.INTERNAL, f"dead-lettered: {reason}", retryable=False,
+                worker_id=self.worker_id))])
+        self._ack([entry.entry_id])
+
+    def _ack(self, ids: list[str]) -> None:
+        if ids:
+            self.redis.xack(self.settings.stream, self.settings.group, *ids)
+
+    def _heartbeat(self) -> None:
+        """Refresh `twinq:worker:<id>` (state, snapshot; TTL) and the queue gauges."""
+        now = time.monotonic()
+        if now - self._last_beat < self.heartbeat_interval_s:
+            return
+        self._last_beat = now
+        s = self.settings
+        key = C.HEARTBEAT_PREFIX + self.worker_id
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(key, mapping={"state": self.state.value, "snapshot": self.engine.version or "",
+                                "pid": os.getpid(), "host": socket.gethostname(),
+                                "stream": s.stream, "processed": self.processed,
+                                "started_at": int(self._started_at), "seen_at": int(self.clock())})
+        pipe.expire(key, C.HEARTBEAT_TTL_S)
+        pipe.execute()
+        self.queue = stream_depth(self.redis, s.stream, s.group)
+        self.metrics.set_queue(self.queue)
+
+    def _maybe_swap_snapshot(self) -> None:
+        """Serve a newly loaded snapshot; called between batches only."""
+        swapped = self.engine.swap_pending()
+        if swapped:
+            self._last_beat = 0.0
+
+    def _teardown(self) -> None:
+        """Say goodbye: state STOPPED, and leave the group tidy if nothing is pending here."""
+        self._set_state(WorkerState.STOPPED)
+        self.metrics.worker_up.set(0)
+        self.engine.stop()
+        try:
+            key = C.HEARTBEAT_PREFIX + self.worker_id
+            self.redis.hset(key, "state", WorkerState.STOPPED.value)
+            self.redis.expire(key, 60)
+            mine = [c for c in self.redis.xinfo_consumers(self.settings.stream, self.settings.group)
+                    if c["name"] in (self.worker_id, self.worker_id.encode())]
+            if mine and mine[0]["pending"] == 0:
+                self.redis.xgroup_delconsumer(self.settings.stream, self.settings.group,
+                                              self.worker_id)
+        except redis.RedisError as exc:
+            self.log.warning("could not record shutdown in Redis: %s", exc)
+        if self._own_client:
+            self.redis.close()
+        self.log.info("stopped after %d replies", self.processed)
+
+    # -- stopping --------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Drain: stop reading, finish and ACK the batch in flight, then leave `run()`."""
+        if not self._stop.is_set():
+            self.log.info("stopping: finishing the batch in flight (grace %.0fs)",
+                          self.settings.shutdown_grace_s)
+        self._set_state(WorkerState.DRAINING)
+        self._stop.set()
