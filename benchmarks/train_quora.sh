@@ -7,7 +7,7 @@ TWINQ=${TWINQ:-.venv/bin/twinq}
 PY=${PY:-.venv/bin/python}
 DATA=${TWINQ_DATA:-../shared/data}
 B=runs/quora-beir
-PAIRS=${PAIRS:-5000}
+PAIRS=${PAIRS:-3000}
 
 # 1. BEIR-format Quora set + cluster-disjoint training pairs + snapshot of the corpus.
 [ -f runs/quora-snap/CURRENT ] || $PY benchmarks/build_quora_beir.py --out $B --queries 1000 \
@@ -17,7 +17,7 @@ PAIRS=${PAIRS:-5000}
 for SWAP in swap no-swap; do
   [ -f runs/ce-$SWAP/training.json ] || $TWINQ train reranker --pairs $B/train_pairs.tsv \
       --out runs/ce-$SWAP --$SWAP --max-pairs $PAIRS --max-dev-pairs 1000 --negatives 1 \
-      --epochs 1 --lr 2e-5 --batch-size 32 --max-length 64 --seed 0 --threads 2 \
+      --epochs 1 --lr 2e-5 --batch-size 32 --max-length 64 --seed 0 --threads 1 \
       --fusion-root runs/quora-snap
 done
 

@@ -194,8 +194,9 @@ def rerank_candidates(model: CrossEncoder, queries: dict[str, str], cands: dict[
 
 def ranked_ids(c: Candidates, order: np.ndarray | None = None) -> list[str]:
     """Flatten a candidate list into doc ids; `order` reorders the reranked head only."""
-    head = list(order) if order is not None else list(range(len(c.ids)))
-    rest = [i for i in range(len(c.ids)) if i not in set(head)]
+    head = [int(i) for i in order] if order is not None else list(range(len(c.ids)))
+    taken = set(head)
+    rest = [i for i in range(len(c.ids)) if i not in taken]
     return [doc for i in head + rest for doc in c.ids[i]]
 
 

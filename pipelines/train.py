@@ -159,34 +159,32 @@ def prepare_data(settings: TrainSettings) -> tuple[list[LabelledPair], list[Labe
     return train, dev, data
 
 
-class _ProgressCallback:
+def progress_callback() -> Any:
     """A tqdm bar over optimizer steps with the running loss and ETA (HF's own bar is off)."""
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
 
-    def __new__(cls) -> Any:
-        from tqdm.auto import tqdm
-        from transformers import TrainerCallback
+    class Progress(TrainerCallback):
+        bar: Any = None
 
-        class Progress(TrainerCallback):
-            bar: Any = None
+        def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+            self.bar = tqdm(total=state.max_steps, desc="train", unit="step", dynamic_ncols=True)
 
-            def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
-                self.bar = tqdm(total=state.max_steps, desc="train", unit="step", dynamic_ncols=True)
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            self.bar.update(state.global_step - self.bar.n)
 
-            def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
-                self.bar.update(state.global_step - self.bar.n)
+        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+            if self.bar is not None and logs:
+                shown = {k: round(v, 4) for k, v in logs.items()
+                         if k in ("loss", "eval_dev_average_precision", "learning_rate")}
+                self.bar.set_postfix(shown)
+                log.info("step %d: %s", state.global_step, logs)
 
-            def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
-                if self.bar is not None and logs:
-                    shown = {k: round(v, 4) for k, v in logs.items()
-                             if k in ("loss", "eval_dev_average_precision", "learning_rate")}
-                    self.bar.set_postfix(shown)
-                    log.info("step %d: %s", state.global_step, logs)
+        def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            if self.bar is not None:
+                self.bar.close()
 
-            def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
-                if self.bar is not None:
-                    self.bar.close()
-
-        return Progress()
+    return Progress()
 
 
 def fit(train: list[LabelledPair], dev: list[LabelledPair], settings: TrainSettings) -> CrossEncoder:
@@ -219,7 +217,7 @@ def fit(train: list[LabelledPair], dev: list[LabelledPair], settings: TrainSetti
         use_cpu=True, dataloader_num_workers=0)
     trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=dataset,
                                   loss=BinaryCrossEntropyLoss(model), evaluator=evaluator,
-                                  callbacks=[_ProgressCallback()])
+                                  callbacks=[progress_callback()])
     trainer.train()
     return trainer.model
 
