@@ -204,8 +204,8 @@ def _query(payload: dict[str, Any], settings: Settings) -> str:
     if not query:
         raise _bad("query is empty")
     if len(query) > settings.max_query_chars:
-        raise _bad(f"query is {len(query)} characters, over the limit of {settings.max_query_chars}",
-                   ErrorCode.TOO_LARGE)
+        raise _bad(f"query is {len(query)} characters, over the limit of "
+                   f"{settings.max_query_chars}", ErrorCode.TOO_LARGE)
     return query
 
 

@@ -10,6 +10,10 @@ may carry its tuned fusion and calibration in `training.json`:
      "calibration": {"method": "platt", "a": 1.3, "b": -0.2},
      "threshold": 0.5}
 
+`rerank_score` is the cross-encoder's logit. The calibration is fitted (pipelines/train.py) on
+what `CrossEncoder.predict` returns by default, the sigmoid of that logit for a one-label model,
+so `calibrate` maps the logit onto that scale first (`model_activation`).
+
 Example:
     >>> hits = [[Hit("q1", "reset my password", 0.9), Hit("q2", "change email", 0.7)]]
     >>> rerank(["how to reset password"], hits, cross_encoder, depth=20)  # doctest: +SKIP
@@ -139,7 +143,8 @@ def fuse(hits: list[Hit], method: FusionMethod, weight: float = 0.5) -> None:
             z_rc = 0.0 if std == 0.0 else (hit.recall_score - mean) / std
             hit.score = float(weight * z_rr + (1.0 - weight) * z_rc)
         for hit in rest:
-            hit.score = float((1.0 - weight) * (0.0 if std == 0.0 else (hit.recall_score - mean) / std))
+            z_rc = 0.0 if std == 0.0 else (hit.recall_score - mean) / std
+            hit.score = float((1.0 - weight) * z_rc)
     else:
         by_recall = sorted(hits, key=lambda h: -h.recall_score)
         recall_rank = {id(h): r for r, h in enumerate(by_recall, start=1)}

@@ -131,9 +131,7 @@ def worker_command(
         "root": root, "reranker": reranker, "model": model, "redis_url": redis_url,
         "metrics_port": metrics_port, "metrics_host": metrics_host, "batch_size": batch_size,
         "block_ms": block_ms, "threads": threads})
-    code = serve(settings, worker_id=worker_id, embedded_port=embedded_port)
-    if code:
-        raise typer.Exit(code)
+    serve(settings, worker_id=worker_id, embedded_port=embedded_port)
 
 
 def _client(settings: Settings) -> TwinqClient:
@@ -155,10 +153,6 @@ def _print_reply(reply: dict[str, Any]) -> None:
     from rich.table import Table
 
     console = Console()
-    if not reply["ok"]:
-        err = reply["error"]
-        console.print(f"[red]error[/red] {err['code']}: {err['message']}")
-        return
     results = reply["results"]
     if reply.get("no_twin"):
         console.print("[yellow]No twin: no match reaches the requested probability.[/yellow]")
@@ -200,7 +194,10 @@ def ask_command(
     timeout: float = typer.Option(30.0, "--timeout", min=0.1, help="Seconds to wait."),
     config: Path | None = _CONFIG,
 ) -> None:
-    """Ask through the queue and print the twins (a worker must be running)."""
+    """Ask through the queue and print the twins (a worker must be running).
+
+    Exits 2 when the worker refuses the request (bad_request, too_large), 1 on other errors.
+    """
     if not question.strip():
         raise BadInput("the question is empty")
     settings = load_settings(config, overrides={"redis_url": redis_url})
@@ -211,10 +208,12 @@ def ask_command(
                       settings.redis_url or f"embedded, see {url_file()}")
     if json_out:
         typer.echo(json.dumps(reply, ensure_ascii=False, indent=2))
-    else:
+    elif reply["ok"]:
         _print_reply(reply)
     if not reply["ok"]:
-        raise typer.Exit(2 if reply["error"]["code"] in ("bad_request", "too_large") else 1)
+        error = reply["error"]
+        refused = error["code"] in ("bad_request", "too_large")
+        raise (BadInput if refused else TwinqError)(f"{error['code']}: {error['message']}")
 
 
 def read_questions(path: Path) -> list[dict[str, Any]]:
@@ -289,4 +288,5 @@ def submit_command(
     typer.echo(f"{len(items) - failed} answered, {failed - missing} errors, {missing} timeouts "
                f"-> {out}")
     if missing:
-        raise typer.Exit(1)
+        raise TwinqError(f"{missing} of {len(items)} questions got no reply within {timeout:g}s "
+                         "(is a worker running?)")

@@ -1,14 +1,11 @@
 """The worker loop: read a batch from the stream, answer it, reply, then acknowledge.
 
-Delivery is at-least-once. An entry is ACKed only after its reply is written; entries left
-pending longer than the visibility timeout (a worker died) are taken over with XAUTOCLAIM; an
-entry delivered more than `max_deliveries` times goes to the dead stream with an `internal`
-error reply. Replies are idempotent by request id: the reply and a `twinq:done:<id>` marker are
-written by one Lua script that pushes only if the marker was absent, so a redelivered request
-that was already answered is ACKed without a second reply, even when two workers race.
-
-Like rq's worker, `run()` is a list of named steps wrapped in try/finally, and exceptions are
-sorted only at the loop boundary (Redis errors back off and reconnect; anything else is logged).
+Delivery is at-least-once: an entry is ACKed only after its reply is written, entries idle past
+the visibility timeout (their worker died) are taken over with XAUTOCLAIM, and an entry
+delivered more than `max_deliveries` times is dead-lettered with an `internal` reply. Replies
+are written once per request id (`shared.protocol.push_replies`), so a redelivered request that
+was already answered is ACKed without a second reply. As in rq, `run()` is a list of named
+steps in try/finally, and exceptions are sorted only at the loop boundary.
 """
 
 from __future__ import annotations
@@ -29,9 +26,9 @@ from shared import constants as C
 from shared.errors import ProtocolError
 from shared.protocol import (ErrorCode, QueryRequest, error_reply, parse_request, push_replies,
                              reply_address)
-from worker.client import stream_depth
 from worker.engine import QueryCache
-from worker.metrics import RecentStats, WorkerMetrics
+from worker.metrics import RecentStats, WorkerMetrics, prefixed
+from worker.status import record_stop, write_heartbeat
 
 if TYPE_CHECKING:
     from shared.config import Settings
@@ -66,10 +63,6 @@ class Entry:
     fields: dict[bytes, bytes]
     deliveries: int = 1
 
-    @property
-    def enqueued_ms(self) -> int:
-        return int(self.entry_id.split("-", 1)[0])
-
 
 @dataclass
 class _Work:
@@ -77,11 +70,6 @@ class _Work:
     request: QueryRequest
     queue_ms: float
     reply: dict[str, Any] | None = None
-
-
-class _Prefixed(logging.LoggerAdapter):
-    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
-        return f"[{self.extra['worker']}] {msg}", kwargs  # type: ignore[index]
 
 
 def default_worker_id() -> str:
@@ -120,7 +108,7 @@ class Consumer:
         self.stats = RecentStats(clock=clock)
         self.clock = clock
         self.heartbeat_interval_s = heartbeat_interval_s
-        self.log = _Prefixed(log, {"worker": self.worker_id})
+        self.log = prefixed(log, self.worker_id)
         self.state = WorkerState.STARTING
         self.queue: dict[str, int | None] = {"length": None, "lag": None, "pending": None}
         self.processed = 0
@@ -132,7 +120,7 @@ class Consumer:
         self._last_beat = 0.0
         self._last_claim = 0.0
         self._claim_cursor = "0-0"
-        self._started_at = clock()
+        self.started_at = clock()
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -215,7 +203,7 @@ class Consumer:
             count=s.batch_size)
         self._claim_cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
         deleted = rest[0] if rest else []
-        if deleted:  # trimmed away while pending: nothing left to answer
+        if deleted:  # deleted while pending: nothing left to answer
             self.redis.xack(s.stream, s.group, *deleted)
         entries = [Entry(i.decode(), f) for i, f in claimed if f is not None]
         if not entries:
@@ -261,9 +249,17 @@ class Consumer:
             try:
                 request = parse_request(entry.fields, self.settings)
             except ProtocolError as exc:
-                self._refuse(entry, exc, replies, acks)
+                code, address = ErrorCode(exc.code), reply_address(entry.fields, self.settings)
+                if address is None:  # nowhere to reply: keep it for a human
+                    self._dead_letter(entry, f"{code.value}: {exc.message}", reply=False)
+                    self.metrics.requests.labels(outcome=code.value).inc()
+                else:
+                    replies.append((*address, error_reply(address[0], code, exc.message,
+                                                          worker_id=self.worker_id)))
+                    acks.append(entry.entry_id)
                 continue
-            work.append(_Work(entry, request, max(0.0, now_ms - entry.enqueued_ms)))
+            enqueued_ms = int(entry.entry_id.split("-", 1)[0])  # Redis' clock at XADD
+            work.append(_Work(entry, request, max(0.0, now_ms - enqueued_ms)))
         work = self._drop_answered(work, acks)
         for item in work:
             if item.queue_ms > self.settings.reply_ttl_s * 1000:
@@ -279,21 +275,8 @@ class Consumer:
         self._ack(acks)
         self._set_state(WorkerState.IDLE)
 
-    def _refuse(self, entry: Entry, exc: ProtocolError, replies: list, acks: list[str]) -> None:
-        address = reply_address(entry.fields, self.settings)
-        code = ErrorCode(exc.code)
-        if address is None:
-            self._dead_letter(entry, f"{code.value}: {exc.message}", reply=False)
-            self._count(code.value)
-            return
-        request_id, reply_to = address
-        replies.append((request_id, reply_to, error_reply(request_id, code, exc.message,
-                                                          worker_id=self.worker_id)))
-        acks.append(entry.entry_id)
-
     def _drop_answered(self, work: list[_Work], acks: list[str]) -> list[_Work]:
-        if not work:
-            return work
+        """Skip requests already answered (saves the work; `push_replies` guarantees it)."""
         pipe = self.redis.pipeline(transaction=False)
         for item in work:
             pipe.exists(C.DONE_PREFIX + item.request.id)
@@ -302,7 +285,7 @@ class Consumer:
             if done or item.request.id in seen:
                 self.log.info("request %s already answered; acknowledging without a reply",
                               item.request.id)
-                self._count("duplicate")
+                self.metrics.requests.labels(outcome="duplicate").inc()
                 acks.append(item.entry.entry_id)
             else:
                 seen.add(item.request.id)
@@ -315,12 +298,11 @@ class Consumer:
         An item that still fails keeps `reply` None and stays un-ACKed, to be redelivered;
         on its last allowed delivery it is dead-lettered with an `internal` reply instead.
         """
-        todo = work
         if self.cache is not None and work:
             cached = self.cache.get([w.request for w in work], [w.queue_ms for w in work])
             for item, reply in zip(work, cached):
                 item.reply = reply
-            todo = [w for w in work if w.reply is None]
+        todo = [w for w in work if w.reply is None]
         if not todo:
             return
         try:
@@ -355,9 +337,6 @@ class Consumer:
                 self.processed += 1
             self.metrics.observe_reply(reply, self.stats, duplicate=not fresh)
 
-    def _count(self, outcome: str) -> None:
-        self.metrics.requests.labels(outcome=outcome).inc()
-
     def _dead_letter(self, entry: Entry, reason: str, *, reply: bool = True) -> None:
         """Move an entry to the dead stream, reply `internal` if it can be addressed, ACK it."""
         s = self.settings
@@ -376,8 +355,13 @@ class Consumer:
         self._ack([entry.entry_id])
 
     def _ack(self, ids: list[str]) -> None:
+        """XACK, then XDEL: answered entries are of no further use, and the stream stays as
+        long as its backlog (only delivered entries go, so the group's `lag` stays exact)."""
         if ids:
-            self.redis.xack(self.settings.stream, self.settings.group, *ids)
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.xack(self.settings.stream, self.settings.group, *ids)
+            pipe.xdel(self.settings.stream, *ids)
+            pipe.execute()
 
     def _heartbeat(self) -> None:
         """Refresh `twinq:worker:<id>` (state, snapshot; TTL) and the queue gauges."""
@@ -385,23 +369,13 @@ class Consumer:
         if now - self._last_beat < self.heartbeat_interval_s:
             return
         self._last_beat = now
-        s = self.settings
-        key = C.HEARTBEAT_PREFIX + self.worker_id
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hset(key, mapping={"state": self.state.value, "snapshot": self.engine.version or "",
-                                "pid": os.getpid(), "host": socket.gethostname(),
-                                "stream": s.stream, "processed": self.processed,
-                                "started_at": int(self._started_at), "seen_at": int(self.clock())})
-        pipe.expire(key, C.HEARTBEAT_TTL_S)
-        pipe.execute()
-        self.queue = stream_depth(self.redis, s.stream, s.group)
+        self.queue = write_heartbeat(self)
         self.metrics.set_queue(self.queue)
 
     def _maybe_swap_snapshot(self) -> None:
         """Serve a newly loaded snapshot; called between batches only."""
-        swapped = self.engine.swap_pending()
-        if swapped:
-            self._last_beat = 0.0
+        if self.engine.swap_pending():
+            self._last_beat = 0.0  # report the new version at once
 
     def _teardown(self) -> None:
         """Say goodbye: state STOPPED, and leave the group tidy if nothing is pending here."""
@@ -409,21 +383,12 @@ class Consumer:
         self.metrics.worker_up.set(0)
         self.engine.stop()
         try:
-            key = C.HEARTBEAT_PREFIX + self.worker_id
-            self.redis.hset(key, "state", WorkerState.STOPPED.value)
-            self.redis.expire(key, 60)
-            mine = [c for c in self.redis.xinfo_consumers(self.settings.stream, self.settings.group)
-                    if c["name"] in (self.worker_id, self.worker_id.encode())]
-            if mine and mine[0]["pending"] == 0:
-                self.redis.xgroup_delconsumer(self.settings.stream, self.settings.group,
-                                              self.worker_id)
+            record_stop(self)
         except redis.RedisError as exc:
             self.log.warning("could not record shutdown in Redis: %s", exc)
         if self._own_client:
             self.redis.close()
         self.log.info("stopped after %d replies", self.processed)
-
-    # -- stopping --------------------------------------------------------------------------
 
     def request_stop(self) -> None:
         """Drain: stop reading, finish and ACK the batch in flight, then leave `run()`."""

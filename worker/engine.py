@@ -32,6 +32,7 @@ from shared.protocol import (ErrorCode, decode_reply, encode_reply, error_reply,
 from shared.rerank import calibrate, fuse, load_rerank_defaults, model_activation, rerank
 from shared.search import search_shards
 from shared.snapshot import age_seconds, current_version, load_snapshot
+from worker.metrics import prefixed
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -83,6 +84,7 @@ class Engine:
         self.metrics = metrics
         self.clock = clock
         self.worker_id = worker_id
+        self.log = prefixed(log, worker_id or "-")
         self._given_bi_encoder = bi_encoder
         self.cross_encoder = cross_encoder
         self.cross_encoder_name = resolve_model(settings.reranker)[1] if settings.reranker else None
@@ -112,12 +114,13 @@ class Engine:
             self._observe_load("cross_encoder", time.perf_counter() - start)
         self._activation = model_activation(self.cross_encoder) if self.cross_encoder else float
         if self.cross_encoder is None:
-            log.info("%s reranking is off (no --reranker): replies carry recall scores only, "
-                     "rerank_score null", self.worker_id)
+            self.log.info("reranking is off (no --reranker): replies carry recall scores only, "
+                          "rerank_score null")
         else:
-            log.info("%s reranking with %s, depth %d, fusion %s, calibration %s", self.worker_id,
-                     self.cross_encoder_name, self.settings.rerank_depth, self._fusion(None, None),
-                     "on" if self.defaults["calibration"] else "off")
+            self.log.info("reranking with %s, depth %d, fusion %s, calibration %s",
+                          self.cross_encoder_name, self.settings.rerank_depth,
+                          self._fusion(None, None),
+                          "on" if self.defaults["calibration"] else "off")
         self.check_for_update()
         self.swap_pending()
         if watch:
@@ -135,7 +138,7 @@ class Engine:
             try:
                 self.check_for_update()
             except Exception:  # the watcher must outlive any one bad poll
-                log.exception("%s snapshot watcher failed; will poll again", self.worker_id)
+                self.log.exception("snapshot watcher failed; will poll again")
 
     # -- snapshot loading and swapping -----------------------------------------------------
 
@@ -166,8 +169,8 @@ class Engine:
         if version is None:
             if self._served is None and not self._warned_missing:
                 self._warned_missing = True
-                log.warning("%s no snapshot published under %s; answering not_ready until one "
-                            "is", self.worker_id, self.settings.root)
+                self.log.warning("no snapshot published under %s; answering not_ready until "
+                                 "one is", self.settings.root)
             return None
         if version in (self.version, self._pending and self._pending.snapshot.version):
             return None
@@ -181,25 +184,26 @@ class Engine:
             return None
         with self._lock:
             self._pending = served
-        log.info("%s snapshot %s loaded and validated; swapping in after this batch",
-                 self.worker_id, version)
+        self.log.info("snapshot %s loaded and validated; swapping in after this batch", version)
         return version
 
     def _refuse(self, version: str, exc: Exception) -> None:
         self._failed[version] = time.monotonic()
         if self.metrics:
             self.metrics.reloads.labels(result="failure").inc()
-        log.error("%s refused snapshot %s: %s; still serving %s", self.worker_id, version, exc,
-                  self.version or "nothing")
+        self.log.error("refused snapshot %s: %s; still serving %s", version, exc,
+                       self.version or "nothing")
 
     def _load(self, version: str) -> Served:
-        snapshot = load_snapshot(self.settings.root, version, checksums=True)  # type: ignore[arg-type]
+        root = self.settings.root
+        assert root is not None  # checked in __init__
+        snapshot = load_snapshot(root, version, checksums=True)
         model_meta = snapshot.manifest["model"]
         built_with = model_meta["name"]
         wanted = resolve_model(self.settings.model)[1] if self.settings.model else built_with
         if wanted != built_with:
-            log.warning("%s snapshot %s was built with %s but the worker uses %s (--model)",
-                        self.worker_id, version, built_with, wanted)
+            self.log.warning("snapshot %s was built with %s but the worker uses %s (--model)",
+                             version, built_with, wanted)
         current = self._served or self._pending
         if current is not None and current.bi_encoder_name == wanted:
             model = current.bi_encoder
@@ -208,11 +212,14 @@ class Engine:
         else:
             start = time.perf_counter()
             model = load_bi_encoder(wanted, backend=self.settings.backend)
+            # One throwaway encode: the first call pays for lazy initialisation (about a
+            # second on a CPU), which must not land on the first user's request.
+            model.encode(["warm up"], show_progress_bar=False)
             self._observe_load("bi_encoder", time.perf_counter() - start)
         dim = model.get_embedding_dimension()
         if dim != model_meta["dimension"]:
-            log.warning("%s model %s gives %s dimensions, snapshot %s has %s", self.worker_id,
-                        wanted, dim, version, model_meta["dimension"])
+            self.log.warning("model %s gives %s dimensions, snapshot %s has %s", wanted, dim,
+                             version, model_meta["dimension"])
             raise SnapshotInvalid(f"{version}: model {wanted} gives {dim}-dimensional vectors, "
                                   f"the snapshot holds {model_meta['dimension']}")
         return Served(snapshot, model, wanted)
@@ -238,8 +245,8 @@ class Engine:
                                       lambda: age_seconds(snapshot))
             if old is not None:
                 self.metrics.reloads.labels(result="success").inc()
-        log.info("%s now serving snapshot %s (%d rows; was %s)", self.worker_id, snapshot.version,
-                 snapshot.rows, old or "nothing")
+        self.log.info("now serving snapshot %s (%d rows; was %s)", snapshot.version,
+                      snapshot.rows, old or "nothing")
         return old, snapshot.version
 
     # -- answering -------------------------------------------------------------------------

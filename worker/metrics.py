@@ -1,4 +1,5 @@
-"""Prometheus metrics of one worker, plus the short rolling history the status page shows.
+"""A worker's observability: Prometheus metrics, the short rolling history the status page
+shows, and the logger that prefixes every line with the worker id.
 
 The metric names are a contract: deploy/prometheus/alerts.yml and the Grafana dashboard query
 them, so renaming one breaks alerting silently. `EXPORTED_METRICS` lists them for tests.
@@ -9,6 +10,7 @@ process without "Duplicated timeseries" errors.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -38,6 +40,16 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
+class _Prefixed(logging.LoggerAdapter):
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"[{self.extra['worker']}] {msg}", kwargs  # type: ignore[index]
+
+
+def prefixed(logger: logging.Logger, worker_id: str) -> logging.LoggerAdapter:
+    """A logger whose lines start with `[<worker id>]`, so that interleaved logs stay readable."""
+    return _Prefixed(logger, {"worker": worker_id})
+
+
 class WorkerMetrics:
     """The Prometheus objects of one worker, registered in a private registry.
 
@@ -62,7 +74,8 @@ class WorkerMetrics:
         self.group_lag = Gauge("twinq_consumer_group_lag",
                                "Entries not yet delivered to the consumer group.", registry=r)
         self.pending = Gauge("twinq_pending_entries",
-                             "Entries delivered but not yet acknowledged (whole group).", registry=r)
+                             "Entries delivered but not yet acknowledged (whole group).",
+                             registry=r)
         self.dead_letters = Counter("twinq_dead_letters", "Entries moved to the dead stream.",
                                     registry=r)
         self.snapshot_info = Gauge("twinq_snapshot_info", "The served snapshot version (value 1).",

@@ -1,4 +1,4 @@
-"""The worker's HTTP endpoint: a status page, Prometheus metrics, and health probes.
+"""How a worker reports on itself: its heartbeat hash in Redis, and its HTTP endpoint.
 
     /          self-contained HTML status page (inline CSS, refreshes every 5 s)
     /metrics   Prometheus exposition of the worker's private registry
@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import html
 import logging
+import os
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,7 +27,8 @@ from typing import TYPE_CHECKING, Any
 import redis
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from shared.constants import METRICS_HOST
+from shared.constants import HEARTBEAT_PREFIX, HEARTBEAT_TTL_S, METRICS_HOST
+from worker.client import stream_depth
 
 if TYPE_CHECKING:
     from worker.consumer import Consumer
@@ -52,6 +55,36 @@ def worker_readiness(consumer: Consumer) -> tuple[bool, str]:
     except redis.RedisError as exc:
         return False, f"Redis does not answer: {exc}"
     return True, "ready"
+
+
+def write_heartbeat(consumer: Consumer) -> dict[str, int | None]:
+    """Refresh the worker's hash `twinq:worker:<id>` (state, snapshot, counts; TTL), like
+    arq's health key: a worker that stops beating disappears by itself. Returns the queue
+    depths (see `worker.client.stream_depth`)."""
+    s = consumer.settings
+    key = HEARTBEAT_PREFIX + consumer.worker_id
+    pipe = consumer.redis.pipeline(transaction=False)
+    pipe.hset(key, mapping={
+        "state": consumer.state.value, "snapshot": consumer.engine.version or "",
+        "pid": os.getpid(), "host": socket.gethostname(), "stream": s.stream,
+        "processed": consumer.processed, "started_at": int(consumer.started_at),
+        "seen_at": int(consumer.clock())})
+    pipe.expire(key, HEARTBEAT_TTL_S)
+    pipe.execute()
+    return stream_depth(consumer.redis, s.stream, s.group)
+
+
+def record_stop(consumer: Consumer) -> None:
+    """Mark the heartbeat stopped (kept a minute for operators), and remove the consumer from
+    the group when nothing is pending on it, so `XINFO CONSUMERS` lists only live workers."""
+    s = consumer.settings
+    key = HEARTBEAT_PREFIX + consumer.worker_id
+    consumer.redis.hset(key, "state", consumer.state.value)
+    consumer.redis.expire(key, 60)
+    mine = [c for c in consumer.redis.xinfo_consumers(s.stream, s.group)
+            if c["name"] in (consumer.worker_id, consumer.worker_id.encode())]
+    if mine and mine[0]["pending"] == 0:
+        consumer.redis.xgroup_delconsumer(s.stream, s.group, consumer.worker_id)
 
 
 _CSS = """body{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#222;background:#fafafa}

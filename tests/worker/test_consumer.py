@@ -38,6 +38,7 @@ def test_consumer_round_trip_with_reranker(quick_snapshot: Any, make_settings: A
         assert len(reply["results"]) == 3
         assert all(isinstance(h["rerank_score"], float) for h in reply["results"])
         wait_until(lambda: redis_client.xpending(settings.stream, settings.group)["pending"] == 0)
+        assert redis_client.xlen(settings.stream) == 0  # answered entries are deleted
         key = "twinq:worker:" + worker.worker_id
         assert wait_until(lambda: redis_client.hget(key, "state")) in (b"idle", b"busy")
         assert 0 < redis_client.ttl(key) <= 30

@@ -1,0 +1,96 @@
+"""Client: sync and async round trips, timeouts, overload, knobs and URL resolution."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shared.config import load_settings
+from shared.errors import BadInput
+from tests.worker.conftest import TEXTS, running_worker, send
+from worker.client import AsyncTwinqClient, Overloaded, TwinqClient, resolve_url, stream_depth
+from worker.embedded_redis import write_url_file
+
+
+def test_client_submit_many_and_async_client(quick_snapshot: Any, make_settings: Any,
+                                              tiny_bi_encoder: Any) -> None:
+    root, version = quick_snapshot(TEXTS)
+    settings = make_settings(root)
+
+    async def ask_async() -> tuple[dict, list]:
+        async with AsyncTwinqClient(settings=settings) as client:
+            one = await client.ask(TEXTS[3], top_k=2, rerank=False)
+            many = await client.submit_many(TEXTS[:3], top_k=1)
+            return one, many
+
+    with running_worker(settings, bi_encoder=tiny_bi_encoder), \
+            TwinqClient(settings=settings) as client:
+        progress: list[int] = []
+        replies = client.submit_many(TEXTS, top_k=1, chunk_size=3,
+                                     on_reply=lambda i, _r: progress.append(i))
+        one, many = asyncio.run(ask_async())
+    assert progress == list(range(len(TEXTS)))
+    assert [r["results"][0]["text"] for r in replies] == TEXTS
+    assert one["ok"] and len(one["results"]) == 2 and one["snapshot"] == version
+    assert [r["results"][0]["text"] for r in many] == TEXTS[:3]
+
+
+def test_client_ask_times_out_without_a_worker(make_settings: Any, tmp_path: Path) -> None:
+    with TwinqClient(settings=make_settings(tmp_path)) as client:
+        started = time.monotonic()
+        with pytest.raises(TimeoutError, match="no reply"):
+            client.ask("anyone there?", timeout_s=0.3)
+        assert time.monotonic() - started < 2
+        assert client.submit_many(["a", "b"], timeout_s=0.2) == [None, None]
+
+
+def test_async_client_raises_overloaded(make_settings: Any, redis_client: Any,
+                                        tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, max_stream_length=1)
+    send(redis_client, settings, {"id": "x1", "query": "q"})
+    send(redis_client, settings, {"id": "x2", "query": "q"})
+
+    async def ask() -> None:
+        async with AsyncTwinqClient(settings=settings) as client:
+            await client.ask("q", timeout_s=5)
+
+    with pytest.raises(Overloaded):
+        asyncio.run(ask())
+
+
+def test_client_refuses_unknown_knobs(make_settings: Any, tmp_path: Path) -> None:
+    with TwinqClient(settings=make_settings(tmp_path)) as client:
+        with pytest.raises(BadInput, match="topk"):
+            client.ask("q", topk=3)
+
+
+def test_stream_depth_uses_group_lag_then_xlen(make_settings: Any, redis_client: Any,
+                                               tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    assert stream_depth(redis_client, settings.stream, settings.group) == {
+        "length": 0, "lag": 0, "pending": None}
+    send(redis_client, settings, {"id": "a", "query": "q"})
+    send(redis_client, settings, {"id": "b", "query": "q"})
+    assert stream_depth(redis_client, settings.stream, settings.group)["lag"] == 2
+    redis_client.xgroup_create(settings.stream, settings.group, id="0")
+    redis_client.xreadgroup(settings.group, "c", {settings.stream: ">"}, count=1)
+    assert stream_depth(redis_client, settings.stream, settings.group) == {
+        "length": 2, "lag": 1, "pending": 1}
+
+
+def test_resolve_url_prefers_argument_then_settings_then_url_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    empty = load_settings(env={})
+    with pytest.raises(BadInput, match="no Redis URL"):
+        resolve_url(None, empty)
+    write_url_file("redis://127.0.0.1:6390")
+    assert resolve_url(None, empty) == "redis://127.0.0.1:6390"
+    configured = load_settings(env={}, overrides={"redis_url": "rediss://u:p@h:6380/1"})
+    assert resolve_url(None, configured) == "rediss://u:p@h:6380/1"
+    assert resolve_url("redis://x:1/0", configured) == "redis://x:1/0"
+    assert (tmp_path / "twinq" / "redis-url").stat().st_mode & 0o077 == 0
