@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from shared import constants as C
-from shared.errors import ProtocolError
+from shared.errors import ConfigError, ProtocolError
 from shared.protocol import (ErrorCode, QueryRequest, error_reply, parse_request, push_replies,
                              reply_address)
 from worker.engine import QueryCache
@@ -99,10 +99,14 @@ class Consumer:
                  heartbeat_interval_s: float = C.HEARTBEAT_INTERVAL_S) -> None:
         self.settings = settings
         self.engine = engine
+        if client is None and not settings.redis_url:
+            raise ConfigError("the worker needs redis_url (or a client)")
         self._own_client = client is None
+        # A socket timeout past the longest block turns a dead connection into a TimeoutError,
+        # which the loop answers by backing off and reconnecting.
         self.redis = client or redis.Redis.from_url(
-            settings.redis_url or "redis://127.0.0.1:6379/0", socket_connect_timeout=5,
-            socket_keepalive=True, health_check_interval=30)
+            str(settings.redis_url), socket_connect_timeout=5, socket_keepalive=True,
+            socket_timeout=settings.block_ms / 1000 + 10, health_check_interval=30)
         self.worker_id = worker_id or default_worker_id()
         self.metrics = metrics or WorkerMetrics()
         self.stats = RecentStats(clock=clock)
@@ -121,8 +125,6 @@ class Consumer:
         self._last_claim = 0.0
         self._claim_cursor = "0-0"
         self.started_at = clock()
-
-    # -- the loop --------------------------------------------------------------------------
 
     def run(self) -> int:
         """Serve until `request_stop()` (or a first SIGTERM); return the exit code, 0."""
@@ -188,8 +190,6 @@ class Consumer:
                 raise
         self._group_ready = True
         self._set_state(WorkerState.IDLE)
-
-    # -- steps -----------------------------------------------------------------------------
 
     def _claim_stale(self) -> list[Entry]:
         """Take over entries idle past the visibility timeout, with their delivery counts."""

@@ -103,6 +103,11 @@ def wait_reply(client: Any, key: str, timeout_s: float = 10.0) -> dict[str, Any]
     return json.loads(popped[1])
 
 
+def sample(metrics: Any, name: str, **labels: str) -> float:
+    """A metric's current value from the worker's registry (0 when absent)."""
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
 def wait_until(predicate: Callable[[], Any], timeout_s: float = 10.0, step_s: float = 0.02) -> Any:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -13,7 +13,7 @@ import pytest
 
 from shared.snapshot import CURRENT, version_dir
 from tests.conftest import REDIS_URL, write_quick_snapshot
-from tests.worker.conftest import TEXTS, running_worker, send, wait_reply, wait_until
+from tests.worker.conftest import TEXTS, running_worker, sample, send, wait_reply, wait_until
 from worker.client import Overloaded, TwinqClient
 from worker.consumer import Consumer, WorkerState
 
@@ -87,10 +87,9 @@ def test_consumer_refuses_every_bad_request_and_keeps_answering(
         send(redis_client, settings, {"id": "good", "query": TEXTS[1]})
         assert wait_reply(redis_client, "twinq:reply:good")["ok"] is True
         wait_until(lambda: redis_client.xpending(settings.stream, settings.group)["pending"] == 0)
-        outcomes = worker.metrics.requests
-        assert outcomes.labels(outcome="bad_request")._value.get() == len(BAD) - 1
-        assert outcomes.labels(outcome="too_large")._value.get() == 1
-        assert worker.metrics.dead_letters._value.get() == 1
+        assert sample(worker.metrics, "twinq_requests_total", outcome="bad_request") == len(BAD) - 1
+        assert sample(worker.metrics, "twinq_requests_total", outcome="too_large") == 1
+        assert sample(worker.metrics, "twinq_dead_letters_total") == 1
 
 
 def test_consumer_dead_letters_after_max_deliveries(served: Any, make_settings: Any,
@@ -142,9 +141,9 @@ def test_consumer_answers_a_request_id_once(served: Any, tiny_bi_encoder: Any,
     with running_worker(settings, bi_encoder=tiny_bi_encoder) as worker:
         send(redis_client, settings, {"id": "same", "query": TEXTS[0]})
         send(redis_client, settings, {"id": "same", "query": TEXTS[0]})
-        wait_until(lambda: worker.metrics.requests.labels(outcome="duplicate")._value.get() == 1)
+        wait_until(lambda: sample(worker.metrics, "twinq_requests_total", outcome="duplicate") == 1)
         send(redis_client, settings, {"id": "same", "query": TEXTS[3]})  # a later redelivery
-        wait_until(lambda: worker.metrics.requests.labels(outcome="duplicate")._value.get() == 2)
+        wait_until(lambda: sample(worker.metrics, "twinq_requests_total", outcome="duplicate") == 2)
         assert redis_client.llen("twinq:reply:same") == 1
         assert redis_client.exists("twinq:done:same") == 1
         wait_until(lambda: redis_client.xpending(settings.stream, settings.group)["pending"] == 0)
@@ -200,7 +199,7 @@ def test_consumer_swaps_snapshot_between_batches_under_load(
         finally:
             stop.set()
             thread.join(timeout=20)
-        assert worker.metrics.reloads.labels(result="success")._value.get() == 1
+        assert sample(worker.metrics, "twinq_reloads_total", result="success") == 1
     versions = [r["snapshot"] for r in seen]
     assert None not in seen and set(versions) == {old, new}
     first_new = versions.index(new)
@@ -219,8 +218,7 @@ def test_consumer_keeps_serving_when_new_snapshot_is_corrupt(
         data = next(version_dir(root, bad).glob("*.parquet"))
         data.write_bytes(data.read_bytes()[:100])  # truncated on disk after validation
         (root / CURRENT).write_text(bad + "\n")
-        failures = worker.metrics.reloads.labels(result="failure")
-        wait_until(lambda: failures._value.get() >= 1)
+        wait_until(lambda: sample(worker.metrics, "twinq_reloads_total", result="failure") >= 1)
         assert client.ask(TEXTS[0])["snapshot"] == old
         assert worker.engine.version == old
 
@@ -264,9 +262,8 @@ def test_consumer_serves_repeated_queries_from_the_cache(served: Any, make_setti
         first = client.ask(TEXTS[4], top_k=3)
         second = client.ask(f"  {TEXTS[4]} ", top_k=3)
         third = client.ask(TEXTS[4], top_k=2)
-    cache = worker.metrics.query_cache
-    assert (cache.labels(result="hit")._value.get(), cache.labels(result="miss")._value.get()) \
-        == (1, 2)
+    assert sample(worker.metrics, "twinq_query_cache_total", result="hit") == 1
+    assert sample(worker.metrics, "twinq_query_cache_total", result="miss") == 2
     assert second["results"] == first["results"] and second["id"] != first["id"]
     assert second["timings_ms"]["embed"] == 0.0 and len(third["results"]) == 2
 

@@ -13,7 +13,7 @@ from shared.errors import SnapshotInvalid
 from shared.protocol import parse_request
 from shared.snapshot import CURRENT, version_dir
 from tests.conftest import write_quick_snapshot
-from tests.worker.conftest import TEXTS
+from tests.worker.conftest import TEXTS, sample
 from worker.engine import Engine
 from worker.metrics import WorkerMetrics
 
@@ -140,7 +140,7 @@ def test_engine_refuses_model_of_another_dimension(quick_snapshot: Any, bundled_
         engine._load(version)
     engine.start(watch=False)
     assert not engine.ready
-    assert metrics.reloads.labels(result="failure")._value.get() == 1
+    assert sample(metrics, "twinq_reloads_total", result="failure") == 1
 
 
 def test_engine_hot_reload_swaps_only_when_asked(quick_snapshot: Any, tiny_bi_encoder: Any,
@@ -155,7 +155,7 @@ def test_engine_hot_reload_swaps_only_when_asked(quick_snapshot: Any, tiny_bi_en
     assert engine.version == old  # loaded beside, not yet served
     assert engine.swap_pending() == (old, new)
     assert engine.status()["rows"] == 4
-    assert metrics.reloads.labels(result="success")._value.get() == 1
+    assert sample(metrics, "twinq_reloads_total", result="success") == 1
     assert engine.check_for_update() is None
 
 
@@ -174,6 +174,6 @@ def test_engine_refuses_corrupt_snapshot_and_keeps_serving(quick_snapshot: Any,
     (root / CURRENT).write_text(bad + "\n")
     assert engine.check_for_update() is None
     assert engine.swap_pending() is None and engine.version == old
-    assert metrics.reloads.labels(result="failure")._value.get() == 1
+    assert sample(metrics, "twinq_reloads_total", result="failure") == 1
     assert engine.check_for_update() is None  # not retried at every poll
-    assert metrics.reloads.labels(result="failure")._value.get() == 1
+    assert sample(metrics, "twinq_reloads_total", result="failure") == 1

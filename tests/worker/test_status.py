@@ -6,7 +6,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from tests.worker.conftest import TEXTS, running_worker, wait_until
+from tests.worker.conftest import TEXTS, running_worker, sample, wait_until
 from worker.client import TwinqClient
 from worker.engine import Engine
 from worker.metrics import EXPORTED_METRICS, RecentStats, WorkerMetrics
@@ -89,7 +89,7 @@ def test_recent_stats_throughput_and_percentiles() -> None:
 def test_worker_metrics_are_private_per_worker() -> None:
     a, b = WorkerMetrics(), WorkerMetrics()
     a.requests.labels(outcome="ok").inc()
-    assert b.requests.labels(outcome="ok")._value.get() == 0
+    assert sample(b, "twinq_requests_total", outcome="ok") == 0
     a.set_snapshot("v1", 10, lambda: 1.0)
     a.set_snapshot("v2", 12, lambda: 2.0)
     names = {s.labels.get("version") for m in a.registry.collect() for s in m.samples
