@@ -96,7 +96,9 @@ class QueryRequest:
     min_probability: float | None = None
     """If set, the reply carries `no_twin`: true when no hit's duplicate probability reaches it."""
     submitted_ms: int | None = None
-    """Client wall-clock time of submission, epoch milliseconds (for the queue timing)."""
+    """Client wall-clock time of submission, epoch milliseconds; kept for tracing (dead letters,
+    client-side latency). The worker times the queue wait from the stream entry id instead,
+    which is Redis' own clock and cannot be skewed by a client."""
 
     def to_payload(self) -> dict[str, Any]:
         """The JSON object of this request, without the knobs left at None."""

@@ -126,6 +126,7 @@ class TwinqClient:
         self.close()
 
     def close(self) -> None:
+        """Close the Redis connections."""
         self.redis.close()
 
     def depth(self) -> dict[str, int | None]:
@@ -231,9 +232,11 @@ class AsyncTwinqClient:
         await self.close()
 
     async def close(self) -> None:
+        """Close the Redis connections."""
         await self.redis.aclose()
 
     async def depth(self) -> dict[str, int | None]:
+        """See `stream_depth`."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.xlen(self.settings.stream)
         pipe.xinfo_groups(self.settings.stream)
@@ -241,6 +244,7 @@ class AsyncTwinqClient:
         return _depths(length, groups, self.settings.group)
 
     async def check_capacity(self) -> None:
+        """Raise `Overloaded` when the queue is deeper than `max_stream_length`."""
         error = _overloaded(await self.depth(), self.settings)
         if error:
             raise error

@@ -33,6 +33,7 @@ def runtime_dir() -> Path:
 
 
 def url_file() -> Path:
+    """Where an embedded server's URL is recorded."""
     return runtime_dir() / URL_FILE
 
 
@@ -78,6 +79,7 @@ class EmbeddedRedis:
 
     @property
     def url(self) -> str:
+        """`redis://127.0.0.1:<port>` of the running server."""
         if self._server is None:
             raise TwinqError("embedded Redis is not running")
         return self._server.connection_url
@@ -103,6 +105,7 @@ class EmbeddedRedis:
         return self.url
 
     def stop(self) -> None:
+        """Stop the server and remove the URL file it recorded."""
         if self._server is None:
             return
         url = self.url

@@ -87,9 +87,9 @@ class Engine:
         self.log = prefixed(log, worker_id or "-")
         self._given_bi_encoder = bi_encoder
         self.cross_encoder = cross_encoder
-        self.cross_encoder_name = resolve_model(settings.reranker)[1] if settings.reranker else None
-        self.defaults = load_rerank_defaults(resolve_model(settings.reranker)[0]
-                                             if settings.reranker else None)
+        source, self.cross_encoder_name = (resolve_model(settings.reranker) if settings.reranker
+                                           else (None, None))
+        self.defaults = load_rerank_defaults(source)
         self._activation: Callable[[float], float] = float
         self._served: Served | None = None
         self._pending: Served | None = None
@@ -98,8 +98,6 @@ class Engine:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
-
-    # -- lifecycle -------------------------------------------------------------------------
 
     def start(self, *, watch: bool = True) -> None:
         """Load the reranker and the published snapshot, then start watching `CURRENT`.
@@ -128,10 +126,11 @@ class Engine:
             self._watcher.start()
 
     def stop(self) -> None:
-        """Stop the reload watcher (it finishes a load in progress first)."""
+        """Stop the reload watcher. A load in progress is abandoned (the thread is a daemon):
+        waiting for it could overrun the shutdown grace period."""
         self._stop.set()
         if self._watcher is not None:
-            self._watcher.join(timeout=30)
+            self._watcher.join(timeout=1.0)
 
     def _watch(self) -> None:
         while not self._stop.wait(self.settings.reload_poll_s):
@@ -140,19 +139,20 @@ class Engine:
             except Exception:  # the watcher must outlive any one bad poll
                 self.log.exception("snapshot watcher failed; will poll again")
 
-    # -- snapshot loading and swapping -----------------------------------------------------
-
     @property
     def served(self) -> Served | None:
+        """The snapshot and bi-encoder answering now, or None before the first load."""
         return self._served
 
     @property
     def version(self) -> str | None:
+        """The served snapshot version, or None."""
         served = self._served
         return served.snapshot.version if served else None
 
     @property
     def ready(self) -> bool:
+        """True once a snapshot is served."""
         return self._served is not None
 
     def check_for_update(self) -> str | None:
@@ -249,23 +249,21 @@ class Engine:
                       snapshot.rows, old or "nothing")
         return old, snapshot.version
 
-    # -- answering -------------------------------------------------------------------------
-
     def models(self) -> dict[str, Any]:
+        """The reply's `models` object for the served snapshot."""
         served = self._served
         return models_info(served.bi_encoder_name if served else "", self.cross_encoder_name,
                            self.settings.backend)
 
     def _fusion(self, method: str | None, weight: float | None) -> tuple[str, float]:
+        """The request's choice, else the settings' (fusion other than "none"), else the
+        reranker's training.json, else no fusion and weight 0.5."""
         tuned = self.defaults["fusion"] or {}
-        if method is None:
-            method = self.settings.fusion if self.settings.fusion != "none" else tuned.get(
-                "method", "none")
-        if weight is None:
-            weight = self.settings.fusion_weight
-        if weight is None:
-            weight = tuned.get("weight", 0.5)
-        return method, float(weight)
+        settings_method = self.settings.fusion if self.settings.fusion != "none" else None
+        method = method or settings_method or tuned.get("method", "none")
+        weight = next(w for w in (weight, self.settings.fusion_weight, tuned.get("weight"), 0.5)
+                      if w is not None)
+        return str(method), float(weight)
 
     def _depth(self, request: QueryRequest) -> int:
         depth = self.settings.rerank_depth if request.rerank_depth is None else request.rerank_depth

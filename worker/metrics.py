@@ -162,10 +162,12 @@ class RecentStats:
         self._lock = threading.Lock()
 
     def record(self, total_s: float) -> None:
+        """Note one answered request and its total latency in seconds."""
         with self._lock:
             self._latencies.append((self._clock(), total_s))
 
     def record_error(self, request_id: str, code: str, message: str) -> None:
+        """Note one error reply (or a failure left for redelivery)."""
         with self._lock:
             self.errors.append(RecentError(self._clock(), request_id, code, message))
 

@@ -201,15 +201,18 @@ class StatusServer:
 
     @property
     def port(self) -> int:
+        """The bound port (the ephemeral one when 0 was asked for)."""
         if self._server is None:
             raise RuntimeError("status server not started")
         return self._server.server_address[1]
 
     @property
     def url(self) -> str:
+        """Base URL of the endpoints."""
         return f"http://{self.host}:{self.port}"
 
     def start(self) -> StatusServer:
+        """Bind and serve from a daemon thread; returns self."""
         self._server = _Server((self.host, self.requested_port), _Handler)
         self._server.consumer = self.consumer
         self._thread = threading.Thread(target=self._server.serve_forever, name="twinq-status",
@@ -219,6 +222,7 @@ class StatusServer:
         return self
 
     def stop(self) -> None:
+        """Stop serving and close the socket."""
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
