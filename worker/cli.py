@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 _CONFIG = typer.Option(None, "--config", help="TOML settings file (default $TWINQ_CONFIG).")
 _REDIS = typer.Option(None, "--redis-url", help="redis:// or rediss:// URL (with user:password@ "
                       "for AUTH). Default: TWINQ_REDIS_URL, else the embedded server that "
-                      "`twinq worker` records in $XDG_RUNTIME_DIR/twinq/redis-url.")
+                      "`twinq worker` records in $XDG_RUNTIME_DIR/twinq/redis-url "
+                      "(/tmp/twinq-<uid>/ without XDG_RUNTIME_DIR).")
 
 
 def install_signal_handlers(consumer: Consumer) -> None:
@@ -111,7 +112,10 @@ def worker_command(
                                         "name; without it replies carry recall scores only."),
     model: str | None = typer.Option(None, "--model", help="Bi-encoder override (default: the "
                                      "snapshot manifest's model)."),
-    redis_url: str | None = _REDIS,
+    redis_url: str | None = typer.Option(None, "--redis-url", help="redis:// or rediss:// URL "
+                                         "(user:password@ for AUTH). Default: TWINQ_REDIS_URL, "
+                                         "else start an embedded server on --embedded-port and "
+                                         "record its URL for `twinq ask`."),
     metrics_port: int | None = typer.Option(None, "--metrics-port", help="Serve /, /metrics, "
                                             "/healthz and /readyz on this port (0: any free)."),
     metrics_host: str | None = typer.Option(None, "--metrics-host", help="Interface for the "

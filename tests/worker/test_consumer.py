@@ -162,10 +162,10 @@ def test_consumer_two_workers_share_a_stream(served: Any, make_settings: Any,
     root, _, _ = served
     settings = make_settings(root, batch_size=2)
     ids = [f"r{i}" for i in range(24)]
-    for i, request_id in enumerate(ids):
-        send(redis_client, settings, {"id": request_id, "query": TEXTS[i % len(TEXTS)]})
     with running_worker(settings, bi_encoder=tiny_bi_encoder, consumer_cls=SlowConsumer) as a, \
             running_worker(settings, bi_encoder=tiny_bi_encoder, consumer_cls=SlowConsumer) as b:
+        for i, request_id in enumerate(ids):
+            send(redis_client, settings, {"id": request_id, "query": TEXTS[i % len(TEXTS)]})
         answered_by = [wait_reply(redis_client, f"twinq:reply:{i}")["worker"] for i in ids]
         time.sleep(0.2)
         assert all(redis_client.llen(f"twinq:reply:{i}") == 0 for i in ids)
