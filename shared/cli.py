@@ -11,9 +11,10 @@ import logging
 import os
 import sys
 from importlib.metadata import EntryPoint, entry_points
+from typing import Any
 
-import click
 import typer
+from typer.core import TyperGroup
 
 from shared.errors import BadInput, TwinqError
 
@@ -22,13 +23,22 @@ def _entry_points() -> dict[str, EntryPoint]:
     return {ep.name: ep for ep in entry_points(group="twinq.commands")}
 
 
-class LazyGroup(click.Group):
-    """A click group whose sub-commands are entry points, loaded on first use."""
+def _unavailable(name: str, exc: ImportError) -> Any:
+    def fail() -> None:
+        raise TwinqError(f"command {name!r} is unavailable: {exc}")
 
-    def list_commands(self, ctx: click.Context) -> list[str]:
+    app = typer.Typer()
+    app.command(name, help=f"(unavailable: {exc})")(fail)
+    return typer.main.get_command(app)
+
+
+class LazyGroup(TyperGroup):
+    """A typer group whose sub-commands are entry points, loaded on first use."""
+
+    def list_commands(self, ctx: Any) -> list[str]:
         return sorted(_entry_points())
 
-    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+    def get_command(self, ctx: Any, name: str) -> Any:
         ep = _entry_points().get(name)
         if ep is None:
             return None
@@ -37,22 +47,21 @@ class LazyGroup(click.Group):
         except ImportError as exc:  # a broken install must not hide the other commands
             return _unavailable(name, exc)
         if isinstance(target, typer.Typer):
-            return typer.main.get_group(target)
+            group = typer.main.get_group(target)
+            group.name = name
+            return group
         app = typer.Typer()
         app.command(name)(target)
         return typer.main.get_command(app)
 
 
-def _unavailable(name: str, exc: ImportError) -> click.Command:
-    def fail() -> None:
-        raise TwinqError(f"command {name!r} is unavailable: {exc}")
-
-    return click.Command(name, callback=fail, help=f"(unavailable: {exc})")
+app = typer.Typer(cls=LazyGroup, no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False,
+                  help="twinq: find a new question's twins among already-answered questions.")
 
 
-@click.group(cls=LazyGroup, help="twinq: find a new question's twins among already-answered questions.")
-@click.option("--verbose", "-v", is_flag=True, help="Debug logging.")
-def cli(verbose: bool) -> None:
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("faiss.loader", "apache_beam", "httpx", "sentence_transformers", "transformers"):
@@ -60,17 +69,15 @@ def cli(verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; map twinq's errors to exit codes with a one-line reason on stderr."""
+    """Run the CLI; map twinq's errors to exit codes with a one-line reason on stderr.
+
+    Standalone mode lets click handle `--help` and usage errors itself (exit 0 and 2).
+    """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        cli.main(args=argv, prog_name="twinq", standalone_mode=False)
-    except click.exceptions.Abort:
-        return 1
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
-        return 2
+        typer.main.get_command(app).main(args=argv, prog_name="twinq", standalone_mode=True)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except BadInput as exc:
         print(f"twinq: error: {exc}", file=sys.stderr)
         return 2

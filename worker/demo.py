@@ -1,0 +1,183 @@
+"""`twinq demo`: the whole lifecycle on the bundled FAQ, offline, in one command.
+
+    1. build a snapshot of the demo corpus with the Beam pipeline   (twinq index build)
+    2. train a small reranker on the demo pairs, unless cached       (twinq train reranker)
+    3. start an embedded Redis and a worker                          (twinq worker)
+    4. ask the sample questions through the queue                    (TwinqClient)
+    5. print a table per question, with the stored answer of the top hit
+    6. shut everything down: worker first (SIGTERM, it drains), then Redis
+
+Each step runs the real command in a child process, exactly as a user would, so the demo
+exercises the same code paths as a deployment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import ExitStack
+from importlib.resources import files
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from shared.errors import TwinqError
+from worker.client import TwinqClient
+from worker.embedded_redis import EmbeddedRedis
+
+console = Console()
+TRAIN_FULL = ["--epochs", "1", "--max-length", "48", "--lr", "5e-5", "--batch-size", "32"]
+TRAIN_FAST = ["--epochs", "1", "--max-length", "40", "--lr", "5e-5", "--batch-size", "32",
+              "--max-steps", "40"]
+
+
+def demo_dir() -> Path:
+    return Path(str(files("pipelines") / "demo"))
+
+
+def _twinq(*args: str) -> list[str]:
+    return [sys.executable, "-m", "shared.cli", *args]
+
+
+def _run(step: str, argv: list[str], log_file: Path) -> None:
+    """Run one lifecycle step; on failure show the tail of its log and stop the demo."""
+    console.print(f"[bold]{step}[/bold]")
+    start = time.perf_counter()
+    with log_file.open("w") as log:
+        code = subprocess.call(argv, stdout=log, stderr=subprocess.STDOUT)
+    if code != 0:
+        tail = "\n".join(log_file.read_text(errors="replace").splitlines()[-15:])
+        raise TwinqError(f"{step} failed (exit {code}); log {log_file}:\n{tail}")
+    console.print(f"  done in {time.perf_counter() - start:.0f}s")
+
+
+def _reranker(work: Path, root: Path, fast: bool, logs: Path) -> Path:
+    """Train the demo reranker once per pairs file and mode; later runs reuse the cache."""
+    pairs = demo_dir() / "pairs.tsv"
+    digest = hashlib.sha256(pairs.read_bytes() + (b"fast" if fast else b"full")).hexdigest()[:12]
+    out = work / f"reranker-{digest}"
+    if (out / "training.json").is_file():
+        console.print(f"[bold]2. reranker[/bold]: cached at {out}")
+        return out
+    _run("2. training the demo reranker on pipelines/demo/pairs.tsv (cached for next time)",
+         _twinq("train", "reranker", "--pairs", str(pairs), "--out", str(out),
+                "--fusion-root", str(root), *(TRAIN_FAST if fast else TRAIN_FULL)),
+         logs / "train.log")
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_ready(process: subprocess.Popen, port: int, timeout_s: float, log_file: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise TwinqError(f"worker exited with {process.returncode}; log {log_file}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TwinqError(f"worker not ready after {timeout_s:.0f}s; log {log_file}")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM lets the worker finish its batch; a stuck one is killed after the grace period."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _show(question: dict[str, Any], reply: dict[str, Any], group_of: dict[str, str]) -> bool:
+    results = reply.get("results") or []
+    top_group = group_of.get(results[0]["id"]) if results else None
+    ok = top_group == question["group"]
+    table = Table(title=f"[bold]{question['query']}[/bold]", title_justify="left")
+    for column, justify in (("rank", "right"), ("matched question", "left"),
+                            ("recall", "right"), ("rerank", "right"), ("score", "right")):
+        table.add_column(column, justify=justify)
+    for hit in results[:3]:
+        rerank = "-" if hit["rerank_score"] is None else f"{hit['rerank_score']:.3f}"
+        table.add_row(str(hit["rank"]), hit["text"], f"{hit['recall_score']:.3f}", rerank,
+                      f"{hit['score']:.3f}")
+    console.print(table)
+    if results:
+        answer = results[0]["metadata"].get("answer", "")
+        console.print(f"  [green]answer:[/green] {answer}" if ok else
+                      f"  [red]top hit is from group {top_group}, expected {question['group']}[/red]")
+    return ok
+
+
+def demo_command(
+    serve: bool = typer.Option(False, "--serve", help="Stay up: print the status page and how to ask."),
+    fast: bool = typer.Option(False, "--fast", help="Train for a few steps only (tests)."),
+    workdir: Path = typer.Option(Path("runs/demo"), "--workdir", help="Snapshots, model cache and logs."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write the replies as JSON here."),
+) -> None:
+    """Run the whole twinq lifecycle on the bundled FAQ, offline."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    work = workdir.resolve()
+    logs = work / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    root = work / "root"
+    corpus = demo_dir() / "faq.jsonl"
+    started = time.perf_counter()
+    _run("1. building a snapshot of pipelines/demo/faq.jsonl with Beam",
+         _twinq("index", "build", "--corpus", str(corpus), "--root", str(root), "--shards", "2",
+                "--publish"), logs / "index.log")
+    reranker = _reranker(work, root, fast, logs)
+    rows = [json.loads(line) for line in corpus.read_text().splitlines()]
+    group_of = {row["id"]: row["group"] for row in rows}
+    questions = [json.loads(line) for line in (demo_dir() / "questions.jsonl").read_text().splitlines()]
+    with ExitStack() as stack:
+        redis = stack.enter_context(EmbeddedRedis(port=None))
+        port = _free_port()
+        worker_log = logs / "worker.log"
+        console.print(f"[bold]3. starting embedded Redis ({redis.url}) and a worker[/bold]")
+        process = subprocess.Popen(
+            _twinq("worker", "--root", str(root), "--reranker", str(reranker), "--redis-url", redis.url,
+                   "--metrics-port", str(port)),
+            stdout=worker_log.open("w"), stderr=subprocess.STDOUT)
+        stack.callback(_stop, process)
+        _wait_ready(process, port, 180, worker_log)
+        console.print(f"[bold]4. asking {len(questions)} sample questions through the queue[/bold]")
+        with TwinqClient(redis.url) as client:
+            replies = [client.ask(q["query"], timeout_s=60) for q in questions]
+        correct = sum(_show(q, r, group_of) for q, r in zip(questions, replies))
+        console.print(f"\n[bold]{correct}/{len(questions)}[/bold] sample questions found their twin "
+                      f"at rank 1 (snapshot {replies[0]['snapshot']}, "
+                      f"{time.perf_counter() - started:.0f}s in all)")
+        if report:
+            report.write_text(json.dumps({"questions": questions, "replies": replies,
+                                          "correct": correct, "worker_pid": process.pid,
+                                          "redis_url": redis.url, "status_port": port}, indent=1))
+        if serve:
+            console.print(f"\nstatus page: http://127.0.0.1:{port}/   (metrics at /metrics)\n"
+                          f"ask: twinq ask --redis-url {redis.url} \"how do I get a refund?\"\n"
+                          "Ctrl-C stops the worker and Redis.")
+            try:
+                while process.poll() is None:
+                    time.sleep(1)
+            except KeyboardInterrupt:
+                pass
+        console.print("[bold]5. shutting down[/bold] (worker drains, then Redis stops)")
