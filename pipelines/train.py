@@ -175,7 +175,7 @@ def progress_callback() -> Any:
 
         def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
             if self.bar is not None and logs:
-                shown = {k: round(v, 4) for k, v in logs.items()
+                shown = {k: f"{v:.3g}" for k, v in logs.items()
                          if k in ("loss", "eval_dev_average_precision", "learning_rate")}
                 self.bar.set_postfix(shown)
                 log.info("step %d: %s", state.global_step, logs)
