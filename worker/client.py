@@ -105,6 +105,12 @@ def _timeout(request_id: str, timeout_s: float, settings: Settings) -> TimeoutEr
                         f"(is a worker consuming {settings.stream}?)")
 
 
+_BLOCKING: dict[str, Any] = {"socket_timeout": None, "socket_connect_timeout": 5,
+                             "socket_keepalive": True}
+"""BLPOP waits up to the caller's timeout on the server side; redis-py 8's default 5 s socket
+timeout would cut any longer wait short, so reads block and only the connect is bounded."""
+
+
 class TwinqClient:
     """A synchronous client.
 
@@ -117,7 +123,7 @@ class TwinqClient:
     def __init__(self, url: str | None = None, settings: Settings | None = None, *,
                  client: redis.Redis | None = None) -> None:
         self.settings = settings or load_settings()
-        self.redis = client or redis.Redis.from_url(resolve_url(url, self.settings))
+        self.redis = client or redis.Redis.from_url(resolve_url(url, self.settings), **_BLOCKING)
 
     def __enter__(self) -> TwinqClient:
         return self
@@ -223,7 +229,7 @@ class AsyncTwinqClient:
     def __init__(self, url: str | None = None, settings: Settings | None = None, *,
                  client: aioredis.Redis | None = None) -> None:
         self.settings = settings or load_settings()
-        self.redis = client or aioredis.Redis.from_url(resolve_url(url, self.settings))
+        self.redis = client or aioredis.Redis.from_url(resolve_url(url, self.settings), **_BLOCKING)
 
     async def __aenter__(self) -> AsyncTwinqClient:
         return self

@@ -94,3 +94,19 @@ def test_resolve_url_prefers_argument_then_settings_then_url_file(
     assert resolve_url(None, configured) == "rediss://u:p@h:6380/1"
     assert resolve_url("redis://x:1/0", configured) == "redis://x:1/0"
     assert (tmp_path / "twinq" / "redis-url").stat().st_mode & 0o077 == 0
+
+
+def test_client_waits_longer_than_redis_default_socket_timeout(redis_client) -> None:
+    """redis-py 8 times sockets out after 5 s; a 6 s wait must end in our TimeoutError."""
+    import time
+
+    from shared.config import load_settings
+    from worker.client import TwinqClient
+
+    settings = load_settings(overrides={"stream": "twinq:test:slow-client"})
+    with TwinqClient("redis://127.0.0.1:6379/0", settings) as client:
+        start = time.monotonic()
+        with pytest.raises(TimeoutError) as info:
+            client.ask("is anyone there?", timeout_s=6)
+    assert not type(info.value).__module__.startswith("redis")
+    assert time.monotonic() - start >= 5.9
