@@ -179,3 +179,19 @@ def data_dir() -> Path:
     if not DATA_DIR.is_dir():
         pytest.fail(f"reference data not found at {DATA_DIR}; set TWINQ_DATA")
     return DATA_DIR
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-reliability", action="store_true",
+                     help="Run the long fault/load/fuzz suites marked `reliability` (make reliability).")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect (not skip) `reliability` tests unless asked for: a skip would read as a pass."""
+    if config.getoption("--run-reliability"):
+        return
+    kept = [item for item in items if item.get_closest_marker("reliability") is None]
+    dropped = [item for item in items if item.get_closest_marker("reliability") is not None]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept

@@ -24,9 +24,9 @@ DASHBOARD = DEPLOY / "grafana" / "dashboards" / "twinq.json"
 COMPOSE = DEPLOY / "docker-compose.yml"
 K8S = DEPLOY / "kubernetes"
 
-# The metric contract: exactly the names the code exports (worker via
-# prometheus_client, index build via the Pushgateway). It MUST match the shared
-# code; later this constant will be imported from the package instead.
+# The metric contract that dashboards and alerts are written against. The test below checks it
+# is exactly what the code exports (worker via prometheus_client, index build via the
+# Pushgateway), so a renamed metric fails here rather than on a blank dashboard.
 EXPORTED_METRICS = frozenset(
     {
         # worker
@@ -564,3 +564,19 @@ def test_runner_recipes_and_requirements():
     assert not any(line.lower().startswith(("apache-beam", "apache_beam")) for line in requirements), (
         "the worker SDK comes from the container image and must equal the launcher's"
     )
+
+
+def test_metric_contract_matches_what_the_code_exports() -> None:
+    from pipelines.build_metrics import BUILD_METRICS, build_registry
+    from worker.metrics import EXPORTED_METRICS as WORKER_METRICS
+
+    assert EXPORTED_METRICS == WORKER_METRICS | BUILD_METRICS
+    manifest = {"corpus": {"rows_read": 3, "rows_rejected": 1, "rows_embedded": 2, "rows_reused": 0,
+                           "rows_indexed": 2},
+                "build": {"stages_s": {"pipeline": 1.5, "validate": 0.1, "total": 1.7}}}
+    for registry, expected in ((build_registry(manifest), BUILD_METRICS - {
+            "twinq_build_last_failure_timestamp_seconds"}),
+            (build_registry(None), {"twinq_build_success",
+                                    "twinq_build_last_failure_timestamp_seconds"})):
+        names = {metric.name for metric in registry.collect()}
+        assert names == expected
