@@ -47,8 +47,8 @@ class Settings:
     top_k: int = C.DEFAULT_TOP_K
     recall_k: int = C.DEFAULT_RECALL_K
     rerank_depth: int = C.DEFAULT_RERANK_DEPTH
-    fusion: FusionMethod = "none"
-    """Default fusion of recall and rerank scores; a reranker's training.json may supply one."""
+    fusion: FusionMethod | None = None
+    """Fusion of recall and rerank scores; None takes the reranker's training.json (else none)."""
     fusion_weight: float | None = None
     """Weight of the rerank z-score in `zscore` fusion; None takes the reranker's tuned value."""
     batch_size: int = C.BATCH_SIZE
@@ -77,7 +77,8 @@ class Settings:
             (self.reply_prefix.endswith(":"), "reply_prefix must end with ':'"),
             (self.threads is None or self.threads >= 1, "threads must be at least 1"),
             (self.backend in get_args(Backend), f"backend must be one of {get_args(Backend)}"),
-            (self.fusion in get_args(FusionMethod), f"fusion must be one of {get_args(FusionMethod)}"),
+            (self.fusion is None or self.fusion in get_args(FusionMethod),
+             f"fusion must be one of {get_args(FusionMethod)}"),
         ]
         for ok, message in checks:
             if not ok:

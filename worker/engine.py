@@ -256,11 +256,10 @@ class Engine:
                            self.settings.backend)
 
     def _fusion(self, method: str | None, weight: float | None) -> tuple[str, float]:
-        """The request's choice, else the settings' (fusion other than "none"), else the
+        """The request's choice, else the settings' (when set, "none" included), else the
         reranker's training.json, else no fusion and weight 0.5."""
         tuned = self.defaults["fusion"] or {}
-        settings_method = self.settings.fusion if self.settings.fusion != "none" else None
-        method = method or settings_method or tuned.get("method", "none")
+        method = method or self.settings.fusion or tuned.get("method", "none")
         weight = next(w for w in (weight, self.settings.fusion_weight, tuned.get("weight"), 0.5)
                       if w is not None)
         return str(method), float(weight)
