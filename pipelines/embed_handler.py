@@ -25,6 +25,11 @@ LENGTH_BUCKETS = [48, 96, 192]
 """Character-length boundaries for Beam's bucketed batching (questions are mostly < 100 chars)."""
 
 
+def text_length(element: str | tuple[object, str]) -> int:
+    """Characters of a text, also when RunInference sees it keyed as (key, text)."""
+    return len(element[1] if isinstance(element, tuple) else element)
+
+
 class EmbedHandler(ModelHandler[str, PredictionResult, "SentenceTransformer"]):
     """Embed question texts into L2-normalised float32 vectors."""
 
@@ -50,10 +55,9 @@ class EmbedHandler(ModelHandler[str, PredictionResult, "SentenceTransformer"]):
         if min_batch_size > max_batch_size:
             raise ValueError(f"min_batch_size ({min_batch_size}) > max_batch_size ({max_batch_size})")
         super().__init__(min_batch_size=min_batch_size, max_batch_size=max_batch_size,
-                         batch_length_fn=len, batch_bucket_boundaries=LENGTH_BUCKETS)
+                         batch_length_fn=text_length, batch_bucket_boundaries=LENGTH_BUCKETS)
         self._model = model
         self._threads = threads
-        self._batching = {"min_batch_size": min_batch_size, "max_batch_size": max_batch_size}
         self._encode_batch_size = encode_batch_size
         self._progress_total = progress_total
         self._done = 0
@@ -76,9 +80,6 @@ class EmbedHandler(ModelHandler[str, PredictionResult, "SentenceTransformer"]):
         self._report(len(batch))
         return [PredictionResult(text, vec.astype("float32"), self.model_id())
                 for text, vec in zip(batch, vectors)]
-
-    def batch_elements_kwargs(self) -> dict[str, int]:
-        return dict(self._batching)
 
     def model_id(self) -> str:
         return resolve_model(self._model)[1]

@@ -132,3 +132,12 @@ def test_index_cli_list_publish_rollback_gc(tmp_path: Path, tiny_bi_encoder_path
     # the newest complete version and the published one stay; the one in between goes
     assert [i.version for i in snap.list_versions(root)] == [first, third]
     assert twinq(["index", "publish", "../oops", "--root", root]) == 2
+
+
+def test_embed_handler_buckets_keyed_texts_by_text_length() -> None:
+    from pipelines.embed_handler import EmbedHandler, text_length
+
+    kwargs = EmbedHandler("unused", min_batch_size=8, max_batch_size=32).batch_elements_kwargs()
+    assert kwargs["min_batch_size"] == 8 and kwargs["max_batch_size"] == 32
+    assert kwargs["length_fn"] is text_length and kwargs["bucket_boundaries"] == [48, 96, 192]
+    assert text_length(("key-json", "a question")) == 10 == text_length("a question")
