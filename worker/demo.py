@@ -36,9 +36,12 @@ from worker.client import TwinqClient
 from worker.embedded_redis import EmbeddedRedis
 
 console = Console()
-TRAIN_FULL = ["--epochs", "1", "--max-length", "48", "--lr", "5e-5", "--batch-size", "32"]
-TRAIN_FAST = ["--epochs", "1", "--max-length", "40", "--lr", "5e-5", "--batch-size", "32",
-              "--max-steps", "40"]
+# The demo pairs are few (about 1,300 for training) and short: one epoch at 5e-5 barely moved
+# the loss (0.69 -> 0.57) and the reranker learned nothing; three epochs at 1e-4 with 32 tokens
+# reached a dev AP of 0.96 and fixed the near-miss questions when fused.
+TRAIN_FULL = ["--epochs", "3", "--max-length", "32", "--lr", "1e-4", "--batch-size", "32"]
+TRAIN_FAST = ["--epochs", "1", "--max-length", "32", "--lr", "1e-4", "--batch-size", "32",
+              "--max-steps", "30"]
 
 
 def demo_dir() -> Path:
