@@ -178,11 +178,17 @@ def recall_candidates(snapshot: Any, bi_encoder: Any, queries: dict[str, str], k
 
 def rerank_candidates(model: CrossEncoder, queries: dict[str, str], cands: dict[str, Candidates],
                       depth: int, batch_size: int = 64) -> tuple[dict[str, np.ndarray], float]:
-    """Score the top `depth` of every query in one predict call (pairs batched across queries)."""
+    """Score the top `depth` of every query in one predict call (pairs batched across queries).
+
+    Scores are raw logits from `shared.rerank.score_pairs`, the scale the worker fuses on, so a
+    fusion weight tuned here means the same thing in production.
+    """
+    from shared.rerank import score_pairs as raw_scores
+
     qids = list(cands)
     pairs = [(queries[q], t) for q in qids for t in cands[q].texts[:depth]]
     start = time.perf_counter()
-    scores = score_pairs(model, pairs, batch_size=batch_size)
+    scores = raw_scores(model, pairs, batch_size=batch_size).astype(np.float64)
     seconds = time.perf_counter() - start
     out, i = {}, 0
     for q in qids:
@@ -228,8 +234,9 @@ def tune_fusion_on_pairs(model_dir: str, root: str, dev: list[LabelledPair], *,
                          queries: int = 300, depth: int = 20, seed: int = 0) -> dict[str, Any]:
     """Tune the fusion weight on dev clusters searched in a snapshot that contains them.
 
-    Each dev cluster with a question found in the snapshot gives one query; its relevant
-    documents are the other cluster members found there (matched by normalised text).
+    Every question of a dev cluster found in the snapshot is a query (up to `queries`); its
+    relevant documents are the other members found there (matched by normalised text). One
+    query per cluster left small dev sets (the demo's 8 clusters) too noisy to tune on.
     """
     from pipelines.splits import build_clusters, is_positive, question_key
     from shared.models import load_bi_encoder, load_cross_encoder
@@ -248,10 +255,13 @@ def tune_fusion_on_pairs(model_dir: str, root: str, dev: list[LabelledPair], *,
     groups = sorted(m for m in members.values() if len(m) >= 2)
     random.Random(seed).shuffle(groups)
     qtexts, qrels = {}, {}
-    for m in groups[:queries]:
-        qid = by_key[m[0]]
-        qtexts[qid] = m[0]
-        qrels[qid] = {by_key[k]: 1.0 for k in m[1:]}
+    for m in groups:
+        for key in m:
+            if len(qtexts) >= queries:
+                break
+            qid = by_key[key]
+            qtexts[qid] = key
+            qrels[qid] = {by_key[k]: 1.0 for k in m if k != key}
     if not qtexts:
         log.warning("no dev cluster found in %s; fusion weight stays at 0.5", root)
         return {"method": "zscore", "weight": 0.5, "tuned": False}
