@@ -1,0 +1,159 @@
+"""Benchmark: one twinq worker fed through Redis against the naive retrieve-and-rerank loop.
+
+(a) naive: what a user writes from the sentence-transformers "retrieve & re-rank" example: for
+    each query, encode it, search FAISS, `CrossEncoder.predict` its top 20, one query at a time.
+(b) worker: `twinq worker` in its own process, all queries submitted at once through Redis; it
+    batches across requests (one embed, one search, one rerank call per batch).
+
+Both use the same snapshot (>= 20,000 Quora questions), recall_k 50, rerank depth 20, rerank-only
+order (fusion "none") so the results can be compared, and the same cross-encoder.
+
+    .venv/bin/python benchmarks/bench_worker.py --queries 300 [--root R] [--reranker DIR] [--backend onnx]
+
+Goal (issue 3): b/a >= 1.5 in queries per second, with the same results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+from common import REPO, machine, quora_questions
+
+RECALL_K, DEPTH = 50, 20
+
+
+def _snapshot(root: Path | None, rows: int, work: Path) -> Path:
+    from shared.snapshot import current_version
+
+    if root and current_version(root):
+        return root
+    from pipelines.index import BuildOptions, build_snapshot
+
+    corpus = work / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"_id": f"q{i}", "text": t}) + "\n"
+                              for i, t in enumerate(quora_questions(rows))))
+    root = work / "root"
+    build_snapshot(BuildOptions(corpus=[str(corpus)], root=root, shards=4, publish=True))
+    return root
+
+
+def _random_head_reranker(work: Path) -> str:
+    """A MiniLM cross-encoder from the bundled weights with an untrained head: the same cost as
+    a trained one, for speed only."""
+    from sentence_transformers import CrossEncoder
+
+    from shared.models import bundled_model_path
+
+    out = work / "ce-random"
+    CrossEncoder(str(bundled_model_path()), num_labels=1, max_length=128).save(str(out))
+    return str(out)
+
+
+def naive_loop(root: Path, reranker: str, queries: list[str], backend: str) -> tuple[list, list]:
+    from shared.models import load_bi_encoder, load_cross_encoder
+    from shared.rerank import score_pairs
+    from shared.search import search_shards
+    from shared.snapshot import load_snapshot
+
+    snapshot = load_snapshot(root)
+    bi = load_bi_encoder(snapshot.manifest["model"]["name"], backend=backend)
+    ce = load_cross_encoder(reranker, backend=backend)
+    latencies, tops = [], []
+    for query in queries:
+        start = time.perf_counter()
+        vector = bi.encode([query], normalize_embeddings=True)
+        hits = search_shards(snapshot, np.asarray(vector), RECALL_K)[0][:DEPTH]
+        scores = score_pairs(ce, [(query, h.text) for h in hits])
+        latencies.append(time.perf_counter() - start)
+        tops.append(hits[int(np.argmax(scores))].id)
+    return latencies, tops
+
+
+def worker_run(root: Path, reranker: str, queries: list[str], backend: str, url: str
+               ) -> tuple[list, list, float]:
+    import redis
+
+    from shared.config import load_settings
+    from worker.client import TwinqClient
+
+    tag = uuid.uuid4().hex[:8]
+    env = {**os.environ, "TWINQ_STREAM": f"bench:{tag}", "TWINQ_GROUP": f"bench-{tag}",
+           "TWINQ_BACKEND": backend, "TWINQ_MAX_STREAM_LENGTH": str(len(queries) * 2)}
+    settings = load_settings(env=env)
+    log = open(Path(tempfile.gettempdir()) / f"bench-worker-{tag}.log", "w")
+    process = subprocess.Popen([sys.executable, "-m", "shared.cli", "worker", "--root", str(root),
+                                "--reranker", reranker, "--redis-url", url], env=env,
+                               stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    try:
+        with TwinqClient(url, settings) as client:
+            client.ask("warm up", timeout_s=300)  # model load and first batch, not timed
+            r = redis.Redis.from_url(url, socket_timeout=None)
+            sent: dict[str, float] = {}
+            start = time.perf_counter()
+            pipe = r.pipeline(transaction=False)
+            for i, query in enumerate(queries):
+                rid = f"{tag}-{i}"
+                payload = {"id": rid, "query": query, "recall_k": RECALL_K, "rerank_depth": DEPTH,
+                           "top_k": 10, "fusion": "none"}
+                pipe.xadd(settings.stream, {"payload": json.dumps(payload)})
+                sent[rid] = time.perf_counter()
+            pipe.execute()
+            latencies, tops = [], []
+            for i in range(len(queries)):
+                rid = f"{tag}-{i}"
+                _, raw = r.blpop([settings.reply_prefix + rid], timeout=600)
+                reply = json.loads(raw)
+                latencies.append(time.perf_counter() - sent[rid])
+                tops.append(reply["results"][0]["id"])
+            total = time.perf_counter() - start
+            r.close()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+        log.close()
+    return latencies, tops, total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--queries", type=int, default=300)
+    parser.add_argument("--rows", type=int, default=20_000, help="Corpus size if --root is not given.")
+    parser.add_argument("--root", type=Path, help="An existing snapshot root (>= 20k rows).")
+    parser.add_argument("--reranker", help="Cross-encoder folder; default: MiniLM, untrained head.")
+    parser.add_argument("--backend", default="torch", choices=["torch", "onnx"])
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    work = Path(tempfile.mkdtemp(prefix="twinq-bench-worker-"))
+    root = _snapshot(args.root, args.rows, work)
+    reranker = args.reranker or _random_head_reranker(work)
+    queries = quora_questions(args.queries, offset=60_000)
+
+    lat_a, top_a = naive_loop(root, reranker, queries, args.backend)
+    lat_b, top_b, total_b = worker_run(root, reranker, queries, args.backend, args.redis_url)
+    qps_a, qps_b = len(queries) / sum(lat_a), len(queries) / total_b
+    same = sum(a == b for a, b in zip(top_a, top_b)) / len(queries)
+
+    def pct(values: list[float], p: int) -> float:
+        return float(np.percentile(values, p) * 1000)
+
+    print(f"machine: {machine()}; snapshot {root}; {len(queries)} queries; backend {args.backend}")
+    print("| path | queries/s | p50 ms | p95 ms |\n|---|---:|---:|---:|")
+    print(f"| (a) naive loop, one query at a time | {qps_a:.1f} | {pct(lat_a, 50):.0f} | {pct(lat_a, 95):.0f} |")
+    print(f"| (b) one worker through Redis, burst | {qps_b:.1f} | {pct(lat_b, 50):.0f} | {pct(lat_b, 95):.0f} |")
+    print(f"ratio b/a: {qps_b / qps_a:.2f} (goal >= 1.5); same top-1 result: {same:.1%}")
+    print("(b)'s latency includes queueing: every query was submitted at once.")
+
+
+if __name__ == "__main__":
+    main()
