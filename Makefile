@@ -1,12 +1,12 @@
 # Two commands for a newcomer: `make demo` and `make test`. Both install into ./.venv.
-PY ?= python3.11
+PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 export HF_HUB_OFFLINE := 1
 
 .PHONY: demo serve test reliability bench venv clean
 
 $(VENV)/.installed: pyproject.toml
-	@command -v $(PY) >/dev/null || (echo "need $(PY)"; exit 1)
+	@test -n "$(PY)" || (echo "need Python 3.11+ (python3.11 or python3)"; exit 1)
 	[ -x $(VENV)/bin/python ] || $(PY) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -q -e '.[test]'
