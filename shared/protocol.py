@@ -42,7 +42,8 @@ PAYLOAD_FIELD = "payload"
 """The one stream field of a request; it holds the JSON object."""
 
 ID_MAX_CHARS = 128
-_ID = re.compile(r"^[A-Za-z0-9._:-]{1,%d}$" % ID_MAX_CHARS)
+_ID = re.compile(r"[A-Za-z0-9._:-]{1,%d}" % ID_MAX_CHARS)
+"""Matched with `fullmatch`: `$` would let a trailing newline through."""
 REPLY_TO_MAX_CHARS = 256
 PAYLOAD_OVERHEAD_BYTES = 4096
 """Room for the JSON around the query: a payload past 4 bytes per allowed character plus this
@@ -125,7 +126,33 @@ def _field(fields: Mapping[bytes | str, bytes | str], name: str) -> bytes | str 
 
 
 def _bad(message: str, code: ErrorCode = ErrorCode.BAD_REQUEST) -> ProtocolError:
-    return ProtocolError(code, message)
+    return ProtocolError(code, safe_text(message))
+
+
+def safe_text(text: str) -> str:
+    """`text` with lone surrogates (which JSON escapes such as "\\ud800" produce) written as
+    `\\ud800`, so that it can always be encoded as UTF-8 and sent to Redis."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _encodable(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _loads(raw: str) -> Any:
+    """json.loads that fails with ValueError only: deep nesting raises RecursionError."""
+    try:
+        return json.loads(raw)
+    except RecursionError as exc:
+        raise ValueError("nested too deeply") from exc
 
 
 def decode_payload(fields: Mapping[bytes | str, bytes | str], settings: Settings) -> dict[str, Any]:
@@ -146,7 +173,7 @@ def decode_payload(fields: Mapping[bytes | str, bytes | str], settings: Settings
         except UnicodeDecodeError as exc:
             raise _bad(f"payload is not valid UTF-8 (byte {exc.start})") from exc
     try:
-        payload = json.loads(raw)
+        payload = _loads(raw)
     except ValueError as exc:
         raise _bad(f"payload is not valid JSON: {exc}") from exc
     if not isinstance(payload, dict):
@@ -178,7 +205,7 @@ def _fraction(payload: dict[str, Any], name: str) -> float | None:
 
 def _request_id(payload: dict[str, Any]) -> str:
     value = payload.get("id")
-    if not isinstance(value, str) or not _ID.match(value):
+    if not isinstance(value, str) or not _ID.fullmatch(value):
         raise _bad(f"id must be 1..{ID_MAX_CHARS} characters of [A-Za-z0-9._:-], got {value!r:.80}")
     return value
 
@@ -193,6 +220,8 @@ def _reply_to(payload: dict[str, Any], request_id: str, settings: Settings) -> s
         raise _bad(f"reply_to must start with {settings.reply_prefix!r}")
     if len(value) > REPLY_TO_MAX_CHARS:
         raise _bad(f"reply_to is longer than {REPLY_TO_MAX_CHARS} characters")
+    if not _encodable(value):
+        raise _bad("reply_to is not valid Unicode (lone surrogate)")
     return value
 
 
@@ -205,6 +234,8 @@ def _query(payload: dict[str, Any], settings: Settings) -> str:
     query = normalize_text(value)
     if not query:
         raise _bad("query is empty")
+    if not _encodable(query):
+        raise _bad("query is not valid Unicode (lone surrogate)")
     if len(query) > settings.max_query_chars:
         raise _bad(f"query is {len(query)} characters, over the limit of "
                    f"{settings.max_query_chars}", ErrorCode.TOO_LARGE)
@@ -269,7 +300,7 @@ def reply_address(fields: Mapping[bytes | str, bytes | str], settings: Settings
     if isinstance(raw, bytes):  # ids are ASCII, so a stray bad byte elsewhere cannot hide one
         raw = raw.decode("utf-8", "replace")
     try:
-        payload = json.loads(raw)
+        payload = _loads(raw)
         if not isinstance(payload, dict):
             return None
         request_id = _request_id(payload)
@@ -351,8 +382,10 @@ def full_timings(timings_ms: Mapping[str, float]) -> dict[str, float]:
 
 
 def encode_reply(reply: Mapping[str, Any]) -> str:
-    """The JSON text pushed onto the reply list."""
-    return json.dumps(reply, ensure_ascii=False, separators=(",", ":"))
+    """The JSON text pushed onto the reply list; ASCII escapes only where a lone surrogate
+    would make it unencodable (Redis takes UTF-8)."""
+    text = json.dumps(reply, ensure_ascii=False, separators=(",", ":"))
+    return text if _encodable(text) else json.dumps(reply, separators=(",", ":"))
 
 
 def decode_reply(raw: bytes | str) -> dict[str, Any]:
@@ -361,6 +394,10 @@ def decode_reply(raw: bytes | str) -> dict[str, Any]:
 
 
 _REPLY_ONCE = """
+local kind = redis.call('TYPE', KEYS[2])['ok']
+if kind ~= 'none' and kind ~= 'list' then
+  return -1
+end
 if redis.call('SET', KEYS[1], ARGV[4], 'NX', 'EX', ARGV[2]) then
   redis.call('LPUSH', KEYS[2], ARGV[1])
   redis.call('EXPIRE', KEYS[2], ARGV[3])
@@ -370,11 +407,13 @@ return 0
 """
 """KEYS: done marker, reply list. ARGV: reply JSON, done TTL s, reply TTL s, marker value.
 One script, so that marking a request answered and pushing its reply cannot be split, and two
-workers racing on a redelivered request cannot both reply."""
+workers racing on a redelivered request cannot both reply. A reply key that already holds
+another type (a request naming someone's hash) is left alone and nothing is marked: Lua does
+not roll back, so a failing LPUSH after the SET would mark the request answered, reply-less."""
 
 
 def push_replies(client: Redis, replies: list[tuple[str, str, dict[str, Any]]], *,
-                 reply_ttl_s: int, worker_id: str) -> list[bool]:
+                 reply_ttl_s: int, worker_id: str) -> list[bool | None]:
     """Write replies at most once per request id: LPUSH + EXPIRE, guarded by `twinq:done:<id>`.
 
     Args:
@@ -384,7 +423,8 @@ def push_replies(client: Redis, replies: list[tuple[str, str, dict[str, Any]]], 
         worker_id: Stored in the done marker, to trace who answered.
 
     Returns:
-        Per reply, True if it was pushed, False if the request had already been answered.
+        Per reply, True if it was pushed, False if the request had already been answered, None
+        if the reply key holds something other than a list (nothing was written).
     """
     if not replies:
         return []
@@ -393,4 +433,4 @@ def push_replies(client: Redis, replies: list[tuple[str, str, dict[str, Any]]], 
     for request_id, reply_to, reply in replies:
         script(keys=[C.DONE_PREFIX + request_id, reply_to],
                args=[encode_reply(reply), C.DONE_TTL_S, reply_ttl_s, worker_id], client=pipe)
-    return [bool(n) for n in pipe.execute()]
+    return [None if n == -1 else bool(n) for n in pipe.execute()]

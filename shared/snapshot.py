@@ -40,7 +40,8 @@ MANIFEST = "manifest.json"
 REJECTS = "rejects.jsonl"
 BUILDING = "BUILDING"
 SERVE_COLUMNS = ["id", "ids", "text", "metadata"]
-_VERSION = re.compile(r"^\d{8}T\d{6}Z(-\d+)?$")
+_VERSION = re.compile(r"[0-9]{8}T[0-9]{6}Z(-[0-9]+)?")
+"""Matched with `fullmatch`, ASCII digits only: `$` would let "20261128T031500Z\n" through."""
 CANARY_MIN_RANK1 = {"exact": 0.99, "compressed": 0.90}
 """Share of canary rows that must find themselves at rank 1: exact/HNSW vs. quantised indexes."""
 
@@ -77,7 +78,7 @@ class Snapshot:
 
 def check_version(version: str) -> str:
     """Refuse anything but a timestamp name, so that '../x' can never escape the root."""
-    if not isinstance(version, str) or not _VERSION.match(version):
+    if not isinstance(version, str) or not _VERSION.fullmatch(version):
         raise BadInput(f"invalid snapshot version {version!r} (expected e.g. 20261128T031500Z)")
     return version
 
@@ -200,13 +201,24 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
+def _member(path: Path, name: Any) -> Path:
+    """A file of the version folder `path`, as its manifest names it: a plain file name only,
+    so that a hostile manifest ("../../x", "/etc/x") cannot make a worker read outside it."""
+    if (not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name
+            or "\x00" in name):
+        raise SnapshotInvalid(f"{path.name}: manifest names {name!r:.80}, not a file of the "
+                              "version folder")
+    return path / name
+
+
 def _open_shard(path: Path, entry: dict[str, Any], *, mmap: bool, checksums: bool) -> Shard:
     import faiss
     import pyarrow.parquet as pq
 
     from shared.index_choice import apply_search_params
 
-    index_path, data_path = path / entry["index_file"], path / entry["data_file"]
+    index_path = _member(path, entry["index_file"])
+    data_path = _member(path, entry["data_file"])
     for file, kind in ((index_path, "index"), (data_path, "data")):
         if not file.is_file():
             raise SnapshotInvalid(f"{path.name}/{file.name}: missing")
@@ -241,8 +253,9 @@ def run_canary(path: Path, manifest: dict[str, Any], sample: int = 200, seed: in
             continue
         n = max(1, round(sample * entry["rows"] / max(total, 1)))
         rows = np.sort(rng.choice(entry["rows"], min(n, entry["rows"]), replace=False))
-        vectors = embeddings_of(pq.read_table(path / entry["data_file"], columns=["embedding"]))[rows]
-        index = faiss.read_index(str(path / entry["index_file"]))
+        vectors = embeddings_of(pq.read_table(_member(path, entry["data_file"]),
+                                              columns=["embedding"]))[rows]
+        index = faiss.read_index(str(_member(path, entry["index_file"])))
         from shared.index_choice import apply_search_params
 
         apply_search_params(index, entry.get("search_params", ""))
@@ -307,7 +320,7 @@ def current_version(root: str | Path) -> str | None:
 
 def _history(root: Path) -> list[str]:
     try:
-        return [v for v in (root / HISTORY).read_text().split() if _VERSION.match(v)]
+        return [v for v in (root / HISTORY).read_text().split() if _VERSION.fullmatch(v)]
     except FileNotFoundError:
         return []
 
@@ -363,7 +376,7 @@ def list_versions(root: str | Path) -> list[VersionInfo]:
     infos = []
     base = snapshots_dir(root)
     for path in sorted(base.iterdir()) if base.is_dir() else []:
-        if not _VERSION.match(path.name):
+        if not _VERSION.fullmatch(path.name):
             continue
         try:
             manifest = read_manifest(path)

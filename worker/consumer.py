@@ -25,7 +25,7 @@ import redis
 from shared import constants as C
 from shared.errors import ConfigError, ProtocolError
 from shared.protocol import (ErrorCode, QueryRequest, error_reply, parse_request, push_replies,
-                             reply_address)
+                             reply_address, safe_text)
 from worker.engine import QueryCache
 from worker.metrics import RecentStats, WorkerMetrics, prefixed
 from worker.status import record_stop, write_heartbeat
@@ -229,16 +229,19 @@ class Consumer:
         """Answer a batch, then ACK it. The procedure:
 
         1. Dead-letter entries delivered more than `max_deliveries` times.
-        2. Parse; refuse bad requests with an error reply (or dead-letter them without an id).
+        2. Parse; refuse bad requests with an error reply (or dead-letter them without an id,
+           or when the parser itself fails).
         3. Drop requests already answered (`twinq:done:<id>`) or repeated within the batch.
         4. Refuse requests that waited past the reply TTL (`overloaded`; the client is gone).
         5. Answer the rest in one engine call, through the query cache when it is on.
-        6. Write every reply (once per id), then ACK every entry that got one.
+        6. Write every reply (once per id), then ACK every entry that got one. An entry whose
+           reply key holds another type (someone's hash) is dead-lettered, nothing written.
         """
         self._set_state(WorkerState.BUSY)
         self.metrics.batch_size.observe(len(batch))
         acks: list[str] = []
         replies: list[tuple[str, str, dict[str, Any]]] = []
+        replied: list[Entry] = []  # the entry of each reply, in the same order
         work: list[_Work] = []
         now_ms = self.clock() * 1000
         for entry in batch:
@@ -256,7 +259,13 @@ class Consumer:
                 else:
                     replies.append((*address, error_reply(address[0], code, exc.message,
                                                           worker_id=self.worker_id)))
+                    replied.append(entry)
                     acks.append(entry.entry_id)
+                continue
+            except Exception as exc:  # a parser bug must not hold the whole batch hostage
+                self.log.exception("cannot parse entry %s", entry.entry_id)
+                self._dead_letter(entry, f"internal: unparseable entry: {exc!r}", reply=False)
+                self.metrics.requests.labels(outcome=ErrorCode.INTERNAL.value).inc()
                 continue
             enqueued_ms = int(entry.entry_id.split("-", 1)[0])  # Redis' clock at XADD
             work.append(_Work(entry, request, max(0.0, now_ms - enqueued_ms)))
@@ -270,8 +279,13 @@ class Consumer:
         for item in work:
             if item.reply is not None:
                 replies.append((item.request.id, item.request.reply_to, item.reply))
+                replied.append(item.entry)
                 acks.append(item.entry.entry_id)
-        self._write_replies(replies)
+        written = self._write_replies(replies)
+        for entry, (_, key, _), outcome in zip(replied, replies, written):
+            if outcome is None:  # the reply key is someone's hash, string, stream...
+                self._dead_letter(entry, f"reply_to {key!r} holds a key that is not a list; "
+                                         "no reply written", reply=False)
         self._ack(acks)
         self._set_state(WorkerState.IDLE)
 
@@ -328,19 +342,24 @@ class Consumer:
         if self.cache is not None:
             self.cache.put(requests, replies)
 
-    def _write_replies(self, replies: list[tuple[str, str, dict[str, Any]]]) -> None:
-        """Push each reply once per request id, in one round trip."""
+    def _write_replies(self, replies: list[tuple[str, str, dict[str, Any]]]
+                       ) -> list[bool | None]:
+        """Push each reply once per request id, in one round trip; see `push_replies`."""
         written = push_replies(self.redis, replies, reply_ttl_s=self.settings.reply_ttl_s,
                                worker_id=self.worker_id)
         for (_, _, reply), fresh in zip(replies, written):
+            if fresh is None:
+                continue  # not written; the caller dead-letters the entry
             if fresh:
                 self.processed += 1
             self.metrics.observe_reply(reply, self.stats, duplicate=not fresh)
+        return written
 
     def _dead_letter(self, entry: Entry, reason: str, *, reply: bool = True) -> None:
         """Move an entry to the dead stream, reply `internal` if it can be addressed, ACK it."""
         s = self.settings
         raw = entry.fields.get(b"payload", b"")
+        reason = safe_text(reason)
         self.log.warning("dead-lettering %s: %s", entry.entry_id, reason)
         self.redis.xadd(s.dead_stream, {"payload": raw, "reason": reason,
                                         "deliveries": entry.deliveries, "worker": self.worker_id,
