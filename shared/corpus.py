@@ -22,6 +22,8 @@ from shared.errors import BadInput
 Format = Literal["csv", "tsv", "jsonl", "parquet"]
 Opener = Callable[[str], IO[bytes]]
 
+COLUMN_SAMPLE_ROWS = 1000
+"""JSONL rows differ in their keys: a file's columns are the union over its first rows."""
 ID_CANDIDATES = ("_id", "id", "qid", "question_id")
 TEXT_CANDIDATES = ("text", "question", "query", "title")
 _EXTENSIONS: dict[str, Format] = {
@@ -93,7 +95,7 @@ def _text_stream(raw: IO[bytes]) -> io.TextIOWrapper:
 
 
 def read_columns(path: str, opener: Opener = local_open) -> list[str]:
-    """Column names of a file: the header, the first JSON object's keys or the Parquet schema."""
+    """Column names of a file: the header, the keys of the first JSONL objects, or the schema."""
     fmt = detect_format(path)
     try:
         with opener(path) as raw:
@@ -105,14 +107,19 @@ def read_columns(path: str, opener: Opener = local_open) -> list[str]:
             if fmt in ("csv", "tsv"):
                 header = next(csv.reader(text, delimiter="," if fmt == "csv" else "\t"), None)
                 return [h.strip() for h in header] if header else []
+            columns: list[str] = []
+            seen = 0
             for line in text:
                 try:
                     obj = json.loads(line)
-                except json.JSONDecodeError:
+                except (json.JSONDecodeError, RecursionError):
                     continue
                 if isinstance(obj, dict):
-                    return list(obj)
-            return []
+                    columns.extend(k for k in obj if k not in columns)
+                    seen += 1
+                    if seen >= COLUMN_SAMPLE_ROWS:
+                        break
+            return columns
     except BadInput:
         raise
     except FileNotFoundError as exc:
@@ -187,6 +194,9 @@ def _iter_jsonl(text: IO[str], id_field: str, text_field: str, source: str
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             yield Rejected(source, number, f"invalid JSON: {exc.msg}", line)
+            continue
+        except RecursionError:
+            yield Rejected(source, number, "invalid JSON: nested too deeply", line[:200])
             continue
         if not isinstance(obj, dict):
             yield Rejected(source, number, "a JSON line must be an object", line)

@@ -12,6 +12,7 @@ then find it on their own.
 from __future__ import annotations
 
 import json
+import re
 import logging
 import os
 import signal
@@ -142,13 +143,18 @@ def _client(settings: Settings) -> TwinqClient:
     return TwinqClient(settings=settings)
 
 
+def redact(url: str) -> str:
+    """A Redis URL fit for an error message: the password replaced by ***."""
+    return re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", url)
+
+
 def _send(call: Any, url_hint: str) -> Any:
     try:
         return call()
     except TimeoutError as exc:
         raise TwinqError(str(exc)) from exc
     except redis.ConnectionError as exc:
-        raise TwinqError(f"cannot reach Redis ({url_hint}): {exc}") from exc
+        raise TwinqError(f"cannot reach Redis ({redact(url_hint)}): {exc}") from exc
 
 
 def _print_reply(reply: dict[str, Any]) -> None:

@@ -104,8 +104,6 @@ def test_acl_user_url_serves_and_wrong_password_fails_clearly(
             admin.set("outside:key", "x")
 
 
-@pytest.mark.xfail(strict=True, reason="worker/cli.py `_send` puts settings.redis_url, password "
-                                       "included, into 'cannot reach Redis (...)' (see report)")
 def test_ask_cli_does_not_print_the_password_when_redis_is_down(
         capsys: pytest.CaptureFixture[str]) -> None:
     from tests.reliability.harness import free_port
