@@ -17,7 +17,8 @@ from collections import defaultdict
 from pathlib import Path
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
-HARD_PER_NEAR_MISS = 8
+HARD_PER_NEAR_MISS = 36
+"""Up to every cross pair of two near-miss groups: the distinctions a reranker is for."""
 
 
 def load_groups(path: Path = DEMO_DIR / "faq.jsonl") -> tuple[dict[str, list[str]], list[tuple[str, str]]]:

@@ -1,0 +1,52 @@
+"""`twinq demo` end to end, as a newcomer runs it: build, train, serve, ask, shut down."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_demo_answers_every_sample_question_and_leaves_nothing_running(tmp_path: Path) -> None:
+    report = tmp_path / "report.json"
+    result = subprocess.run([sys.executable, "-m", "shared.cli", "demo", "--workdir",
+                             str(tmp_path / "demo"), "--report", str(report)],
+                            capture_output=True, text=True, timeout=1500)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data = json.loads(report.read_text())
+    corpus = Path(__file__).resolve().parents[2] / "pipelines" / "demo" / "faq.jsonl"
+    group_of = {row["id"]: row["group"] for row in map(json.loads, corpus.read_text().splitlines())}
+    wrong = [(q["query"], q["group"], group_of[r["results"][0]["id"]])
+             for q, r in zip(data["questions"], data["replies"])
+             if group_of[r["results"][0]["id"]] != q["group"]]
+    assert not wrong, wrong
+    for reply in data["replies"]:
+        assert reply["ok"] and reply["models"]["cross_encoder"]
+        assert all(hit["rerank_score"] is not None for hit in reply["results"][:3])
+        assert reply["results"][0]["metadata"]["answer"]
+    assert "found their twin at rank 1" in result.stdout
+    # Nothing keeps running: no worker, no Redis, no open port.
+    redis_port = int(data["redis_url"].rsplit(":", 1)[1].split("/")[0])
+    assert not _pid_alive(data["worker_pid"])
+    assert not _port_open(redis_port) and not _port_open(data["status_port"])
