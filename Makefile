@@ -24,7 +24,7 @@ test:                 ## the same command CI runs
 	bash .ci/run
 
 reliability: venv     ## the long fault and load suites
-	$(VENV)/bin/python -m pytest -q -m reliability --run-reliability tests
+	$(VENV)/bin/python -m pytest -q -s --run-reliability tests/reliability
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
