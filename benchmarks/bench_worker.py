@@ -96,7 +96,14 @@ def worker_run(root: Path, reranker: str, queries: list[str], backend: str, url:
                                stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     try:
         with TwinqClient(url, settings) as client:
-            client.ask("warm up", timeout_s=300)  # model load and first batch, not timed
+            for _ in range(60):  # model load and first batch, not timed
+                if process.poll() is not None:
+                    raise SystemExit(f"worker exited with {process.returncode}; see {log.name}")
+                try:
+                    client.ask("warm up", timeout_s=5)
+                    break
+                except TimeoutError:
+                    continue
             r = redis.Redis.from_url(url, socket_timeout=None)
             sent: dict[str, float] = {}
             start = time.perf_counter()
@@ -135,8 +142,8 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(tempfile.mkdtemp(prefix="twinq-bench-worker-"))
-    root = _snapshot(args.root, args.rows, work)
-    reranker = args.reranker or _random_head_reranker(work)
+    root = _snapshot(args.root.resolve() if args.root else None, args.rows, work)
+    reranker = str(Path(args.reranker).resolve()) if args.reranker else _random_head_reranker(work)
     queries = quora_questions(args.queries, offset=60_000)
 
     lat_a, top_a = naive_loop(root, reranker, queries, args.backend)
