@@ -1,0 +1,199 @@
+"""The onnx backend against torch on tiny random models: same outputs, same order, cached exports.
+
+The tiny models are random 2-layer BERTs (tests/conftest.py), so int8 bounds are looser than on
+the real model; docs/performance.md has the real model's numbers.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from shared.onnx_backend import OnnxBiEncoder, OnnxCrossEncoder, cache_dir  # noqa: E402
+
+TEXTS = [
+    "How do I learn Python quickly?",
+    "hi",
+    "What is the best way to prepare for a long distance running race in cold weather, "
+    "and which shoes should I buy if my budget is small?",
+    "Why is the sky blue?",
+    "",
+    "word " * 200,  # longer than max_seq_length (64): truncated the same way on both sides
+    "Is it safe?",
+]
+PAIRS = [(TEXTS[i], TEXTS[(i * 3 + 1) % len(TEXTS)]) for i in range(len(TEXTS))]
+
+
+@pytest.fixture(scope="module")
+def bi_folder(tiny_bi_encoder_path: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private copy, so that the export cache written inside it is this module's alone."""
+    folder = tmp_path_factory.mktemp("onnx-bi") / "model"
+    shutil.copytree(tiny_bi_encoder_path, folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ce_folder(tiny_cross_encoder_path: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy whose random head reads the direction in which PAIRS differ most.
+
+    The fixture's logits all lie within 1e-4 of each other, which would let a 1e-3 tolerance
+    pass a wrong graph; here they spread over about +-3 and the sigmoid matters.
+    """
+    import torch
+    from sentence_transformers import CrossEncoder
+
+    model = CrossEncoder(tiny_cross_encoder_path, device="cpu")
+    bert = model.model
+    features = model.tokenizer([p[0] for p in PAIRS], [p[1] for p in PAIRS], padding=True,
+                               truncation=True, max_length=64, return_tensors="pt")
+    with torch.no_grad():
+        pooled = bert.bert(**features).pooler_output
+        centred = pooled - pooled.mean(dim=0)
+        direction = torch.linalg.svd(centred, full_matrices=False).Vh[0]
+        weight = direction * 2.0 / (centred @ direction).std()
+        bert.classifier.weight.copy_(weight[None, :])
+        bert.classifier.bias.fill_(float(-(pooled.mean(dim=0) @ weight)))
+    folder = tmp_path_factory.mktemp("onnx-ce") / "model"
+    model.save(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def torch_bi(bi_folder: Path):
+    from shared.models import load_bi_encoder
+
+    return load_bi_encoder(str(bi_folder))
+
+
+@pytest.fixture(scope="module")
+def torch_ce(ce_folder: Path):
+    from shared.models import load_cross_encoder
+
+    return load_cross_encoder(str(ce_folder))
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return (a * b).sum(axis=1)
+
+
+def test_bi_encoder_fp32_matches_torch(bi_folder: Path, torch_bi) -> None:
+    onnx = OnnxBiEncoder.load(bi_folder, precision="fp32", threads=1)
+    expected = torch_bi.encode(TEXTS, normalize_embeddings=True, convert_to_numpy=True)
+    got = onnx.encode(TEXTS, batch_size=3)
+    assert got.shape == expected.shape and got.dtype == np.float32
+    assert _cosines(got, expected).min() > 0.999
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-5)
+    assert onnx.get_embedding_dimension() == torch_bi.get_embedding_dimension()
+    assert onnx.max_seq_length == torch_bi.max_seq_length
+
+
+def test_bi_encoder_int8_stays_close(bi_folder: Path, torch_bi) -> None:
+    onnx = OnnxBiEncoder.load(bi_folder, threads=1)
+    assert onnx.precision == "int8"
+    cosines = _cosines(onnx.encode(TEXTS), torch_bi.encode(TEXTS, normalize_embeddings=True))
+    # A random tiny BERT has no outlier-robust weights; the real model gives ~0.994 (docs).
+    assert cosines.mean() > 0.95 and cosines.min() > 0.9
+
+
+def test_bi_encoder_preserves_order_across_batches(bi_folder: Path) -> None:
+    onnx = OnnxBiEncoder.load(bi_folder, precision="fp32", threads=1)
+    together = onnx.encode(TEXTS, batch_size=2)
+    alone = np.stack([onnx.encode(t) for t in TEXTS])
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+    reversed_ = onnx.encode(TEXTS[::-1], batch_size=4)
+    np.testing.assert_allclose(reversed_[::-1], together, atol=1e-5)
+    assert onnx.encode([]).shape == (0, onnx.get_embedding_dimension())
+
+
+def test_cross_encoder_fp32_matches_torch_default_scores(ce_folder: Path, torch_ce) -> None:
+    import torch
+
+    onnx = OnnxCrossEncoder.load(ce_folder, precision="fp32", threads=1)
+    assert type(onnx.activation_fn) is type(torch_ce.activation_fn)  # Sigmoid for one label
+    expected = torch_ce.predict(PAIRS, show_progress_bar=False)
+    got = onnx.predict(PAIRS, batch_size=3)
+    assert got.shape == (len(PAIRS),)
+    np.testing.assert_allclose(got, expected, atol=1e-3)
+    assert np.ptp(expected) > 0.05, "scores must differ enough for the tolerance to mean something"
+    logits = torch_ce.predict(PAIRS, activation_fn=torch.nn.Identity(), show_progress_bar=False)
+    np.testing.assert_allclose(onnx.predict(PAIRS, activation_fn=torch.nn.Identity()), logits, atol=1e-3)
+    assert float(onnx.predict(PAIRS[0])) == pytest.approx(float(got[0]), abs=1e-5)
+
+
+def test_cross_encoder_int8_stays_close(ce_folder: Path, torch_ce) -> None:
+    import torch
+
+    onnx = OnnxCrossEncoder.load(ce_folder, threads=1)
+    identity = torch.nn.Identity()
+    expected = torch_ce.predict(PAIRS, activation_fn=identity, show_progress_bar=False)
+    got = onnx.predict(PAIRS, activation_fn=identity)
+    # Loose on purpose: the head of `ce_folder` amplifies the tiny differences between the random
+    # model's pooled outputs, and int8 noise with them. The real reranker's correlation is in
+    # docs/performance.md.
+    assert np.abs(got - expected).mean() < 0.25 * np.ptp(expected)
+    assert np.corrcoef(got, expected)[0, 1] > 0.7
+
+
+def test_cross_encoder_preserves_order(ce_folder: Path) -> None:
+    onnx = OnnxCrossEncoder.load(ce_folder, precision="fp32", threads=1)
+    together = onnx.predict(PAIRS, batch_size=2)
+    alone = np.array([onnx.predict(p) for p in PAIRS])
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+
+
+def test_export_cache_is_reused_and_refreshed(bi_folder: Path) -> None:
+    OnnxBiEncoder.load(bi_folder, threads=1)
+    folder = cache_dir(bi_folder, "bi-encoder")
+    assert folder == bi_folder.resolve() / "onnx" / "bi-encoder"
+    files = [folder / "model.onnx", folder / "model_qint8.onnx", folder / "meta.json"]
+    before = [f.stat().st_mtime_ns for f in files]
+    OnnxBiEncoder.load(bi_folder, threads=1)
+    assert [f.stat().st_mtime_ns for f in files] == before, "second load must not re-export"
+    # New weights (a training run rewrote them) make the cache stale.
+    weights = next(bi_folder.glob("*.safetensors"))
+    weights.touch()
+    OnnxBiEncoder.load(bi_folder, threads=1)
+    assert files[2].stat().st_mtime_ns != before[2]
+
+
+def test_cache_goes_to_home_when_folder_is_read_only(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    folder = cache_dir(tmp_path, "cross-encoder", owned=False)
+    assert folder.is_relative_to(tmp_path / "home" / ".cache" / "twinq" / "onnx")
+    assert folder.name == "cross-encoder"
+
+
+def test_models_dispatch_onnx_backend(bi_folder: Path, ce_folder: Path) -> None:
+    from shared.models import load_bi_encoder, load_cross_encoder
+
+    bi = load_bi_encoder(str(bi_folder), backend="onnx")
+    assert isinstance(bi, OnnxBiEncoder) and bi.precision == "int8"
+    assert bi.encode(["hello"]).shape == (1, bi.get_embedding_dimension())
+    assert isinstance(load_bi_encoder(str(bi_folder), backend="onnx-fp32"), OnnxBiEncoder)
+    ce = load_cross_encoder(str(ce_folder), backend="onnx", max_length=16)
+    assert isinstance(ce, OnnxCrossEncoder) and ce.max_seq_length == 16
+    assert ce.predict([("a", "b"), ("c", "d")]).shape == (2,)
+
+
+def test_rerank_helpers_accept_the_onnx_cross_encoder(ce_folder: Path, torch_ce) -> None:
+    from shared.rerank import model_activation, score_pairs
+
+    onnx = OnnxCrossEncoder.load(ce_folder, precision="fp32", threads=1)
+    np.testing.assert_allclose(score_pairs(onnx, PAIRS), score_pairs(torch_ce, PAIRS), atol=1e-3)
+    assert model_activation(onnx)(0.0) == pytest.approx(0.5)
+
+
+def test_onnx_backend_unknown_hub_model_raises_model_load_error() -> None:
+    from shared.errors import ModelLoadError
+    from shared.models import load_bi_encoder
+
+    with pytest.raises(ModelLoadError):
+        load_bi_encoder("no-such-owner/no-such-model", backend="onnx")
