@@ -9,7 +9,7 @@ $(VENV)/.installed: pyproject.toml
 	@test -n "$(PY)" || (echo "need Python 3.11+ (python3.11 or python3)"; exit 1)
 	[ -x $(VENV)/bin/python ] || $(PY) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
-	$(VENV)/bin/python -m pip install -q -e '.[test]'
+	$(VENV)/bin/python -m pip install -q -e '.[test,onnx]'
 	touch $@
 
 venv: $(VENV)/.installed

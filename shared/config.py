@@ -19,7 +19,7 @@ from typing import Any, Literal, get_args
 from shared import constants as C
 from shared.errors import ConfigError
 
-Backend = Literal["torch", "onnx", "openvino"]
+Backend = Literal["torch", "onnx", "onnx-fp32", "openvino"]
 FusionMethod = Literal["none", "zscore", "rrf"]
 ENV_PREFIX = "TWINQ_"
 CONFIG_ENV = "TWINQ_CONFIG"
