@@ -60,3 +60,9 @@ def test_build_index_finds_each_vector_itself(key: str) -> None:
     apply_search_params(index, "nprobe=16" if key.startswith("IVF") else "")
     _, ids = index.search(vectors[:100], 1)
     assert index.ntotal == 2_000 and (ids[:, 0] == np.arange(100)).mean() >= 0.95
+
+
+@pytest.mark.parametrize("n,params", [(100_000, "efSearch=128"), (499_999, "efSearch=128"),
+                                      (500_000, "efSearch=512"), (1_000_000, "efSearch=512")])
+def test_choose_index_key_widens_hnsw_beam_for_big_shards(n: int, params: str) -> None:
+    assert choose_index_key(n, 384, 4 * G)[0].search_params == params
