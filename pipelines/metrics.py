@@ -8,11 +8,11 @@ conventions for nDCG) are spelled out and pinned by tests.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Literal
 
 import numpy as np
 
-RRF_K = 60
+from shared.rerank import RRF_K, fuse_scores, zscore  # noqa: F401 - one definition of the fusion maths
+
 """Reciprocal-rank-fusion constant from Cormack et al. (2009); 60 is the usual default."""
 
 
@@ -188,32 +188,3 @@ def retrieval_metrics(runs: Mapping[str, Sequence[str]], qrels: Mapping[str, Map
 
 # ---- fusion -----------------------------------------------------------------------------------
 
-def zscore(values: np.ndarray) -> np.ndarray:
-    """(x - mean) / std within one query; all zeros when the scores do not vary."""
-    v = np.asarray(values, dtype=np.float64)
-    if v.size == 0:
-        return v
-    std = v.std()
-    return (v - v.mean()) / std if std > 1e-12 else np.zeros_like(v)
-
-
-def fuse_scores(recall: Sequence[float], rerank: Sequence[float],
-                method: Literal["zscore", "rrf"] = "zscore", weight: float = 0.5) -> np.ndarray:
-    """Fused score for one query's reranked candidates (same order in both arrays).
-
-    zscore: ``w * z(rerank) + (1 - w) * z(recall)``; rrf: ``1/(60 + rank_recall) +
-    1/(60 + rank_rerank)`` with 1-based ranks. Higher is better in both.
-
-    Raises:
-        ValueError: an unknown method, or arrays of different lengths.
-    """
-    r, c = np.asarray(recall, np.float64), np.asarray(rerank, np.float64)
-    if r.shape != c.shape:
-        raise ValueError("recall and rerank scores must have the same length")
-    if method == "zscore":
-        return weight * zscore(c) + (1.0 - weight) * zscore(r)
-    if method == "rrf":
-        rank_r = np.empty(len(r)); rank_r[np.argsort(-r, kind="mergesort")] = np.arange(1, len(r) + 1)
-        rank_c = np.empty(len(c)); rank_c[np.argsort(-c, kind="mergesort")] = np.arange(1, len(c) + 1)
-        return 1.0 / (RRF_K + rank_r) + 1.0 / (RRF_K + rank_c)
-    raise ValueError(f"unknown fusion method {method!r}; expected 'zscore' or 'rrf'")

@@ -107,9 +107,35 @@ def rerank(queries: Sequence[str], hits_per_query: list[list[Hit]], model: Cross
         hits[:] = head + hits[max(0, d):]
 
 
-def _zscores(values: np.ndarray) -> np.ndarray:
-    std = float(values.std())
-    return np.zeros_like(values) if std == 0.0 else (values - values.mean()) / std
+def zscore(values: np.ndarray) -> np.ndarray:
+    """(x - mean) / std within one query; all zeros when the scores do not vary."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        return v
+    std = v.std()
+    return (v - v.mean()) / std if std > 1e-12 else np.zeros_like(v)
+
+
+def fuse_scores(recall: Sequence[float], rerank: Sequence[float],
+                method: str = "zscore", weight: float = 0.5) -> np.ndarray:
+    """Fused score for one query's reranked candidates (same order in both arrays).
+
+    zscore: ``w * z(rerank) + (1 - w) * z(recall)``; rrf: ``1/(60 + rank_recall) +
+    1/(60 + rank_rerank)`` with 1-based ranks. Higher is better in both.
+
+    Raises:
+        ValueError: an unknown method, or arrays of different lengths.
+    """
+    r, c = np.asarray(recall, np.float64), np.asarray(rerank, np.float64)
+    if r.shape != c.shape:
+        raise ValueError("recall and rerank scores must have the same length")
+    if method == "zscore":
+        return weight * zscore(c) + (1.0 - weight) * zscore(r)
+    if method == "rrf":
+        rank_r = np.empty(len(r)); rank_r[np.argsort(-r, kind="mergesort")] = np.arange(1, len(r) + 1)
+        rank_c = np.empty(len(c)); rank_c[np.argsort(-c, kind="mergesort")] = np.arange(1, len(c) + 1)
+        return 1.0 / (RRF_K + rank_r) + 1.0 / (RRF_K + rank_c)
+    raise ValueError(f"unknown fusion method {method!r}; expected 'zscore' or 'rrf'")
 
 
 def fuse(hits: list[Hit], method: FusionMethod, weight: float = 0.5) -> None:
@@ -138,7 +164,7 @@ def fuse(hits: list[Hit], method: FusionMethod, weight: float = 0.5) -> None:
     elif method == "zscore":
         recall = np.array([h.recall_score for h in reranked], dtype=np.float64)
         mean, std = float(recall.mean()), float(recall.std())
-        z_rerank = _zscores(np.array([h.rerank_score for h in reranked], dtype=np.float64))
+        z_rerank = zscore(np.array([h.rerank_score for h in reranked], dtype=np.float64))
         for hit, z_rr in zip(reranked, z_rerank):
             z_rc = 0.0 if std == 0.0 else (hit.recall_score - mean) / std
             hit.score = float(weight * z_rr + (1.0 - weight) * z_rc)
