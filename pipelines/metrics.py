@@ -8,6 +8,7 @@ conventions for nDCG) are spelled out and pinned by tests.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import numpy as np
 
