@@ -174,7 +174,7 @@ def run_beam(opts: BuildOptions, paths: list[str], path: Path, model_name: str,
     return counters
 
 
-def _collect_entries(path: Path, shards: int, dim: int | None) -> list[dict[str, Any]]:
+def _collect_entries(path: Path, shards: int) -> list[dict[str, Any]]:
     """Gather the shard entries Beam wrote, and write empty shards for hash buckets left empty."""
     from pipelines.index_transforms import write_shard_records
 
@@ -188,11 +188,7 @@ def _collect_entries(path: Path, shards: int, dim: int | None) -> list[dict[str,
         rejects = path / snap.REJECTS
         rejected = len(rejects.read_text().splitlines()) if rejects.exists() else 0
         raise BadInput(f"empty corpus: no valid rows were found ({rejected} rejected)")
-    if dim is None:
-        import pyarrow.parquet as pq
-
-        first = next(iter(entries.values()))
-        dim = pq.read_schema(path / first["data_file"]).field("embedding").type.list_size
+    dim = _dim(path, list(entries.values()))
     for i in range(shards):
         if i not in entries:
             entries[i] = write_shard_records(path, i, [], "Flat", 0, dim=dim)
@@ -238,7 +234,7 @@ def build_snapshot(opts: BuildOptions) -> BuildResult:
         with timed(stages, "pipeline"):
             counters = run_beam(opts, paths, path, model_name, previous_files)
         with timed(stages, "assemble"):
-            entries = _collect_entries(path, opts.shards, None)
+            entries = _collect_entries(path, opts.shards)
             dim = _dim(path, entries)
             manifest = {
                 "format_version": SNAPSHOT_FORMAT_VERSION, "version": version,
