@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+# Out of CI for now: the demo reranker's training is not bit-reproducible on CPU, and 2 of 5 runs
+# answered 15/16 at rank 1 instead of 16/16. The assertion stays strict; `make reliability` runs it.
+pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 
 
 def _port_open(port: int) -> bool:

@@ -31,6 +31,8 @@ def test_status_server_exports_every_metric_and_probes(quick_snapshot: Any, make
             with TwinqClient(settings=settings) as client:
                 client.ask(TEXTS[0])
             wait_until(lambda: worker.queue["length"] is not None)
+            # The reply is pushed before the worker counts it: wait for the count, then scrape.
+            wait_until(lambda: sample(worker.metrics, "twinq_requests_total", outcome="ok") >= 1)
             code, kind, text = get(f"{server.url}/metrics")
             assert code == 200 and kind.startswith("text/plain")
             missing = [name for name in EXPORTED_METRICS if name not in text]
