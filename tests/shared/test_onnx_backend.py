@@ -135,11 +135,15 @@ def test_cross_encoder_int8_stays_close(ce_folder: Path, torch_ce) -> None:
     identity = torch.nn.Identity()
     expected = torch_ce.predict(PAIRS, activation_fn=identity, show_progress_bar=False)
     got = onnx.predict(PAIRS, activation_fn=identity)
-    # Loose on purpose: the head of `ce_folder` amplifies the tiny differences between the random
-    # model's pooled outputs, and int8 noise with them. The real reranker's correlation is in
-    # docs/performance.md.
-    assert np.abs(got - expected).mean() < 0.25 * np.ptp(expected)
-    assert np.corrcoef(got, expected)[0, 1] > 0.7
+    # The head of `ce_folder` amplifies the tiny differences between the random model's pooled
+    # outputs by orders of magnitude, and int8 noise with them. On CPUs without VNNI (AVX2 only),
+    # onnxruntime's u8s8 kernels add a near-constant offset that the amplification turns into a
+    # shift of a logit or two. A shift cannot reorder candidates, so the check is on the centred
+    # scores: the shape must survive. The real reranker's absolute agreement (pair accuracy, nDCG)
+    # is in docs/performance.md.
+    centred_error = (got - got.mean()) - (expected - expected.mean())
+    assert np.abs(centred_error).mean() < 0.25 * np.ptp(expected)
+    assert np.corrcoef(got, expected)[0, 1] > 0.9
 
 
 def test_cross_encoder_preserves_order(ce_folder: Path) -> None:
