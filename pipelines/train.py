@@ -195,7 +195,12 @@ def fit(train: list[LabelledPair], dev: list[LabelledPair], settings: TrainSetti
     from sentence_transformers.cross_encoder.evaluation import CrossEncoderClassificationEvaluator
     from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
 
+    from transformers import set_seed
+
     source, _ = resolve_model(settings.base)
+    # The classification head is initialised here, before the trainer seeds anything: without
+    # this, two runs with the same seed start from different heads and end apart.
+    set_seed(settings.seed)
     model = CrossEncoder(source, num_labels=1, max_length=settings.max_length, device="cpu")
     rows = swap_augment(train) if settings.swap else list(train)
     random.Random(settings.seed).shuffle(rows)
