@@ -24,6 +24,9 @@ def reranker_command(
     base: Optional[str] = typer.Option(None, "--base", help="Base model; default bundled MiniLM."),
     dev: Optional[list[Path]] = typer.Option(None, "--dev", help="Dev pairs; default: a "
                                              "question-disjoint split of --pairs."),
+    labelled: Optional[list[Path]] = typer.Option(
+        None, "--labelled", help="Human-labelled pairs (0/1), kept in full beside --pairs: their "
+        "non-duplicates are the hard negatives mining cannot find (same topic, other question)."),
     dev_fraction: float = typer.Option(0.1, help="Share of questions held out for dev."),
     epochs: float = typer.Option(1.0, help="Training epochs."),
     swap: bool = typer.Option(True, "--swap/--no-swap", help="Also train on (q2, q1)."),
@@ -37,7 +40,8 @@ def reranker_command(
                                              "default bundled MiniLM (use recall's model)."),
     fusion_root: Optional[str] = typer.Option(None, "--fusion-root", help="Snapshot ROOT holding "
                                               "the dev questions: tune the fusion weight on it."),
-    max_pairs: Optional[int] = typer.Option(None, help="Cap on training pairs (before negatives)."),
+    max_pairs: Optional[int] = typer.Option(None, help="Cap on --pairs training pairs (before "
+                                            "negatives); --labelled pairs are not capped."),
     max_dev_pairs: int = typer.Option(2000, help="Cap on dev pairs."),
     lr: float = typer.Option(2e-5, help="Learning rate."),
     batch_size: int = typer.Option(32, help="Training batch size."),
@@ -57,6 +61,7 @@ def reranker_command(
     settings = TrainSettings(
         pairs=[str(p) for p in pairs], out=str(out), base=base,
         dev=[str(p) for p in dev] if dev else None, dev_fraction=dev_fraction,
+        labelled=[str(p) for p in labelled] if labelled else None,
         max_pairs=max_pairs, max_dev_pairs=max_dev_pairs, epochs=epochs, lr=lr,
         batch_size=batch_size, max_length=max_length, swap=swap, negatives=negatives,
         random_negatives=random_negatives, margin=margin, bi_encoder=bi_encoder, hard_negatives=hard_negatives,

@@ -49,6 +49,8 @@ class TrainSettings:
     out: str
     base: str | None = None
     dev: list[str] | None = None
+    labelled: list[str] | None = None
+    """Human-labelled pairs kept in full (never capped); their 0s are hard negatives."""
     dev_fraction: float = 0.1
     max_pairs: int | None = None
     max_dev_pairs: int | None = 2000
@@ -130,16 +132,26 @@ def prepare_data(settings: TrainSettings) -> tuple[list[LabelledPair], list[Labe
     if not source.pairs:
         raise BadInput(f"no pairs read from {settings.pairs}")
     data: dict[str, Any] = {"train_sources": source.sources, "train_rejected": source.rejected}
+    extra = read_pairs(settings.labelled) if settings.labelled else None
+    if extra is not None:
+        if not extra.pairs or any(p.label is None for p in extra.pairs):
+            raise BadInput(f"--labelled needs pairs with 0/1 labels: {settings.labelled}")
+        data["labelled_sources"] = extra.sources
+    kept = set(extra.pairs) if extra is not None else set()
+    everything = list(source.pairs) + (list(extra.pairs) if extra is not None else [])
     if settings.dev:
         dev_source = read_pairs(settings.dev)
-        train, dev = list(source.pairs), list(dev_source.pairs)
+        train, dev = everything, list(dev_source.pairs)
         data["dev_sources"] = dev_source.sources
     else:
-        split = question_disjoint_split(source.pairs, settings.dev_fraction, settings.seed)
+        # One split over both sources, so a labelled question never sits on both sides.
+        split = question_disjoint_split(everything, settings.dev_fraction, settings.seed)
         train, dev = split.train, split.dev
         data["split"] = {"method": "question-disjoint clusters", "dev_fraction":
                          settings.dev_fraction, "dropped_cross_pairs": split.dropped}
-    train = _sample(train, settings.max_pairs, settings.seed)
+    # --max-pairs caps the bulk source only: the human-labelled pairs are few and the most useful.
+    train = (_sample([p for p in train if p not in kept], settings.max_pairs, settings.seed)
+             + [p for p in train if p in kept])
     dev = _sample(dev, settings.max_dev_pairs, settings.seed + 1)
     needs_bi = any(p.label is None for p in train + dev)
     bi_encoder = load_bi_encoder(settings.bi_encoder) if needs_bi else None
