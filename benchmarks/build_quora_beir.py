@@ -11,6 +11,8 @@ to OUT (default ``runs/quora-beir``, gitignored; never commit data):
   queries' clusters or with the labelled test file;
 - ``labelled_test.tsv``: quora/labelled/dev.tsv (Quora format), whose questions are disjoint
   from ``train_pairs.tsv``;
+- ``labelled_train.tsv`` + ``labelled_heldout.tsv``: the same file halved by cluster, so that its
+  human-labelled non-duplicates can train a reranker and the other half still tests it;
 - optionally (``--snapshot-root``) a published twinq snapshot of the corpus, embedded with the
   bundled bi-encoder through the same snapshot API the index pipeline uses.
 
@@ -104,11 +106,37 @@ def build(out: Path, n_queries: int, seed: int) -> dict[str, int]:
     with open(out / "labelled_test.tsv", "w", encoding="utf-8") as fh:
         for i, p in enumerate(labelled.pairs):
             fh.write(f"{p.label}\t{normalize_text(p.q1)}\t{normalize_text(p.q2)}\t{i}\n")
+    halves = split_labelled(labelled.pairs, clusters, set(query_clusters), seed)
+    for name, rows in halves.items():
+        with open(out / f"labelled_{name}.tsv", "w", encoding="utf-8") as fh:
+            for i, p in rows:
+                fh.write(f"{p.label}\t{normalize_text(p.q1)}\t{normalize_text(p.q2)}\t{i}\n")
     counts = {"corpus": len(corpus), "queries": len(query_clusters), "qrels": n_qrels,
               "train_pairs": n_train, "labelled_test": len(labelled.pairs),
+              **{f"labelled_{name}": len(rows) for name, rows in halves.items()},
               "held_clusters": len(held), "clusters": len(members)}
     (out / "build.json").write_text(json.dumps({"seed": seed, "counts": counts}, indent=2))
     return counts
+
+
+def split_labelled(pairs: list[LabelledPair], clusters: dict[str, int], query_clusters: set[int],
+                   seed: int) -> dict[str, list[tuple[int, LabelledPair]]]:
+    """Halve the human-labelled pairs by cluster: `train` (its non-duplicates are the hard negatives
+    a reranker learns "same topic, different question" from) and `heldout` (the pair test).
+
+    A cluster (over every positive pair of both sources) lands wholly on one side; a pair whose
+    questions fall on different sides is dropped, and no pair touching a retrieval query's cluster
+    reaches `train`.
+    """
+    ids = sorted({clusters[question_key(q)] for p in pairs for q in (p.q1, p.q2)})
+    random.Random(seed + 1).shuffle(ids)
+    train_side = set(ids[: len(ids) // 2]) - query_clusters
+    halves: dict[str, list[tuple[int, LabelledPair]]] = {"train": [], "heldout": []}
+    for i, p in enumerate(pairs):
+        sides = {clusters[question_key(q)] in train_side for q in (p.q1, p.q2)}
+        if len(sides) == 1:
+            halves["train" if sides.pop() else "heldout"].append((i, p))
+    return halves
 
 
 def write_snapshot(corpus_path: Path, root: Path, shards: int = 4, batch_size: int = 128) -> str:
