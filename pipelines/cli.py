@@ -44,6 +44,7 @@ def build_command(
     index_factory: Optional[str] = typer.Option(None, help="FAISS factory key overriding the automatic choice."),
     reuse_from: Optional[str] = typer.Option("auto", help="Root whose published vectors to reuse; 'auto' = --root, 'none' = off."),
     threads: Optional[int] = typer.Option(None, help="Torch threads per Beam worker process (or TWINQ_THREADS)."),
+    backend: Optional[str] = typer.Option(None, help="Encoder backend: torch, onnx (int8), onnx-fp32, openvino (or TWINQ_BACKEND)."),
     batch_size: int = typer.Option(128, help="Largest inference batch."),
     canary: int = typer.Option(200, help="Rows self-queried to validate the snapshot (0 = off)."),
     pushgateway: Optional[str] = typer.Option(None, help="Push build metrics to this Prometheus Pushgateway."),
@@ -53,12 +54,13 @@ def build_command(
     from pipelines.build_metrics import push_build_metrics
     from pipelines.index import BuildOptions, build_snapshot
 
-    settings = _settings(config, root=str(root) if root else None, model=model, threads=threads)
+    settings = _settings(config, root=str(root) if root else None, model=model, threads=threads,
+                         backend=backend)
     opts = BuildOptions(
         corpus=corpus, root=Path(settings.root), shards=shards, model=settings.model, id_field=id_field,
         text_field=text_field, publish=publish, memory_budget=memory_budget,
         index_factory=index_factory, reuse_from=None if reuse_from == "none" else reuse_from,
-        threads=settings.threads, batch_size=batch_size, canary=canary, beam_args=list(ctx.args))
+        threads=settings.threads, backend=settings.backend, batch_size=batch_size, canary=canary, beam_args=list(ctx.args))
     try:
         result = build_snapshot(opts)
     except Exception:

@@ -38,6 +38,7 @@ class EmbedHandler(ModelHandler[str, PredictionResult, "SentenceTransformer"]):
         model: str | None = None,
         *,
         threads: int | None = None,
+        backend: str = "torch",
         min_batch_size: int = 16,
         max_batch_size: int = 128,
         encode_batch_size: int = 64,
@@ -47,6 +48,8 @@ class EmbedHandler(ModelHandler[str, PredictionResult, "SentenceTransformer"]):
         Args:
             model: A local path, hub name, or None for the bundled all-MiniLM-L6-v2.
             threads: Torch threads per SDK process. Defaults to torch's choice.
+            backend: "torch", or "onnx" for onnxruntime int8 (see `shared.models`). Defaults
+                to "torch".
             min_batch_size: Smallest batch Beam forms. Defaults to 16.
             max_batch_size: Largest batch Beam forms. Defaults to 128.
             encode_batch_size: Batch size inside `encode`. Defaults to 64.
@@ -58,6 +61,7 @@ class EmbedHandler(ModelHandler[str, PredictionResult, "SentenceTransformer"]):
                          batch_length_fn=text_length, batch_bucket_boundaries=LENGTH_BUCKETS)
         self._model = model
         self._threads = threads
+        self._backend = backend
         self._encode_batch_size = encode_batch_size
         self._progress_total = progress_total
         self._done = 0
@@ -66,7 +70,7 @@ class EmbedHandler(ModelHandler[str, PredictionResult, "SentenceTransformer"]):
 
     def load_model(self) -> SentenceTransformer:
         set_threads(self._threads)
-        return load_bi_encoder(self._model)
+        return load_bi_encoder(self._model, backend=self._backend)
 
     def run_inference(
         self,

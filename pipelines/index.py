@@ -47,6 +47,8 @@ class BuildOptions:
     reuse_from: str | None = "auto"
     """A snapshot root whose published vectors may be reused; "auto" = this root; None = off."""
     threads: int | None = None
+    backend: str = "torch"
+    """Encoder backend; recorded in the manifest, and vectors are reused only from the same one."""
     batch_size: int = 128
     canary: int = 200
     beam_args: list[str] = field(default_factory=list)
@@ -98,6 +100,10 @@ def _previous_data_files(opts: BuildOptions, model_name: str) -> tuple[str | Non
     if manifest["model"]["name"] != model_name:
         log.info("not reusing %s: built with %s, not %s", version, manifest["model"]["name"], model_name)
         return None, []
+    if manifest["model"].get("backend", "torch") != opts.backend:
+        log.info("not reusing %s: embedded with the %s backend, not %s", version,
+                 manifest["model"].get("backend", "torch"), opts.backend)
+        return None, []
     return version, [str(path / e["data_file"]) for e in manifest["shards"] if e["rows"]]
 
 
@@ -132,7 +138,7 @@ def run_beam(opts: BuildOptions, paths: list[str], path: Path, model_name: str,
     from pipelines import index_transforms as T
     from pipelines.embed_handler import EmbedHandler
 
-    handler = KeyedModelHandler(EmbedHandler(opts.model, threads=opts.threads,
+    handler = KeyedModelHandler(EmbedHandler(opts.model, threads=opts.threads, backend=opts.backend,
                                              max_batch_size=opts.batch_size,
                                              progress_total=_estimate_rows(paths)))
     budget = parse_bytes(opts.memory_budget)
@@ -240,7 +246,7 @@ def build_snapshot(opts: BuildOptions) -> BuildResult:
                 "format_version": SNAPSHOT_FORMAT_VERSION, "version": version,
                 "created_at": snap.now_iso(),
                 "model": {"name": model_name, "dimension": dim, "normalized": True,
-                          "max_seq_length": _max_seq_length(source), "backend": "torch"},
+                          "max_seq_length": _max_seq_length(source), "backend": opts.backend},
                 "corpus": {
                     "sources": paths, "rows_read": counters.get("rows_read", 0),
                     "rows_rejected": counters.get("rows_rejected", 0),

@@ -69,6 +69,25 @@ def test_incremental_build_reembeds_only_changed_rows(tmp_path: Path, tiny_bi_en
     assert new["q000"] == old["q000"] and new["q007"] != old["q007"]
 
 
+def test_backend_is_recorded_and_vectors_are_not_reused_across_backends(
+        tmp_path: Path, tiny_bi_encoder_path: str) -> None:
+    pytest.importorskip("onnxruntime")
+    import shutil
+
+    model = tmp_path / "model"  # a private copy: the onnx export is cached inside it
+    shutil.copytree(tiny_bi_encoder_path, model)
+    corpus = str(_write_jsonl(tmp_path / "c.jsonl", _corpus(30)))
+    options = dict(corpus=[corpus], root=tmp_path / "root", shards=2, model=str(model), publish=True)
+    first = build_snapshot(BuildOptions(**options))
+    assert first.manifest["model"]["backend"] == "torch"
+    second = build_snapshot(BuildOptions(**options, backend="onnx"))
+    assert second.manifest["model"]["backend"] == "onnx"
+    assert second.manifest["corpus"]["rows_reused"] == 0, "int8 and fp32 vectors must not mix"
+    assert second.manifest["validation"]["passed"]
+    third = build_snapshot(BuildOptions(**options, backend="onnx"))
+    assert third.manifest["corpus"]["rows_reused"] == 30
+
+
 def _all_rows(path: Path) -> list[dict]:
     return [r for f in sorted(path.glob("shard-*.parquet")) for r in pq.read_table(f).to_pylist()]
 
