@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
-# Out of CI for now: the demo reranker's training is not bit-reproducible on CPU, and 2 of 5 runs
-# answered 15/16 at rank 1 instead of 16/16. The assertion stays strict; `make reliability` runs it.
-pytestmark = [pytest.mark.slow, pytest.mark.reliability]
+# The default (not --fast) demo: its 30-step fast reranker cannot fix the near-miss questions that
+# recall alone gets wrong (14/16), and this test checks what a newcomer sees. Training is seeded
+# end to end (tests/pipelines/test_train.py checks that the same seed gives the same weights), so
+# the strict 16/16 is a stable assertion, not a lucky one.
+pytestmark = pytest.mark.slow
 
 
 def _port_open(port: int) -> bool:
