@@ -36,6 +36,7 @@ def reranker_command(
     negatives: int = typer.Option(1, help="Mined hard negatives per positive-only pair."),
     random_negatives: int = typer.Option(0, help="Random negatives per positive-only pair."),
     margin: float = typer.Option(0.05, help="False-negative margin for mining."),
+    bands: str = typer.Option("1-5,6-20,21-50", help="Rank bands mined negatives are drawn from."),
     bi_encoder: Optional[str] = typer.Option(None, "--bi-encoder", help="Bi-encoder for mining; "
                                              "default bundled MiniLM (use recall's model)."),
     fusion_root: Optional[str] = typer.Option(None, "--fusion-root", help="Snapshot ROOT holding "
@@ -64,7 +65,7 @@ def reranker_command(
         labelled=[str(p) for p in labelled] if labelled else None,
         max_pairs=max_pairs, max_dev_pairs=max_dev_pairs, epochs=epochs, lr=lr,
         batch_size=batch_size, max_length=max_length, swap=swap, negatives=negatives,
-        random_negatives=random_negatives, margin=margin, bi_encoder=bi_encoder, hard_negatives=hard_negatives,
+        random_negatives=random_negatives, margin=margin, bands=bands, bi_encoder=bi_encoder, hard_negatives=hard_negatives,
         fusion_root=fusion_root, seed=seed, threads=threads, max_steps=max_steps)
     report = train_reranker(settings)
     m = report["dev_metrics"]

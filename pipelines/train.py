@@ -62,6 +62,8 @@ class TrainSettings:
     negatives: int = 1
     random_negatives: int = 0
     margin: float = 0.05
+    bands: str = "1-5,6-20,21-50"
+    """Rank bands mined negatives are drawn from, evenly (see `pipelines.mining`)."""
     hard_negatives: str | None = None
     bi_encoder: str | None = None
     fusion_root: str | None = None
@@ -103,6 +105,21 @@ def _sample(pairs: list[LabelledPair], limit: int | None, seed: int) -> list[Lab
     return rng.sample(list(pairs), limit)
 
 
+def parse_bands(text: str) -> list[tuple[int, int]]:
+    """"1-5,6-20" -> [(1, 5), (6, 20)]; bands are 1-based and inclusive.
+
+    Raises:
+        BadInput: a band that is not "lo-hi" with 1 <= lo <= hi.
+    """
+    bands = []
+    for part in text.split(","):
+        lo, sep, hi = part.strip().partition("-")
+        if not (sep and lo.isdigit() and hi.isdigit() and 1 <= int(lo) <= int(hi)):
+            raise BadInput(f"bad rank band {part!r}: expected lo-hi, e.g. 1-5,6-20,21-50")
+        bands.append((int(lo), int(hi)))
+    return bands
+
+
 def _with_negatives(pairs: list[LabelledPair], settings: TrainSettings, bi_encoder: Any,
                     snapshot: Any = None) -> tuple[list[LabelledPair], dict[str, int]]:
     """Keep labelled pairs as they are; add mined negatives for positive-only (label None) pairs."""
@@ -112,6 +129,7 @@ def _with_negatives(pairs: list[LabelledPair], settings: TrainSettings, bi_encod
     mined = mine_hard_negatives(pairs, bi_encoder, snapshot=snapshot,
                                 num_negatives=settings.negatives,
                                 random_negatives=settings.random_negatives,
+                                bands=parse_bands(settings.bands),
                                 margin=settings.margin, seed=settings.seed)
     labelled = [LabelledPair(p.q1, p.q2, 1 if p.label is None else p.label) for p in pairs]
     return labelled + mined.negatives, mined.stats
@@ -128,6 +146,7 @@ def prepare_data(settings: TrainSettings) -> tuple[list[LabelledPair], list[Labe
     """
     from shared.models import load_bi_encoder
 
+    parse_bands(settings.bands)  # a typo fails now, not after the pairs are read
     source = read_pairs(settings.pairs)
     if not source.pairs:
         raise BadInput(f"no pairs read from {settings.pairs}")

@@ -110,3 +110,16 @@ def test_same_seed_trains_the_same_model(tmp_path: Path, tiny_bi_encoder_path: s
         model = fit(train, dev, settings)
         weights.append(torch.cat([p.detach().flatten() for p in model.model.parameters()]))
     assert torch.equal(weights[0], weights[1])
+
+
+def test_parse_bands() -> None:
+    import pytest
+
+    from pipelines.train import parse_bands
+    from shared.errors import BadInput
+
+    assert parse_bands("1-5, 6-20,21-50") == [(1, 5), (6, 20), (21, 50)]
+    assert parse_bands("3-3") == [(3, 3)]
+    for bad in ("", "5", "0-5", "6-2", "a-b", "1-5,"):
+        with pytest.raises(BadInput):
+            parse_bands(bad)
