@@ -26,6 +26,9 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--changed", type=float, default=0.01, help="Share of texts changed.")
     parser.add_argument("--beam-arg", action="append", default=[], help="Extra Beam flag.")
+    parser.add_argument("--batch-size", type=int, default=None, help="Largest inference batch "
+                        "(default: the build's own default).")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads in the build.")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -43,7 +46,10 @@ def main() -> None:
         model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
     del model
 
-    options = dict(root=work / "root", shards=args.shards, publish=True, beam_args=args.beam_arg)
+    options = dict(root=work / "root", shards=args.shards, publish=True, beam_args=args.beam_arg,
+                   threads=args.threads)
+    if args.batch_size:
+        options["batch_size"] = args.batch_size
     with stopwatch(seconds, "pipeline_full"):
         full = build_snapshot(BuildOptions(corpus=[str(corpus)], **options))
 

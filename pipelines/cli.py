@@ -45,7 +45,7 @@ def build_command(
     reuse_from: Optional[str] = typer.Option("auto", help="Root whose published vectors to reuse; 'auto' = --root, 'none' = off."),
     threads: Optional[int] = typer.Option(None, help="Torch threads per Beam worker process (or TWINQ_THREADS)."),
     backend: Optional[str] = typer.Option(None, help="Encoder backend: torch, onnx (int8), onnx-fp32, openvino (or TWINQ_BACKEND)."),
-    batch_size: int = typer.Option(128, help="Largest inference batch."),
+    batch_size: int = typer.Option(1024, help="Texts per inference batch (encode sorts each by length)."),
     canary: int = typer.Option(200, help="Rows self-queried to validate the snapshot (0 = off)."),
     pushgateway: Optional[str] = typer.Option(None, help="Push build metrics to this Prometheus Pushgateway."),
 ) -> None:

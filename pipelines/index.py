@@ -1,6 +1,7 @@
 """The index pipeline: corpus files in, a validated (and optionally published) snapshot out.
 
-    read -> clean -> dedupe -> reuse old vectors | embed new texts (RunInference) -> shard -> write
+    read -> clean -> group by text with the old vectors (dedupe + reuse in one shuffle)
+         -> reuse old vectors | embed new texts (RunInference) -> shard -> write
     then, outside Beam: assemble the manifest -> validate (counts, loads, canary) -> publish
 
 A build that fails at any point leaves CURRENT untouched: the manifest is written only after
@@ -49,7 +50,8 @@ class BuildOptions:
     threads: int | None = None
     backend: str = "torch"
     """Encoder backend; recorded in the manifest, and vectors are reused only from the same one."""
-    batch_size: int = 128
+    batch_size: int = 1024
+    """Texts per inference batch (see `pipelines.embed_handler.BATCH_SIZE`)."""
     canary: int = 200
     beam_args: list[str] = field(default_factory=list)
 
@@ -139,6 +141,7 @@ def run_beam(opts: BuildOptions, paths: list[str], path: Path, model_name: str,
     from pipelines.embed_handler import EmbedHandler
 
     handler = KeyedModelHandler(EmbedHandler(opts.model, threads=opts.threads, backend=opts.backend,
+                                             min_batch_size=opts.batch_size,
                                              max_batch_size=opts.batch_size,
                                              progress_total=_estimate_rows(paths)))
     budget = parse_bytes(opts.memory_budget)
@@ -147,16 +150,12 @@ def run_beam(opts: BuildOptions, paths: list[str], path: Path, model_name: str,
             | "CorpusFiles" >> beam.Create(paths)
             | "ReadAndClean" >> beam.ParDo(T.ReadAndClean(opts.id_field, opts.text_field))
             .with_outputs(T.REJECTED, main="rows"))
-    unique = (read.rows
-              | "KeyByText" >> beam.Map(T.key_by_text(model_name))
-              | "GroupDuplicates" >> beam.GroupByKey()
-              | "MergeDuplicates" >> beam.Map(T.merge_duplicates)
-              | "KeyNew" >> beam.Map(lambda r: (r["text_key"], r)))
+    keyed = read.rows | "KeyByText" >> beam.Map(T.key_by_text(model_name))
     old = (pipeline
            | "PreviousShards" >> beam.Create(previous_files)
            | "ReadPrevious" >> beam.FlatMap(T.read_previous_embeddings))
-    split = ({"new": unique, "old": old}
-             | "JoinPrevious" >> beam.CoGroupByKey()
+    split = ({"new": keyed, "old": old}
+             | "GroupByText" >> beam.CoGroupByKey()
              | "SplitReusable" >> beam.ParDo(T.SplitReusable())
              .with_outputs(T.SplitReusable.TO_EMBED, main="reused"))
     embedded = (split[T.SplitReusable.TO_EMBED]

@@ -1,6 +1,9 @@
 """The Beam DoFns and transforms of the index pipeline: read, clean, dedupe, reuse, shard, write.
 
 Each is small and pure enough to test alone; `pipelines.index` wires them into a pipeline.
+Between stages a row is a tuple or dict of strings and a vector is float32 bytes: Beam's
+primitive coder encodes those natively, where dataclasses and numpy arrays went through pickle,
+one call per row per stage (the largest fixed cost of an incremental build).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from shared.corpus import CorpusRow, Rejected, iter_records
+from shared.corpus import Rejected, iter_records
 from shared.text import normalize_text, stable_shard, text_key
 
 log = logging.getLogger(__name__)
@@ -27,8 +30,12 @@ def _open(path: str) -> Any:
     return FileSystems.open(path, compression_type="uncompressed")
 
 
+Row = tuple[str, str, str]
+"""(id, clean text, metadata as a JSON object)."""
+
+
 class ReadAndClean(beam.DoFn):
-    """Read one corpus file; emit clean rows, and rejects to the `rejected` output.
+    """Read one corpus file; emit clean `Row`s, and rejects to the `rejected` output.
 
     Cleaning is NFKC plus collapsed whitespace; an empty text is a reject, never a crash.
     """
@@ -51,53 +58,59 @@ class ReadAndClean(beam.DoFn):
                 yield beam.pvalue.TaggedOutput(
                     REJECTED, Rejected(path, -1, "empty text after cleaning", record.id).to_json())
                 continue
-            yield CorpusRow(record.id, text, record.metadata)
+            yield record.id, text, json.dumps(record.metadata, ensure_ascii=False, default=str)
 
 
-def merge_duplicates(item: tuple[str, Iterable[CorpusRow]]) -> dict[str, Any]:
+def merge_duplicates(item: tuple[str, Iterable[Row]]) -> dict[str, Any]:
     """One record per distinct text: the smallest id is primary, every id is kept."""
     key, rows = item
-    rows = sorted(rows, key=lambda r: r.id)
-    return {"text_key": key, "id": rows[0].id, "ids": [r.id for r in rows], "text": rows[0].text,
-            "metadata": json.dumps(rows[0].metadata, ensure_ascii=False, default=str)}
+    rows = sorted(rows)
+    return {"text_key": key, "id": rows[0][0], "ids": [r[0] for r in rows], "text": rows[0][1],
+            "metadata": rows[0][2]}
 
 
 class SplitReusable(beam.DoFn):
-    """After a CoGroupByKey with the previous snapshot: reuse its vector, or send to the model."""
+    """After one CoGroupByKey by text key (this corpus's rows with the previous snapshot's
+    vectors): merge the duplicates, then reuse the stored vector or send the text to the model.
+
+    Deduplication and reuse share that one shuffle: a separate GroupByKey for duplicates cost
+    a whole extra pass over every row, a large share of an incremental build.
+    """
 
     TO_EMBED = "to_embed"
 
     def __init__(self) -> None:
         self._reused = Metrics.counter(NS, "rows_reused")
 
-    def process(self, item: tuple[str, dict[str, list[Any]]]) -> Iterator[Any]:
-        _, groups = item
-        for record in groups["new"]:
-            if groups["old"]:
-                self._reused.inc()
-                yield {**record, "embedding": groups["old"][0]}
-            else:
-                yield beam.pvalue.TaggedOutput(self.TO_EMBED, record)
+    def process(self, item: tuple[str, dict[str, Iterable[Any]]]) -> Iterator[Any]:
+        key, groups = item
+        rows = list(groups["new"])
+        if not rows:  # a text of the previous snapshot that this corpus no longer has
+            return
+        record = merge_duplicates((key, rows))
+        old = next(iter(groups["old"]), None)
+        if old is not None:
+            self._reused.inc()
+            yield {**record, "embedding": old}
+        else:
+            yield beam.pvalue.TaggedOutput(self.TO_EMBED, record)
 
 
-def read_previous_embeddings(data_file: str) -> Iterator[tuple[str, Any]]:
-    """(text_key, float32 vector) pairs from one shard of the previous snapshot.
-
-    Vectors travel as numpy rows, not Python lists: 384 boxed floats per row made reading,
-    pickling through the join and rebuilding Arrow columns a large share of an incremental build.
-    """
+def read_previous_embeddings(data_file: str) -> Iterator[tuple[str, bytes]]:
+    """(text_key, float32 vector bytes) pairs from one shard of the previous snapshot."""
     import pyarrow.parquet as pq
 
     from shared.snapshot import embeddings_of
 
     table = pq.read_table(data_file, columns=["text_key", "embedding"])
-    yield from zip(table.column("text_key").to_pylist(), embeddings_of(table))
+    vectors = embeddings_of(table).astype("<f4", copy=False)
+    yield from zip(table.column("text_key").to_pylist(), map(bytes, vectors))
 
 
 def attach_embedding(item: tuple[str, Any]) -> dict[str, Any]:
-    """Back from RunInference(KeyedModelHandler): put the float32 vector on the record."""
+    """Back from RunInference(KeyedModelHandler): put the float32 vector bytes on the record."""
     record_json, prediction = item
-    return {**json.loads(record_json), "embedding": prediction.inference}
+    return {**json.loads(record_json), "embedding": prediction.inference.astype("<f4").tobytes()}
 
 
 class WriteShard(beam.DoFn):
@@ -126,8 +139,8 @@ def write_shard_records(path: Path, shard: int, records: list[dict[str, Any]],
     from shared.snapshot_schema import schema
 
     records.sort(key=lambda r: r["id"])
-    dim = dim or len(records[0]["embedding"])
-    vectors = np.asarray([r["embedding"] for r in records], dtype=np.float32).reshape(-1, dim)
+    dim = dim or len(records[0]["embedding"]) // 4
+    vectors = np.frombuffer(b"".join(r["embedding"] for r in records), dtype="<f4").reshape(-1, dim)
     columns = {name: [r[name] for r in records] for name in schema(dim).names if name != "embedding"}
     columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim)
     table = pa.table(columns, schema=schema(dim))
@@ -146,7 +159,7 @@ def shard_of(num_shards: int):  # noqa: ANN201 - returns a Beam-friendly callabl
 
 
 def key_by_text(model_name: str):  # noqa: ANN201
-    def key(row: CorpusRow) -> tuple[str, CorpusRow]:
-        return text_key(row.text, model_name), row
+    def key(row: Row) -> tuple[str, Row]:
+        return text_key(row[1], model_name), row
 
     return key

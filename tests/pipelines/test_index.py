@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipelines.embed_handler import EmbedHandler
 from pipelines.index import BuildOptions, build_snapshot
 from shared import snapshot as snap
 from shared.cli import main as twinq
@@ -153,10 +154,46 @@ def test_index_cli_list_publish_rollback_gc(tmp_path: Path, tiny_bi_encoder_path
     assert twinq(["index", "publish", "../oops", "--root", root]) == 2
 
 
-def test_embed_handler_buckets_keyed_texts_by_text_length() -> None:
-    from pipelines.embed_handler import EmbedHandler, text_length
+_BATCHES: list[int] = []
+"""Size of every batch RunInference handed over (DirectRunner runs in-process)."""
 
-    kwargs = EmbedHandler("unused", min_batch_size=8, max_batch_size=32).batch_elements_kwargs()
-    assert kwargs["min_batch_size"] == 8 and kwargs["max_batch_size"] == 32
-    assert kwargs["length_fn"] is text_length and kwargs["bucket_boundaries"] == [48, 96, 192]
-    assert text_length(("key-json", "a question")) == 10 == text_length("a question")
+
+class _RecordingEmbedHandler(EmbedHandler):
+    """Module-level, so that Beam pickles it by reference and appends to the real `_BATCHES`."""
+
+    def run_inference(self, batch, model, inference_args=None):  # noqa: ANN001, ANN201
+        _BATCHES.append(len(batch))
+        return super().run_inference(batch, model, inference_args)
+
+
+def test_runinference_forms_full_batches_and_keeps_keys(tiny_bi_encoder_path: str) -> None:
+    """Padding is cut by `encode`'s length sort inside large batches, so batches must be full."""
+    import apache_beam as beam
+    import numpy as np
+    from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+    from apache_beam.testing.util import assert_that
+
+    from shared.models import load_bi_encoder
+
+    _BATCHES.clear()
+    texts = [f"question {n} " + "w" * (n % 97) for n in range(100)]
+    handler = KeyedModelHandler(_RecordingEmbedHandler(tiny_bi_encoder_path, min_batch_size=32,
+                                                       max_batch_size=32))
+    expected = load_bi_encoder(tiny_bi_encoder_path).encode(texts, normalize_embeddings=True)
+
+    def check(results: list) -> None:
+        assert len(results) == len(texts)
+        for key, prediction in results:
+            np.testing.assert_allclose(prediction.inference, expected[int(key)], atol=1e-5)
+
+    with beam.Pipeline(options=_direct()) as pipeline:
+        out = (pipeline | beam.Create([(str(i), t) for i, t in enumerate(texts)])
+               | RunInference(handler))
+        assert_that(out, check)
+    assert sorted(_BATCHES, reverse=True)[:3] == [32, 32, 32] and sum(_BATCHES) == 100
+
+
+def _direct():  # noqa: ANN202
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    return PipelineOptions(["--runner=DirectRunner"])
