@@ -1,7 +1,7 @@
 """Benchmark: the Beam index pipeline against a plain `SentenceTransformer.encode` loop, and an
 incremental rebuild (1% of texts changed) against a full build, measured in the same run.
 
-    .venv/bin/python benchmarks/bench_index.py --rows 20000
+    .venv/bin/python benchmarks/bench_index.py --rows 20000 --repeat 3
 
 Goals (issue 2 / 7): pipeline/encode throughput ratio >= 0.85 with DirectRunner on 2 cores;
 incremental/full time <= 10%.
@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="Largest inference batch "
                         "(default: the build's own default).")
     parser.add_argument("--threads", type=int, default=None, help="torch threads in the build.")
+    parser.add_argument("--repeat", type=int, default=1, help="Repetitions; medians are reported.")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -39,29 +41,34 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="twinq-bench-index-"))
     corpus = work / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"_id": f"q{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
-    seconds: dict[str, float] = {}
-
-    model = load_bi_encoder()
-    with stopwatch(seconds, "encode_loop"):
-        model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
-    del model
-
-    options = dict(root=work / "root", shards=args.shards, publish=True, beam_args=args.beam_arg,
-                   threads=args.threads)
-    if args.batch_size:
-        options["batch_size"] = args.batch_size
-    with stopwatch(seconds, "pipeline_full"):
-        full = build_snapshot(BuildOptions(corpus=[str(corpus)], **options))
-
     changed = max(1, int(len(texts) * args.changed))
     edited = [t if i % (len(texts) // changed) else f"{t} (edited {i})" for i, t in enumerate(texts)]
     corpus2 = work / "corpus2.jsonl"
     corpus2.write_text("".join(json.dumps({"_id": f"q{i}", "text": t}) + "\n" for i, t in enumerate(edited)))
-    with stopwatch(seconds, "pipeline_incremental"):
-        incremental = build_snapshot(BuildOptions(corpus=[str(corpus2)], **options))
+
+    model = load_bi_encoder()
+    runs: list[dict[str, float]] = []
+    for r in range(args.repeat):  # alternated, so that drift in the machine hits both sides
+        seconds: dict[str, float] = {}
+        with stopwatch(seconds, "encode_loop"):
+            model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
+        options = dict(root=work / f"root{r}", shards=args.shards, publish=True,
+                       beam_args=args.beam_arg, threads=args.threads)
+        if args.batch_size:
+            options["batch_size"] = args.batch_size
+        with stopwatch(seconds, "pipeline_full"):
+            full = build_snapshot(BuildOptions(corpus=[str(corpus)], **options))
+        with stopwatch(seconds, "pipeline_incremental"):
+            incremental = build_snapshot(BuildOptions(corpus=[str(corpus2)], **options))
+        runs.append(seconds)
+        print(f"run {r + 1}: encode {seconds['encode_loop']:.1f}s, full {seconds['pipeline_full']:.1f}s, "
+              f"incremental {seconds['pipeline_incremental']:.1f}s; ratio "
+              f"{seconds['encode_loop'] / seconds['pipeline_full']:.2f}, incremental/full "
+              f"{seconds['pipeline_incremental'] / seconds['pipeline_full']:.1%}", flush=True)
+    seconds = {k: statistics.median(run[k] for run in runs) for k in runs[0]}
 
     n = len(texts)
-    print(f"machine: {machine()}")
+    print(f"machine: {machine()}; medians of {args.repeat} run(s)")
     print(f"| what | seconds | texts/s |\n|---|---:|---:|")
     print(f"| plain encode loop (baseline) | {seconds['encode_loop']:.1f} | {n / seconds['encode_loop']:.0f} |")
     print(f"| Beam pipeline, full build | {seconds['pipeline_full']:.1f} | {n / seconds['pipeline_full']:.0f} |")
