@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The reranker ablation behind docs/results.md (issue 9): one change per row against `base`, then
+# `final` combines what helped with more pairs. Each row: train, score the held-out human-labelled
+# pairs, rerank the Quora BEIR queries; then benchmarks/ablation_table.py prints the table.
+#   nice bash benchmarks/ablate_reranker.sh > runs/logs/ablate.log 2>&1 &
+# Needs runs/quora-beir and runs/quora-snap (benchmarks/build_quora_beir.py). CPU only, 2 cores:
+# about 5 to 12 minutes per row, 25 for `final`. Data stays under runs/ (gitignored).
+set -euo pipefail
+TWINQ=${TWINQ:-.venv/bin/twinq}
+B=runs/quora-beir
+A=runs/ablation
+ROWS=${ROWS:-"base labelled final lr5e-5 len32 bands1-5"}
+BASE=(--pairs $B/train_pairs.tsv --max-pairs 2000 --max-dev-pairs 1000 --negatives 1 --epochs 1
+      --lr 2e-5 --batch-size 32 --max-length 64 --seed 0 --threads 2 --fusion-root runs/quora-snap)
+declare -A EXTRA=(
+  [base]=""
+  [labelled]="--labelled $B/labelled_train.tsv"
+  [lr5e-5]="--lr 5e-5"
+  [bands1-5]="--bands 1-5"
+  [len32]="--max-length 32"
+  [final]="--labelled $B/labelled_train.tsv --max-pairs ${FINAL_PAIRS:-4000} ${FINAL_EXTRA:-}"
+)
+mkdir -p $A
+for row in $ROWS; do
+  out=$A/$row
+  # shellcheck disable=SC2086 # EXTRA holds several flags
+  [ -f $out/training.json ] || $TWINQ train reranker "${BASE[@]}" ${EXTRA[$row]} --out $out
+  [ -f $out/pairs/report.json ] || $TWINQ eval pairs --model $out --pairs $B/labelled_heldout.tsv --out $out/pairs --json > /dev/null
+  [ -f $out/retrieval/report.json ] || $TWINQ eval retrieval --root runs/quora-snap \
+      --queries $B/queries.jsonl --qrels $B/qrels/test.tsv --reranker $out --recall-k 100 \
+      --rerank-depth 20 --out $out/retrieval > /dev/null
+done
+# Symmetric scoring at inference: the base model, both orders averaged (no training).
+[ -f $A/base/pairs-symmetric/report.json ] || $TWINQ eval pairs --model $A/base --symmetric \
+    --pairs $B/labelled_heldout.tsv --out $A/base/pairs-symmetric --json > /dev/null
+.venv/bin/python benchmarks/ablation_table.py $A
