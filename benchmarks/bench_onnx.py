@@ -158,11 +158,17 @@ def compare_recipes(bi: dict[str, Any], texts: list[str], threads: int, repeats:
               f"{np.percentile(cos, 1):.4f} |")
 
 
-def row(name: str, n: int, seconds: list[float], base: list[float] | None) -> str:
-    ratio = f"{min(base) / min(seconds):.2f}x" if base else "1.00x"
-    median = f"{statistics.median(base) / statistics.median(seconds):.2f}x" if base else "1.00x"
-    return (f"| {name} | {n / min(seconds):.0f} | {n / statistics.median(seconds):.0f} | "
-            f"{ratio} | {median} |")
+def speed_table(title: str, unit: str, n: int, secs: dict[str, list[float]]) -> None:
+    """Print one encoder's throughput table: best and median rate, and ratios to torch fp32."""
+    base = secs["torch fp32"]
+    print(f"\n### {title}\n")
+    print(f"| backend | {unit}/s (best) | {unit}/s (median) | speed-up (best) | speed-up (median) |")
+    print("|---|---:|---:|---:|---:|")
+    for name, seconds in secs.items():
+        best = f"{min(base) / min(seconds):.2f}x"
+        median = f"{statistics.median(base) / statistics.median(seconds):.2f}x"
+        print(f"| {name} | {n / min(seconds):.0f} | {n / statistics.median(seconds):.0f} | "
+              f"{best} | {median} |")
 
 
 def main() -> None:
@@ -211,11 +217,8 @@ def main() -> None:
             texts, batch_size=64, normalize_embeddings=True, show_progress_bar=False)))
 
     secs = timed_rounds({name: encode(name) for name in bi}, args.repeats)
-    print(f"\n### Bi-encoder: {len(texts)} real Quora questions, batch 64, best / median of {args.repeats}\n")
-    print("| backend | questions/s (best) | questions/s (median) | speed-up (best) | speed-up (median) |")
-    print("|---|---:|---:|---:|---:|")
-    for name in bi:
-        print(row(name, len(texts), secs[name], None if name == "torch fp32" else secs["torch fp32"]))
+    speed_table(f"Bi-encoder: {len(texts)} real Quora questions, batch 64, best / median of "
+                f"{args.repeats}", "questions", len(texts), secs)
     ref = vectors["torch fp32"]
     for name in ("onnx fp32", "onnx int8"):
         cos = (vectors[name] * ref).sum(axis=1)
@@ -248,11 +251,8 @@ def main() -> None:
             pairs, batch_size=32, show_progress_bar=False, activation_fn=identity)).reshape(-1))
 
     secs = timed_rounds({name: predict(name) for name in ce}, args.repeats)
-    print(f"\n### Cross-encoder: {what}; {len(pairs)} real Quora pairs, batch 32\n")
-    print("| backend | pairs/s (best) | pairs/s (median) | speed-up (best) | speed-up (median) |")
-    print("|---|---:|---:|---:|---:|")
-    for name in ce:
-        print(row(name, len(pairs), secs[name], None if name == "torch fp32" else secs["torch fp32"]))
+    speed_table(f"Cross-encoder: {what}; {len(pairs)} real Quora pairs, batch 32", "pairs",
+                len(pairs), secs)
     for name in ("onnx fp32", "onnx int8"):
         a, b = logits[name], logits["torch fp32"]
         print(f"\n{name}: logits vs torch fp32: Spearman {spearman(a, b):.4f}, Pearson "
