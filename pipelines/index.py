@@ -102,9 +102,9 @@ def _previous_data_files(opts: BuildOptions, model_name: str) -> tuple[str | Non
     if manifest["model"]["name"] != model_name:
         log.info("not reusing %s: built with %s, not %s", version, manifest["model"]["name"], model_name)
         return None, []
-    if manifest["model"].get("backend", "torch") != opts.backend:
-        log.info("not reusing %s: embedded with the %s backend, not %s", version,
-                 manifest["model"].get("backend", "torch"), opts.backend)
+    backend = manifest["model"].get("backend", "torch")
+    if backend != opts.backend:
+        log.info("not reusing %s: embedded with the %s backend, not %s", version, backend, opts.backend)
         return None, []
     return version, [str(path / e["data_file"]) for e in manifest["shards"] if e["rows"]]
 

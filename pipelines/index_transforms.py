@@ -140,9 +140,9 @@ def write_shard_records(path: Path, shard: int, records: list[dict[str, Any]],
 
     records.sort(key=lambda r: r["id"])
     dim = dim or len(records[0]["embedding"]) // 4
-    vectors = np.frombuffer(b"".join(r["embedding"] for r in records), dtype="<f4").reshape(-1, dim)
+    flat = np.frombuffer(b"".join(r["embedding"] for r in records), dtype="<f4")
     columns = {name: [r[name] for r in records] for name in schema(dim).names if name != "embedding"}
-    columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim)
+    columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(flat), dim)
     table = pa.table(columns, schema=schema(dim))
     if index_factory:
         choice = IndexChoice(index_factory, "--index-factory given", "")
