@@ -67,7 +67,7 @@ class TrainSettings:
     hard_negatives: str | None = None
     bi_encoder: str | None = None
     fusion_root: str | None = None
-    fusion_queries: int = 300
+    fusion_queries: int = 1000
     warmup_ratio: float = 0.1
     eval_times: int = 4
     seed: int = 0

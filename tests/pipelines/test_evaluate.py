@@ -31,6 +31,33 @@ def test_tune_weight_picks_the_weight_that_ranks_relevant_first() -> None:
     assert weight > 0.5 and curve[1.0] == 1.0 and curve[0.0] < 1.0
 
 
+def _flip(relevant_first_in_rerank: bool) -> tuple[Candidates, np.ndarray, dict[str, float]]:
+    """Two candidates whose order flips for weights above 0.5 (z-scores are +-1 each)."""
+    c = Candidates([["a"], ["b"]], ["A", "B"], np.array([0.9, 0.1]))
+    return c, np.array([0.0, 1.0]), {"b" if relevant_first_in_rerank else "a": 1.0}
+
+
+def test_tune_weight_keeps_a_consistent_gain() -> None:
+    # Ten queries, all fixed by weights above 0.5: no noise, so the rule must not back off.
+    cands, rerank, qrels = {}, {}, {}
+    for i in range(10):
+        cands[f"q{i}"], rerank[f"q{i}"], qrels[f"q{i}"] = _flip(True)
+    weight, curve = tune_weight(cands, rerank, qrels, prior=0.0)
+    assert weight == 0.6 and curve[0.6] == 1.0 and curve[0.0] < 1.0
+
+
+def test_tune_weight_backs_off_a_gain_within_noise() -> None:
+    # Two queries gain and one loses above 0.5: the argmax (0.6) beats 0.0 by less than one
+    # paired standard error, so the weight nearest the prior wins the tie.
+    cands, rerank, qrels = {}, {}, {}
+    for i, gains in enumerate([True, True, False]):
+        cands[f"q{i}"], rerank[f"q{i}"], qrels[f"q{i}"] = _flip(gains)
+    weight, curve = tune_weight(cands, rerank, qrels, prior=0.0)
+    assert max(curve, key=lambda w: (curve[w], -w)) == 0.6
+    assert weight == 0.0
+    assert tune_weight(cands, rerank, qrels, prior=1.0)[0] == 1.0
+
+
 def _beir(tmp_path: Path) -> tuple[Path, Path]:
     queries = tmp_path / "queries.jsonl"
     queries.write_text("\n".join(json.dumps({"_id": f"q{i}", "text": TEXTS[i]}) for i in (0, 2, 4)))

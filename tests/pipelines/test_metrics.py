@@ -58,6 +58,15 @@ def test_retrieval_metrics_by_hand() -> None:
     assert out["recall@1"] == pytest.approx(0.5) and out["mrr@10"] == pytest.approx(0.75)
 
 
+def test_per_query_and_paired_gain_by_hand() -> None:
+    qrels = {"q": {"d1": 1.0}, "q2": {"x": 1.0}, "unjudged": {"y": 0.0}}
+    assert M.per_query({"q": ["d3", "d1"], "q2": ["x"]}, qrels, "mrr@10").tolist() == [0.5, 1.0]
+    g = M.paired_gain(np.array([0.0, 1.0, 0.5]), np.array([1.0, 1.0, 0.5]))
+    # differences 1, 0, 0: mean 1/3, sample sd sqrt(1/3), se sqrt(1/3)/sqrt(3) = 1/3
+    assert g["gain"] == pytest.approx(1 / 3) and g["se"] == pytest.approx(1 / 3)
+    assert g["ci95_low"] == pytest.approx(1 / 3 - 1.96 / 3) and g["queries"] == 3
+
+
 def test_fuse_scores_zscore_and_rrf_by_hand() -> None:
     recall = [3.0, 2.0, 1.0]
     rerank = [0.0, 1.0, 2.0]
