@@ -20,7 +20,7 @@ def _load(path: Path) -> dict:
 
 def main(root: str) -> None:
     rows = sorted(p for p in Path(root).iterdir() if (p / "training.json").is_file())
-    order = ["base", "labelled", "lr5e-5", "bands1-5", "len32", "final"]
+    order = ["base", "labelled", "lr5e-5", "bands1-5", "len32", "final", "all"]
     rows.sort(key=lambda p: (order.index(p.name) if p.name in order else len(order), p.name))
     print("| row | change | train examples | ex/s | dev acc | dev AP | held-out acc | held-out AP "
           "| rerank nDCG@10 | rerank MRR@10 | fused w | fused nDCG@10 | fused MRR@10 | fused q/s |")
@@ -50,6 +50,12 @@ def main(root: str) -> None:
         else:
             cells += ["-"] * 6
         print("| " + " | ".join(cells) + " |")
+    for row in rows:  # reports written since the paired intervals were added
+        gains = _load(row / "retrieval" / "report.json").get("gain_vs_recall", {}).get("fused")
+        if gains:
+            print(f"\n{row.name}, fused over recall (paired, 95% CI): " + "; ".join(
+                f"{m} {100 * g['gain']:+.2f} ({100 * g['ci95_low']:+.2f} to "
+                f"{100 * g['ci95_high']:+.2f})" for m, g in gains.items()))
     sym = _load(Path(root) / "base" / "pairs-symmetric" / "report.json")
     if sym:
         print(f"\nbase, symmetric scoring (both orders averaged): held-out acc "

@@ -27,6 +27,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from common import REPO, machine, quora_questions
@@ -81,54 +82,74 @@ def naive_loop(root: Path, reranker: str, queries: list[str], backend: str) -> t
     return latencies, tops
 
 
-def worker_run(root: Path, reranker: str, queries: list[str], backend: str, url: str
-               ) -> tuple[list, list, float]:
+def _wait_for_consumers(url: str, settings: Any, processes: list[subprocess.Popen],
+                        log_name: str) -> None:
+    """Block until every worker has joined the group (models loaded), then warm each one up:
+    the first batch of a process pays for lazy initialisation, which must not be timed."""
+    import redis
+
+    from worker.client import TwinqClient
+
+    r = redis.Redis.from_url(url)
+    for _ in range(1200):
+        dead = [p for p in processes if p.poll() is not None]
+        if dead:
+            raise SystemExit(f"a worker exited with {dead[0].returncode}; see {log_name}")
+        try:
+            if len(r.xinfo_consumers(settings.stream, settings.group)) >= len(processes):
+                break
+        except redis.ResponseError:  # the group does not exist yet
+            pass
+        time.sleep(0.25)
+    r.close()
+    with TwinqClient(url, settings) as client:
+        client.submit_many(["warm up"] * 8 * len(processes), timeout_s=120)
+
+
+def worker_run(root: Path, reranker: str, queries: list[str], backend: str, url: str, *,
+               workers: int = 1, threads: int | None = None) -> tuple[list, list, float]:
     import redis
 
     from shared.config import load_settings
-    from worker.client import TwinqClient
 
     tag = uuid.uuid4().hex[:8]
     env = {**os.environ, "TWINQ_STREAM": f"bench:{tag}", "TWINQ_GROUP": f"bench-{tag}",
            "TWINQ_BACKEND": backend, "TWINQ_MAX_STREAM_LENGTH": str(len(queries) * 2)}
+    if threads:
+        env["TWINQ_THREADS"] = str(threads)
     settings = load_settings(env=env)
     log = open(Path(tempfile.gettempdir()) / f"bench-worker-{tag}.log", "w")
-    process = subprocess.Popen([sys.executable, "-m", "shared.cli", "worker", "--root", str(root),
-                                "--reranker", reranker, "--redis-url", url], env=env,
-                               stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    processes = [subprocess.Popen([sys.executable, "-m", "shared.cli", "worker", "--root", str(root),
+                                   "--reranker", reranker, "--redis-url", url], env=env,
+                                  stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+                 for _ in range(workers)]
     try:
-        with TwinqClient(url, settings) as client:
-            for _ in range(60):  # model load and first batch, not timed
-                if process.poll() is not None:
-                    raise SystemExit(f"worker exited with {process.returncode}; see {log.name}")
-                try:
-                    client.ask("warm up", timeout_s=5)
-                    break
-                except TimeoutError:
-                    continue
-            r = redis.Redis.from_url(url, socket_timeout=None)
-            sent: dict[str, float] = {}
-            start = time.perf_counter()
-            pipe = r.pipeline(transaction=False)
-            for i, query in enumerate(queries):
-                rid = f"{tag}-{i}"
-                payload = {"id": rid, "query": query, "recall_k": RECALL_K, "rerank_depth": DEPTH,
-                           "top_k": 10, "fusion": "none"}
-                pipe.xadd(settings.stream, {"payload": json.dumps(payload)})
-                sent[rid] = time.perf_counter()
-            pipe.execute()
-            latencies, tops = [], []
-            for i in range(len(queries)):
-                rid = f"{tag}-{i}"
-                _, raw = r.blpop([settings.reply_prefix + rid], timeout=600)
-                reply = json.loads(raw)
-                latencies.append(time.perf_counter() - sent[rid])
-                tops.append(reply["results"][0]["id"])
-            total = time.perf_counter() - start
-            r.close()
+        _wait_for_consumers(url, settings, processes, log.name)
+        r = redis.Redis.from_url(url, socket_timeout=None)
+        sent: dict[str, float] = {}
+        start = time.perf_counter()
+        pipe = r.pipeline(transaction=False)
+        for i, query in enumerate(queries):
+            rid = f"{tag}-{i}"
+            payload = {"id": rid, "query": query, "recall_k": RECALL_K, "rerank_depth": DEPTH,
+                       "top_k": 10, "fusion": "none"}
+            pipe.xadd(settings.stream, {"payload": json.dumps(payload)})
+            sent[rid] = time.perf_counter()
+        pipe.execute()
+        latencies, tops = [], []
+        for i in range(len(queries)):
+            rid = f"{tag}-{i}"
+            _, raw = r.blpop([settings.reply_prefix + rid], timeout=600)
+            reply = json.loads(raw)
+            latencies.append(time.perf_counter() - sent[rid])
+            tops.append(reply["results"][0]["id"])
+        total = time.perf_counter() - start
+        r.close()
     finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=60)
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        for process in processes:
+            process.wait(timeout=60)
         log.close()
     return latencies, tops, total
 
@@ -143,6 +164,9 @@ def main() -> None:
     parser.add_argument("--naive-backend", choices=["torch", "onnx"],
                         help="Backend of the naive loop (default: --backend). Issue 7's goal is "
                         "the worker with --backend onnx against the naive loop in torch fp32.")
+    parser.add_argument("--workers", type=int, default=1, help="Worker processes for (b), each "
+                        "with --threads threads: one process per core is how twinq scales.")
+    parser.add_argument("--threads", type=int, help="TWINQ_THREADS per worker process.")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -153,7 +177,8 @@ def main() -> None:
 
     naive_backend = args.naive_backend or args.backend
     lat_a, top_a = naive_loop(root, reranker, queries, naive_backend)
-    lat_b, top_b, total_b = worker_run(root, reranker, queries, args.backend, args.redis_url)
+    lat_b, top_b, total_b = worker_run(root, reranker, queries, args.backend, args.redis_url,
+                                       workers=args.workers, threads=args.threads)
     qps_a, qps_b = len(queries) / sum(lat_a), len(queries) / total_b
     same = sum(a == b for a, b in zip(top_a, top_b)) / len(queries)
 
@@ -161,10 +186,11 @@ def main() -> None:
         return float(np.percentile(values, p) * 1000)
 
     print(f"machine: {machine()}; snapshot {root}; {len(queries)} queries; backend: naive "
-          f"{naive_backend}, worker {args.backend}")
+          f"{naive_backend}, worker {args.backend}; {args.workers} worker process(es), threads "
+          f"{args.threads or 'default'} each")
     print("| path | queries/s | p50 ms | p95 ms |\n|---|---:|---:|---:|")
     print(f"| (a) naive loop, one query at a time | {qps_a:.1f} | {pct(lat_a, 50):.0f} | {pct(lat_a, 95):.0f} |")
-    print(f"| (b) one worker through Redis, burst | {qps_b:.1f} | {pct(lat_b, 50):.0f} | {pct(lat_b, 95):.0f} |")
+    print(f"| (b) {args.workers} worker(s) through Redis, burst | {qps_b:.1f} | {pct(lat_b, 50):.0f} | {pct(lat_b, 95):.0f} |")
     print(f"ratio b/a: {qps_b / qps_a:.2f} (goals: >= 1.5 on one backend, issue 3; >= 3 for "
           f"worker onnx over naive torch, issue 7); same top-1 result: {same:.1%}")
     print("(b)'s latency includes queueing: every query was submitted at once.")
