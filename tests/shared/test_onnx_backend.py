@@ -38,17 +38,14 @@ def bi_folder(tiny_bi_encoder_path: str, tmp_path_factory: pytest.TempPathFactor
     return folder
 
 
-@pytest.fixture(scope="module")
-def ce_folder(tiny_cross_encoder_path: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy whose random head reads the direction in which PAIRS differ most.
+def _spread_head(model, folder: Path) -> Path:  # noqa: ANN001 - a sentence-transformers CrossEncoder
+    """Give `model` a head that reads the direction in which PAIRS differ most, and save it.
 
-    The fixture's logits all lie within 1e-4 of each other, which would let a 1e-3 tolerance
-    pass a wrong graph; here they spread over about +-3 and the sigmoid matters.
+    A fresh head's logits all lie within 1e-4 of each other, which would let a 1e-3 tolerance
+    pass a wrong graph; with this head they spread over about +-3 and the sigmoid matters.
     """
     import torch
-    from sentence_transformers import CrossEncoder
 
-    model = CrossEncoder(tiny_cross_encoder_path, device="cpu")
     bert = model.model
     features = model.tokenizer([p[0] for p in PAIRS], [p[1] for p in PAIRS], padding=True,
                                truncation=True, max_length=64, return_tensors="pt")
@@ -59,9 +56,35 @@ def ce_folder(tiny_cross_encoder_path: str, tmp_path_factory: pytest.TempPathFac
         weight = direction * 2.0 / (centred @ direction).std()
         bert.classifier.weight.copy_(weight[None, :])
         bert.classifier.bias.fill_(float(-(pooled.mean(dim=0) @ weight)))
-    folder = tmp_path_factory.mktemp("onnx-ce") / "model"
     model.save(str(folder))
     return folder
+
+
+@pytest.fixture(scope="module")
+def ce_folder(tiny_cross_encoder_path: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random cross-encoder with a spread head: fast, for graph and plumbing checks."""
+    from sentence_transformers import CrossEncoder
+
+    model = CrossEncoder(tiny_cross_encoder_path, device="cpu")
+    return _spread_head(model, tmp_path_factory.mktemp("onnx-ce") / "model")
+
+
+@pytest.fixture(scope="module")
+def real_ce_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled MiniLM body with a seeded, spread head: int8 quality needs real weights.
+
+    A random 32-wide model's pair outputs differ by less than int8 noise, so its int8 order is
+    noise too: on a CPU with AVX-512 VNNI its int8 logits correlated only 0.87 with fp32, while
+    this real body gives 0.9999 on the same pairs (int8 recipe as shipped).
+    """
+    import torch
+    from sentence_transformers import CrossEncoder
+
+    from shared.models import bundled_model_path
+
+    torch.manual_seed(0)
+    model = CrossEncoder(str(bundled_model_path()), num_labels=1, max_length=64, device="cpu")
+    return _spread_head(model, tmp_path_factory.mktemp("onnx-real-ce") / "model")
 
 
 @pytest.fixture(scope="module")
@@ -128,22 +151,22 @@ def test_cross_encoder_fp32_matches_torch_default_scores(ce_folder: Path, torch_
     assert float(onnx.predict(PAIRS[0])) == pytest.approx(float(got[0]), abs=1e-5)
 
 
-def test_cross_encoder_int8_stays_close(ce_folder: Path, torch_ce) -> None:
+def test_cross_encoder_int8_stays_close(real_ce_folder: Path) -> None:
     import torch
 
-    onnx = OnnxCrossEncoder.load(ce_folder, threads=1)
+    from shared.models import load_cross_encoder
+
     identity = torch.nn.Identity()
-    expected = torch_ce.predict(PAIRS, activation_fn=identity, show_progress_bar=False)
-    got = onnx.predict(PAIRS, activation_fn=identity)
-    # The head of `ce_folder` amplifies the tiny differences between the random model's pooled
-    # outputs by orders of magnitude, and int8 noise with them. On CPUs without VNNI (AVX2 only),
-    # onnxruntime's u8s8 kernels add a near-constant offset that the amplification turns into a
-    # shift of a logit or two. A shift cannot reorder candidates, so the check is on the centred
-    # scores: the shape must survive. The real reranker's absolute agreement (pair accuracy, nDCG)
-    # is in docs/performance.md.
+    expected = load_cross_encoder(str(real_ce_folder)).predict(PAIRS, activation_fn=identity,
+                                                              show_progress_bar=False)
+    got = OnnxCrossEncoder.load(real_ce_folder, threads=1).predict(PAIRS, activation_fn=identity)
+    assert np.ptp(expected) > 2.0, "scores must spread for the bounds to mean something"
+    # The centred check tolerates a constant shift (it cannot reorder candidates); the real
+    # reranker's pair accuracy and nDCG under int8 are in docs/performance.md.
     centred_error = (got - got.mean()) - (expected - expected.mean())
-    assert np.abs(centred_error).mean() < 0.25 * np.ptp(expected)
-    assert np.corrcoef(got, expected)[0, 1] > 0.9
+    assert np.abs(centred_error).mean() < 0.05 * np.ptp(expected)
+    assert np.corrcoef(got, expected)[0, 1] > 0.99
+    assert list(np.argsort(got)) == list(np.argsort(expected))
 
 
 def test_cross_encoder_preserves_order(ce_folder: Path) -> None:
