@@ -25,7 +25,7 @@ def main(root: str) -> None:
     print("| row | change | train examples | ex/s | dev acc | dev AP | held-out acc | held-out AP "
           "| rerank nDCG@10 | rerank MRR@10 | fused w | fused nDCG@10 | fused MRR@10 | fused q/s |")
     print("|---" * 14 + "|")
-    recall = None
+    recall, gain_lines = None, []
     for row in rows:
         meta = _load(row / "training.json")
         pairs = _load(row / "pairs" / "report.json")
@@ -50,12 +50,13 @@ def main(root: str) -> None:
         else:
             cells += ["-"] * 6
         print("| " + " | ".join(cells) + " |")
-    for row in rows:  # reports written since the paired intervals were added
-        gains = _load(row / "retrieval" / "report.json").get("gain_vs_recall", {}).get("fused")
+        gains = ret.get("gain_vs_recall", {}).get("fused")  # reports since the paired intervals
         if gains:
-            print(f"\n{row.name}, fused over recall (paired, 95% CI): " + "; ".join(
+            gain_lines.append(f"\n{row.name}, fused over recall (paired, 95% CI): " + "; ".join(
                 f"{m} {100 * g['gain']:+.2f} ({100 * g['ci95_low']:+.2f} to "
                 f"{100 * g['ci95_high']:+.2f})" for m, g in gains.items()))
+    for line in gain_lines:
+        print(line)
     sym = _load(Path(root) / "base" / "pairs-symmetric" / "report.json")
     if sym:
         print(f"\nbase, symmetric scoring (both orders averaged): held-out acc "

@@ -223,6 +223,11 @@ def build_runs(cands: dict[str, Candidates], rerank: dict[str, np.ndarray], weig
     return runs
 
 
+def argmax_weight(curve: dict[float, float]) -> float:
+    """The weight with the best value; ties keep the lower weight (closer to recall order)."""
+    return float(max(curve, key=lambda w: (curve[w], -w)))
+
+
 def tune_weight(cands: dict[str, Candidates], rerank: dict[str, np.ndarray],
                 qrels: dict[str, dict[str, float]], grid: Sequence[float] = WEIGHT_GRID,
                 prior: float = FUSION_PRIOR) -> tuple[float, dict[float, float]]:
@@ -238,7 +243,7 @@ def tune_weight(cands: dict[str, Candidates], rerank: dict[str, np.ndarray],
     """
     per = {w: per_query(build_runs(cands, rerank, w)["fused"], qrels) for w in grid}
     curve = {w: float(v.mean()) if v.size else 0.0 for w, v in per.items()}
-    best = max(curve, key=lambda w: (curve[w], -w))
+    best = argmax_weight(curve)
     tied = [w for w in grid if curve[best] - curve[w] <= paired_gain(per[w], per[best])["se"]]
     chosen = min(tied, key=lambda w: (abs(w - prior), -curve[w], w))
     return float(chosen), curve
@@ -286,7 +291,7 @@ def tune_fusion_on_pairs(model_dir: str, root: str, dev: list[LabelledPair], *,
     weight, curve = tune_weight(cands, rerank, qrels)
     return {"method": "zscore", "weight": weight, "tuned": True, "dev_queries": len(qtexts),
             "depth": depth, "rule": f"one standard error towards {FUSION_PRIOR}",
-            "argmax_weight": max(curve, key=lambda w: (curve[w], -w)),
+            "argmax_weight": argmax_weight(curve),
             "ndcg@10_by_weight": {str(k): v for k, v in curve.items()}}
 
 
@@ -335,7 +340,7 @@ def evaluate_retrieval(root: str, queries_path: str, qrels_path: str, *,
         report["fusion"] = {"method": "zscore", "weight": float(weight)}
         report["rerank_pairs_per_s"] = sum(len(s) for s in rerank.values()) / rerank_s
         _, curve = tune_weight(cands, rerank, qrels)
-        report["oracle_weight"] = max(curve, key=lambda w: (curve[w], -w))  # tuned on test: a bound
+        report["oracle_weight"] = argmax_weight(curve)  # tuned on test: a bound
         report["ndcg@10_by_weight"] = {str(k): v for k, v in curve.items()}
         report["gain_vs_recall"] = {
             name: {m: paired_gain(per_query(runs["recall"], qrels, m), per_query(runs[name], qrels, m))

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from pipelines.evaluate import Candidates, build_runs, load_beir, ranked_ids, tune_weight
+from pipelines.evaluate import (Candidates, argmax_weight, build_runs, load_beir, ranked_ids,
+                                tune_weight)
 
 TEXTS = ["How do I learn python?", "Best way to learn python?", "How do I cook rice?",
          "How to cook rice well?", "Is chess hard?", "How difficult is chess?"]
@@ -53,7 +54,7 @@ def test_tune_weight_backs_off_a_gain_within_noise() -> None:
     for i, gains in enumerate([True, True, False]):
         cands[f"q{i}"], rerank[f"q{i}"], qrels[f"q{i}"] = _flip(gains)
     weight, curve = tune_weight(cands, rerank, qrels, prior=0.0)
-    assert max(curve, key=lambda w: (curve[w], -w)) == 0.6
+    assert argmax_weight(curve) == 0.6
     assert weight == 0.0
     assert tune_weight(cands, rerank, qrels, prior=1.0)[0] == 1.0
 
