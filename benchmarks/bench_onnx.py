@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import DATA, REPO, machine, quora_questions
+from common import REPO, machine, quora_pairs, quora_questions
 
 
 def timed_rounds(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
@@ -33,15 +33,6 @@ def timed_rounds(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, 
             run()
             seconds[name].append(time.perf_counter() - start)
     return seconds
-
-
-def quora_pairs(limit: int) -> list[tuple[str, str]]:
-    """Real question pairs (aligned lines of the duplicate-pairs test files)."""
-    folder = DATA / "quora" / "duplicate-pairs"
-    with open(folder / "test_q1.txt", encoding="utf-8", errors="replace") as f1, \
-            open(folder / "test_q2.txt", encoding="utf-8", errors="replace") as f2:
-        pairs = [(a.strip(), b.strip()) for a, b in zip(f1, f2) if a.strip() and b.strip()]
-    return pairs[:limit]
 
 
 def labelled_pairs(path: str, limit: int) -> tuple[list[tuple[str, str]], np.ndarray]:

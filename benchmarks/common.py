@@ -31,6 +31,15 @@ def quora_questions(limit: int, *, offset: int = 0) -> list[str]:
     return questions
 
 
+def quora_pairs(limit: int) -> list[tuple[str, str]]:
+    """Real question pairs (aligned lines of the duplicate-pairs test files)."""
+    folder = DATA / "quora" / "duplicate-pairs"
+    with open(folder / "test_q1.txt", encoding="utf-8", errors="replace") as f1, \
+            open(folder / "test_q2.txt", encoding="utf-8", errors="replace") as f2:
+        pairs = [(a.strip(), b.strip()) for a, b in zip(f1, f2) if a.strip() and b.strip()]
+    return pairs[:limit]
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
