@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
 # The reranker ablation behind docs/results.md (issue 9): one change per row against `base`, then
 # `final` combines what helped (labelled pairs, lr 5e-5) with 6x the pairs, `all` with every
-# cluster-disjoint training positive (32k). Each row: train, score the held-out human-labelled
-# pairs, rerank the Quora BEIR queries; then benchmarks/ablation_table.py prints the table.
+# cluster-disjoint training positive (32k), `all-neg2` with two negatives each, `all-neg2-ep2` a
+# second pass from `all-neg2` at a lower learning rate. Rows before session 4 used random batches
+# (BASE says so); `final-grouped` checks that length-grouped batches, now the default, cost nothing.
+# Each row: train, score the held-out human-labelled pairs, rerank the Quora BEIR queries; then
+# benchmarks/ablation_table.py prints the table.
 #   nice bash benchmarks/ablate_reranker.sh > runs/logs/ablate.log 2>&1 &
 # Needs runs/quora-beir and runs/quora-snap (benchmarks/build_quora_beir.py). CPU only, 2 cores:
-# about 5 to 12 minutes per row, 40 for `final`, 70 for `all`. Data stays under runs/ (gitignored).
+# about 5 to 12 minutes per row, 40 for `final`, 70 for `all`, 50 for `all-neg2`. Data stays under runs/ (gitignored).
 set -euo pipefail
 TWINQ=${TWINQ:-.venv/bin/twinq}
 B=runs/quora-beir
 A=runs/ablation
-ROWS=${ROWS:-"base labelled lr5e-5 final all len32 bands1-5"}
+ROWS=${ROWS:-"base labelled lr5e-5 final all len32 bands1-5 final-grouped all-neg2 all-neg2-ep2"}
 BASE=(--pairs $B/train_pairs.tsv --max-pairs 2000 --max-dev-pairs 1000 --negatives 1 --epochs 1
-      --lr 2e-5 --batch-size 32 --max-length 64 --seed 0 --threads 2 --fusion-root runs/quora-snap)
+      --lr 2e-5 --batch-size 32 --max-length 64 --seed 0 --threads 2 --fusion-root runs/quora-snap
+      --random-batches)
 declare -A EXTRA=(
   [base]=""
   [labelled]="--labelled $B/labelled_train.tsv"
@@ -21,6 +25,9 @@ declare -A EXTRA=(
   [len32]="--max-length 32"
   [final]="--labelled $B/labelled_train.tsv --max-pairs 12000 --lr 5e-5"
   [all]="--labelled $B/labelled_train.tsv --max-pairs 40000 --lr 5e-5"
+  [final-grouped]="--labelled $B/labelled_train.tsv --max-pairs 12000 --lr 5e-5 --group-by-length"
+  [all-neg2]="--labelled $B/labelled_train.tsv --max-pairs 40000 --lr 5e-5 --negatives 2 --group-by-length"
+  [all-neg2-ep2]="--base $A/all-neg2 --labelled $B/labelled_train.tsv --max-pairs 40000 --lr 2e-5 --group-by-length"
 )
 mkdir -p $A
 for row in $ROWS; do

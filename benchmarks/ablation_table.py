@@ -20,7 +20,7 @@ def _load(path: Path) -> dict:
 
 def main(root: str) -> None:
     rows = sorted(p for p in Path(root).iterdir() if (p / "training.json").is_file())
-    order = ["base", "labelled", "lr5e-5", "bands1-5", "len32", "final", "all"]
+    order = ["base", "labelled", "lr5e-5", "bands1-5", "len32", "final", "final-grouped", "all", "all-neg2", "all-neg2-ep2"]
     rows.sort(key=lambda p: (order.index(p.name) if p.name in order else len(order), p.name))
     print("| row | change | train examples | ex/s | dev acc | dev AP | held-out acc | held-out AP "
           "| rerank nDCG@10 | rerank MRR@10 | fused w | fused nDCG@10 | fused MRR@10 | fused q/s |")
@@ -68,8 +68,10 @@ def main(root: str) -> None:
 
 
 def _describe(s: dict) -> str:
-    return (f"{s.get('max_pairs')} positives + labelled, lr {s['lr']:g}, bands {s.get('bands')}, "
-            f"max_length {s['max_length']}, {s['epochs']:g} epoch")
+    batches = "length-grouped" if s.get("group_by_length") else "random"
+    return (f"{s.get('max_pairs')} positives + {s.get('negatives')} mined negative(s) each + "
+            f"labelled, lr {s['lr']:g}, bands {s.get('bands')}, max_length {s['max_length']}, "
+            f"{s['epochs']:g} epoch, {batches} batches")
 
 
 if __name__ == "__main__":

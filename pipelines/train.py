@@ -2,7 +2,8 @@
 
 Steps, each a function: read pairs -> question-disjoint train/dev split -> mine negatives for
 positive-only data -> build the (optionally swapped) dataset -> train with
-``CrossEncoderTrainer`` + ``BinaryCrossEntropyLoss``, evaluating dev and keeping the best
+``CrossEncoderTrainer`` + ``BinaryCrossEntropyLoss`` in length-grouped batches (much less
+padding than random ones; `pipelines.batching`), evaluating dev and keeping the best
 checkpoint -> score dev with the saved model -> pick the threshold, fit Platt calibration and
 tune the fusion weight on dev -> write the model and ``training.json``.
 
