@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from sentence_transformers.base.sampler import DefaultBatchSampler
+from sentence_transformers import DefaultBatchSampler
 
 POOL_BATCHES = 50
 """Batches per sorted pool: large enough to group lengths tightly, small enough to stay random."""
@@ -31,7 +31,7 @@ def grouped_batches(lengths: Sequence[int], batch_size: int, generator: torch.Ge
                     pool_batches: int = POOL_BATCHES, drop_last: bool = False) -> list[list[int]]:
     """Row indices cut into batches of similar length, the batches in random order.
 
-    Every row appears exactly once (unless ``drop_last`` drops a short batch per pool).
+    Every row appears exactly once, unless ``drop_last`` drops the last pool's short batch.
     """
     order = torch.randperm(len(lengths), generator=generator).tolist()
     pool = batch_size * pool_batches
