@@ -39,7 +39,7 @@ for row in $ROWS; do
       --queries $B/queries.jsonl --qrels $B/qrels/test.tsv --reranker $out --recall-k 100 \
       --rerank-depth 20 --out $out/retrieval > /dev/null
 done
-# Symmetric scoring at inference: the base model, both orders averaged (no training).
-[ -f $A/base/pairs-symmetric/report.json ] || $TWINQ eval pairs --model $A/base --symmetric \
+# Symmetric scoring at inference: the base model, both orders averaged (no training), if trained.
+[ ! -d $A/base ] || [ -f $A/base/pairs-symmetric/report.json ] || $TWINQ eval pairs --model $A/base --symmetric \
     --pairs $B/labelled_heldout.tsv --out $A/base/pairs-symmetric --json > /dev/null
 .venv/bin/python benchmarks/ablation_table.py $A
