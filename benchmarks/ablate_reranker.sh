@@ -25,10 +25,11 @@ declare -A EXTRA=(
   [len32]="--max-length 32"
   [final]="--labelled $B/labelled_train.tsv --max-pairs 12000 --lr 5e-5"
   [all]="--labelled $B/labelled_train.tsv --max-pairs 40000 --lr 5e-5"
-  [final-grouped]="--labelled $B/labelled_train.tsv --max-pairs 12000 --lr 5e-5 --group-by-length"
-  [all-neg2]="--labelled $B/labelled_train.tsv --max-pairs 40000 --lr 5e-5 --negatives 2 --group-by-length"
-  [all-neg2-ep2]="--base $A/all-neg2 --labelled $B/labelled_train.tsv --max-pairs 40000 --lr 2e-5 --group-by-length"
 )
+# Session 4's rows: `final` or `all` with one or two changes.
+EXTRA[final-grouped]="${EXTRA[final]} --group-by-length"
+EXTRA[all-neg2]="${EXTRA[all]} --negatives 2 --group-by-length"
+EXTRA[all-neg2-ep2]="${EXTRA[all]} --base $A/all-neg2 --lr 2e-5 --group-by-length"
 mkdir -p $A
 for row in $ROWS; do
   out=$A/$row

@@ -20,7 +20,8 @@ def _load(path: Path) -> dict:
 
 def main(root: str) -> None:
     rows = sorted(p for p in Path(root).iterdir() if (p / "training.json").is_file())
-    order = ["base", "labelled", "lr5e-5", "bands1-5", "len32", "final", "final-grouped", "all", "all-neg2", "all-neg2-ep2"]
+    order = ["base", "labelled", "lr5e-5", "bands1-5", "len32", "final", "final-grouped", "all",
+             "all-neg2", "all-neg2-ep2"]
     rows.sort(key=lambda p: (order.index(p.name) if p.name in order else len(order), p.name))
     print("| row | change | train examples | ex/s | dev acc | dev AP | held-out acc | held-out AP "
           "| rerank nDCG@10 | rerank MRR@10 | fused w | fused nDCG@10 | fused MRR@10 | fused q/s |")

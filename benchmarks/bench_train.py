@@ -1,6 +1,6 @@
 """Benchmark: cross-encoder training with random batches against length-grouped ones, same run.
 
-    nice .venv/bin/python benchmarks/bench_train.py --rows 6400 --steps 60 --threads 2
+    .venv/bin/python benchmarks/bench_train.py --rows 6400 --steps 40 --threads 2
 
 Both arms train the same rows (real Quora pairs in both orders, as swap augmentation gives) from
 the same start for the same number of steps; only the batch sampler differs. Printed: the share of

@@ -10,7 +10,6 @@ order: each batch holds pairs of similar length, while which rows meet in a pool
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -47,7 +46,11 @@ def grouped_batches(lengths: Sequence[int], batch_size: int, generator: torch.Ge
 
 
 class LengthGroupedBatchSampler(DefaultBatchSampler):
-    """Pass the class as ``batch_sampler`` to the trainer's arguments; it reseeds every epoch."""
+    """Pass the class as ``batch_sampler`` to the trainer's arguments; it reseeds every epoch.
+
+    ``len()`` is the inherited ``BatchSampler`` count: pools hold whole batches, so only the last
+    pool can end in a short batch, exactly as when a random order is cut into batches.
+    """
 
     def __init__(self, dataset: Any, batch_size: int, drop_last: bool,
                  valid_label_columns: list[str] | None = None,
@@ -61,9 +64,3 @@ class LengthGroupedBatchSampler(DefaultBatchSampler):
         generator.manual_seed(self.seed + self.epoch)
         yield from grouped_batches(self.lengths, self.batch_size, generator,
                                    drop_last=self.drop_last)
-
-    def __len__(self) -> int:
-        pool = self.batch_size * POOL_BATCHES
-        full, rest = divmod(len(self.lengths), pool)
-        last = rest // self.batch_size if self.drop_last else math.ceil(rest / self.batch_size)
-        return full * POOL_BATCHES + last
