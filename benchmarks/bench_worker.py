@@ -101,6 +101,10 @@ def _wait_for_consumers(url: str, settings: Any, processes: list[subprocess.Pope
         except redis.ResponseError:  # the group does not exist yet
             pass
         time.sleep(0.25)
+    else:
+        r.close()
+        raise SystemExit(f"{len(processes)} workers did not all join the group within 300 s; "
+                         f"see {log_name}")
     r.close()
     with TwinqClient(url, settings) as client:
         client.submit_many(["warm up"] * 8 * len(processes), timeout_s=120)
