@@ -53,6 +53,8 @@ def retrieval_command(
     rerank_depth: int = typer.Option(20, "--rerank-depth", help="Candidates reranked."),
     fusion_weight: Optional[float] = typer.Option(None, "--fusion-weight",
                                                   help="z-score weight (default: training.json)."),
+    symmetric: bool = typer.Option(False, "--symmetric",
+                                   help="Rerank both orders and average (2x the cost)."),
     max_queries: Optional[int] = typer.Option(None, "--max-queries", help="First N queries only."),
     out: Optional[Path] = typer.Option(None, "--out", help="report.json, report.md, retrieval.png."),
 ) -> None:
@@ -66,6 +68,7 @@ def retrieval_command(
 
     report = evaluate_retrieval(root, str(queries), str(qrels), reranker=reranker,
                                 recall_k=recall_k, rerank_depth=rerank_depth,
-                                fusion_weight=fusion_weight, max_queries=max_queries,
+                                fusion_weight=fusion_weight, symmetric=symmetric,
+                                max_queries=max_queries,
                                 out=str(out) if out else None)
     Console().print(retrieval_table(report))

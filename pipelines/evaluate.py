@@ -180,11 +180,13 @@ def recall_candidates(snapshot: Any, bi_encoder: Any, queries: dict[str, str], k
 
 
 def rerank_candidates(model: CrossEncoder, queries: dict[str, str], cands: dict[str, Candidates],
-                      depth: int, batch_size: int = 64) -> tuple[dict[str, np.ndarray], float]:
+                      depth: int, batch_size: int = 64, symmetric: bool = False
+                      ) -> tuple[dict[str, np.ndarray], float]:
     """Score the top `depth` of every query in one predict call (pairs batched across queries).
 
     Scores are raw logits from `shared.rerank.score_pairs`, the scale the worker fuses on, so a
-    fusion weight tuned here means the same thing in production.
+    fusion weight tuned here means the same thing in production; `symmetric` averages both
+    orders, as the worker's `rerank_symmetric` does.
     """
     from shared.rerank import score_pairs as raw_scores
 
@@ -192,6 +194,9 @@ def rerank_candidates(model: CrossEncoder, queries: dict[str, str], cands: dict[
     pairs = [(queries[q], t) for q in qids for t in cands[q].texts[:depth]]
     start = time.perf_counter()
     scores = raw_scores(model, pairs, batch_size=batch_size).astype(np.float64)
+    if symmetric:
+        swapped = raw_scores(model, [(b, a) for a, b in pairs], batch_size=batch_size)
+        scores = (scores + swapped.astype(np.float64)) / 2.0
     seconds = time.perf_counter() - start
     out, i = {}, 0
     for q in qids:
@@ -297,8 +302,8 @@ def tune_fusion_on_pairs(model_dir: str, root: str, dev: list[LabelledPair], *,
 
 def evaluate_retrieval(root: str, queries_path: str, qrels_path: str, *,
                        reranker: str | None = None, recall_k: int = 100, rerank_depth: int = 20,
-                       fusion_weight: float | None = None, max_queries: int | None = None,
-                       out: str | None = None) -> dict[str, Any]:
+                       fusion_weight: float | None = None, symmetric: bool = False,
+                       max_queries: int | None = None, out: str | None = None) -> dict[str, Any]:
     """Recall-only, rerank-only and fused metrics plus queries/s, side by side.
 
     Args:
@@ -309,6 +314,8 @@ def evaluate_retrieval(root: str, queries_path: str, qrels_path: str, *,
         recall_k: Candidates recalled per query (Recall@100 needs 100). Defaults to 100.
         rerank_depth: How many of them the reranker scores. Defaults to 20.
         fusion_weight: z-score weight; None takes training.json's, else 0.5. Defaults to None.
+        symmetric: Rerank both orders and average (the worker's `rerank_symmetric`). Defaults
+            to False.
         max_queries: Evaluate only the first N queries. Defaults to None (all).
         out: Write report.json, report.md and retrieval.png here. Defaults to None.
     """
@@ -325,14 +332,15 @@ def evaluate_retrieval(root: str, queries_path: str, qrels_path: str, *,
     cands, recall_s = recall_candidates(snapshot, bi, queries, recall_k)
     report: dict[str, Any] = {"snapshot": snapshot.version, "queries": len(queries),
                               "recall_k": recall_k, "rerank_depth": rerank_depth,
-                              "bi_encoder": snapshot.manifest["model"]["name"], "reranker": reranker}
+                              "bi_encoder": snapshot.manifest["model"]["name"], "reranker": reranker,
+                              "symmetric": symmetric}
     variants = {"recall": {"qps": len(queries) / recall_s,
                            **retrieval_metrics(build_runs(cands, {}, 0.5)["recall"], qrels)}}
     if reranker:
         meta = read_training_json(reranker)
         weight = fusion_weight if fusion_weight is not None else meta.get("fusion", {}).get("weight", 0.5)
         model = load_cross_encoder(reranker)
-        rerank, rerank_s = rerank_candidates(model, queries, cands, rerank_depth)
+        rerank, rerank_s = rerank_candidates(model, queries, cands, rerank_depth, symmetric=symmetric)
         runs = build_runs(cands, rerank, float(weight))
         qps = len(queries) / (recall_s + rerank_s)
         for name in ("rerank", "fused"):

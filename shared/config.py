@@ -51,6 +51,9 @@ class Settings:
     """Fusion of recall and rerank scores; None takes the reranker's training.json (else none)."""
     fusion_weight: float | None = None
     """Weight of the rerank z-score in `zscore` fusion; None takes the reranker's tuned value."""
+    rerank_symmetric: bool = False
+    """Score (query, candidate) and (candidate, query) and average: on Quora about +0.15 nDCG@10
+    fused, for twice the rerank cost (docs/results.md section 4)."""
     batch_size: int = C.BATCH_SIZE
     block_ms: int = C.BLOCK_MS
     visibility_timeout_ms: int = C.VISIBILITY_TIMEOUT_MS
@@ -79,6 +82,7 @@ class Settings:
             (self.backend in get_args(Backend), f"backend must be one of {get_args(Backend)}"),
             (self.fusion is None or self.fusion in get_args(FusionMethod),
              f"fusion must be one of {get_args(FusionMethod)}"),
+            (isinstance(self.rerank_symmetric, bool), "rerank_symmetric must be true or false"),
         ]
         for ok, message in checks:
             if not ok:
@@ -89,9 +93,17 @@ class Settings:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
+_BOOLEANS = {"1": True, "true": True, "yes": True, "on": True,
+             "0": False, "false": False, "no": False, "off": False}
+
+
 def _coerce(name: str, raw: str) -> Any:
     """Turn an environment string into the field's type."""
     kind = str(Settings.__dataclass_fields__[name].type)
+    if kind == "bool":
+        if raw.lower() not in _BOOLEANS:
+            raise ConfigError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not one of {sorted(_BOOLEANS)}")
+        return _BOOLEANS[raw.lower()]
     try:
         if "int" in kind and "float" not in kind:
             return int(raw)

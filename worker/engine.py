@@ -115,8 +115,9 @@ class Engine:
             self.log.info("reranking is off (no --reranker): replies carry recall scores only, "
                           "rerank_score null")
         else:
-            self.log.info("reranking with %s, depth %d, fusion %s, calibration %s",
+            self.log.info("reranking with %s, depth %d%s, fusion %s, calibration %s",
                           self.cross_encoder_name, self.settings.rerank_depth,
+                          ", both orders" if self.settings.rerank_symmetric else "",
                           self._fusion(None, None),
                           "on" if self.defaults["calibration"] else "off")
         self.check_for_update()
@@ -310,7 +311,8 @@ class Engine:
         chosen = [i for i, r in enumerate(requests) if r.rerank and self.cross_encoder is not None]
         if chosen:
             rerank([queries[i] for i in chosen], [hits[i] for i in chosen], self.cross_encoder,
-                   depth=[self._depth(requests[i]) for i in chosen])
+                   depth=[self._depth(requests[i]) for i in chosen],
+                   symmetric=self.settings.rerank_symmetric)
         reranked = self.clock()
         stage_ms = {"embed": (embedded - start) * 1000, "search": (searched - embedded) * 1000,
                     "rerank": (reranked - searched) * 1000}

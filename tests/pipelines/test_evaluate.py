@@ -98,6 +98,21 @@ def test_eval_retrieval_cli_reports_three_variants(tmp_path: Path, quick_snapsho
     assert set(plain["variants"]) == {"recall"}
 
 
+def test_rerank_candidates_symmetric_averages_both_orders(tiny_cross_encoder_path: str) -> None:
+    from pipelines.evaluate import rerank_candidates
+    from shared.models import load_cross_encoder
+    from shared.rerank import score_pairs
+
+    tiny_cross_encoder = load_cross_encoder(tiny_cross_encoder_path)
+    cands = {"q0": Candidates([["d1"], ["d2"], ["d3"]], TEXTS[1:4], np.array([0.9, 0.8, 0.7]))}
+    queries = {"q0": TEXTS[0]}
+    forward, _ = rerank_candidates(tiny_cross_encoder, queries, cands, depth=2)
+    both, _ = rerank_candidates(tiny_cross_encoder, queries, cands, depth=2, symmetric=True)
+    backward = score_pairs(tiny_cross_encoder, [(TEXTS[1], TEXTS[0]), (TEXTS[2], TEXTS[0])])
+    assert abs(forward["q0"] - backward).max() > 2e-6  # the random model is not order-free
+    assert both["q0"] == pytest.approx((forward["q0"] + backward) / 2, abs=2e-7)
+
+
 def test_eval_pairs_cli_writes_report_and_curve(tmp_path: Path, tiny_cross_encoder_path: str) -> None:
     from pipelines.cli_eval import eval_app
 

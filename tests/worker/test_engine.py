@@ -84,6 +84,40 @@ def test_engine_rerank_false_gives_recall_order_and_null_scores(
                for h in reply["results"])
 
 
+class OrderSensitiveCrossEncoder:
+    """Scores 1 + 0.1 * rank when the query comes first and 0 when it comes second."""
+
+    def __init__(self, query: str) -> None:
+        self.query = query
+
+    def predict(self, pairs: list[list[str]], **kwargs: Any) -> Any:
+        import numpy as np
+
+        return np.array([1.0 + 0.1 * TEXTS.index(c) if q == self.query else 0.0 for q, c in pairs],
+                        dtype=np.float32)
+
+
+def test_engine_rerank_symmetric_scores_the_mean_of_both_orders(
+        quick_snapshot: Any, tiny_bi_encoder: Any, make_settings: Any) -> None:
+    root, _ = quick_snapshot(TEXTS)
+    results = {}
+    for symmetric in (False, True):
+        settings = make_settings(root, reranker="order-sensitive", rerank_depth=3,
+                                 rerank_symmetric=symmetric)
+        engine = Engine(settings, bi_encoder=tiny_bi_encoder,
+                        cross_encoder=OrderSensitiveCrossEncoder(TEXTS[0]))
+        engine.start(watch=False)
+        [reply] = engine.answer_batch([request(settings, top_k=5, fusion="none")])
+        results[symmetric] = {h["text"]: h["rerank_score"] for h in reply["results"]
+                              if h["rerank_score"] is not None}
+    assert len(results[True]) == 3 and results[True].keys() == results[False].keys()
+    for text, forward in results[False].items():
+        assert forward == pytest.approx(1.0 + 0.1 * TEXTS.index(text))
+        backward = forward if text == TEXTS[0] else 0.0  # the query itself is in the corpus
+        assert results[True][text] == pytest.approx((forward + backward) / 2)
+    assert any(text != TEXTS[0] for text in results[True])
+
+
 def test_engine_without_reranker_never_fakes_rerank_scores(
         quick_snapshot: Any, tiny_bi_encoder: Any, make_settings: Any,
         caplog: pytest.LogCaptureFixture) -> None:
