@@ -43,4 +43,9 @@ done
 # Symmetric scoring at inference: the base model, both orders averaged (no training), if trained.
 [ ! -d $A/base ] || [ -f $A/base/pairs-symmetric/report.json ] || $TWINQ eval pairs --model $A/base --symmetric \
     --pairs $B/labelled_heldout.tsv --out $A/base/pairs-symmetric --json > /dev/null
+# Symmetric scoring in retrieval (both orders averaged, twice the rerank cost) for the best row.
+S=$A/all-neg2-ep2
+[ ! -d $S ] || [ -f $S/retrieval-symmetric/report.json ] || $TWINQ eval retrieval --root runs/quora-snap \
+    --queries $B/queries.jsonl --qrels $B/qrels/test.tsv --reranker $S --recall-k 100 \
+    --rerank-depth 20 --symmetric --out $S/retrieval-symmetric > /dev/null
 .venv/bin/python benchmarks/ablation_table.py $A

@@ -63,6 +63,15 @@ def main(root: str) -> None:
         print(f"\nbase, symmetric scoring (both orders averaged): held-out acc "
               f"{100 * sym['accuracy']:.2f}, AP {100 * sym['ap']:.2f}, "
               f"{sym['pairs_per_s']:.0f} pair scorings/s")
+    for row in rows:  # symmetric scoring at inference, where it was measured on retrieval
+        ret = _load(row / "retrieval-symmetric" / "report.json")
+        if ret:
+            v, g = ret["variants"], ret["gain_vs_recall"]["fused"]
+            print(f"{row.name}, symmetric scoring in retrieval: rerank only nDCG@10 "
+                  f"{100 * v['rerank']['ndcg@10']:.2f} / MRR@10 {100 * v['rerank']['mrr@10']:.2f}; "
+                  f"fused (w {ret['fusion']['weight']:g}) {100 * v['fused']['ndcg@10']:.2f} / "
+                  f"{100 * v['fused']['mrr@10']:.2f} = {100 * g['ndcg@10']['gain']:+.2f} / "
+                  f"{100 * g['mrr@10']['gain']:+.2f} over recall, {v['fused']['qps']:.1f} q/s")
     if recall:
         print(f"recall only (bi-encoder, every row): nDCG@10 {100 * recall['ndcg@10']:.2f}, "
               f"MRR@10 {100 * recall['mrr@10']:.2f}, {recall['qps']:.1f} q/s")
