@@ -1,0 +1,172 @@
+"""Alternatives to the default fusion, measured on the Quora BEIR test queries (issue 9).
+
+Why this exists: before building another scoring path into the worker, check on real data
+whether it beats `w`·z(rerank) + (1 − `w`)·z(recall). It tries, for each reranker given:
+symmetric scoring (both orders averaged) at several weights, raw-scale fusion
+(logit + α·cosine, no per-query z-scores) and reciprocal-rank fusion; and, on the recall stage
+alone, pseudo-relevance feedback (Rocchio: the query vector moved towards its top hits, searched
+again) and neighbour agreement (a candidate's mean similarity to the top hits added to its
+score). These numbers are read on the test queries, so they decide what to build, never a
+default; docs/results.md section 4 quotes them.
+
+    python benchmarks/fusion_alternatives.py --rerankers runs/ablation/all-neg2 [--max-queries N]
+
+Needs runs/quora-beir and runs/quora-snap (benchmarks/build_quora_beir.py). Both orders of the
+top 20 are scored once per reranker and cached under --cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipelines.evaluate import (Candidates, load_beir, ranked_ids,  # noqa: E402
+                                read_training_json, recall_candidates)
+from pipelines.metrics import paired_gain, per_query, retrieval_metrics  # noqa: E402
+from shared.rerank import fuse_scores, score_pairs, zscore  # noqa: E402
+
+DEPTH = 20
+
+
+class Scorer:
+    """Prints each variant's nDCG@10 and MRR@10 with its paired gain over recall alone."""
+
+    def __init__(self, cands: dict[str, Candidates], qrels: dict[str, dict[str, float]]) -> None:
+        self.qrels = qrels
+        base = {q: ranked_ids(c) for q, c in cands.items()}
+        self.base = {m: per_query(base, qrels, m) for m in ("ndcg@10", "mrr@10")}
+        print(f"{'recall only':52s} " + self._cells(base))
+
+    def _cells(self, run: dict[str, list[str]]) -> str:
+        m = retrieval_metrics(run, self.qrels)
+        out = []
+        for name in ("ndcg@10", "mrr@10"):
+            g = paired_gain(self.base[name], per_query(run, self.qrels, name))  # type: ignore[arg-type]
+            out.append(f"{name} {100 * m[name]:.2f} ({100 * g['gain']:+.2f} ± {100 * g['se']:.2f})")
+        return "  ".join(out)
+
+    def report(self, name: str, run: dict[str, list[str]]) -> None:
+        print(f"{name:52s} " + self._cells(run), flush=True)
+
+
+def rerank_scores(model_dir: str, queries: dict[str, str], cands: dict[str, Candidates],
+                  cache: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Forward and swapped logits of the top DEPTH per query, cached on disk."""
+    from shared.models import load_cross_encoder
+
+    path = cache / f"{Path(model_dir).name}-{len(cands)}.npz"
+    qids = list(cands)
+    if not path.is_file():
+        model = load_cross_encoder(model_dir)
+        pairs = [(queries[q], t) for q in qids for t in cands[q].texts[:DEPTH]]
+        forward = score_pairs(model, pairs, batch_size=64)
+        swapped = score_pairs(model, [(b, a) for a, b in pairs], batch_size=64)
+        cache.mkdir(parents=True, exist_ok=True)
+        np.savez(path, forward=forward, swapped=swapped)
+    data = np.load(path)
+    out: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] = ({}, {})
+    i = 0
+    for q in qids:
+        n = min(DEPTH, len(cands[q].texts))
+        out[0][q], out[1][q] = data["forward"][i:i + n], data["swapped"][i:i + n]
+        i += n
+    return out
+
+
+def reorder(cands: dict[str, Candidates], scores: dict[str, np.ndarray]) -> dict[str, list[str]]:
+    return {q: ranked_ids(c, np.argsort(-scores[q], kind="mergesort")) for q, c in cands.items()}
+
+
+def fusion_variants(name: str, cands: dict[str, Candidates], forward: dict[str, np.ndarray],
+                    swapped: dict[str, np.ndarray], tuned: float, scorer: Scorer) -> None:
+    recall = {q: c.recall[:len(forward[q])] for q, c in cands.items()}
+    both = {q: (forward[q] + swapped[q]) / 2 for q in forward}
+    for label, rr in (("one order", forward), ("both orders", both)):
+        scorer.report(f"{name} {label}: rerank only", reorder(cands, rr))
+        for w in sorted({0.3, 0.4, 0.5, 0.6, 0.7, tuned}):
+            fused = {q: w * zscore(rr[q]) + (1 - w) * zscore(recall[q]) for q in rr}
+            tag = " (training.json)" if w == tuned else ""
+            scorer.report(f"{name} {label}: z-score w {w:g}{tag}", reorder(cands, fused))
+    for alpha in (10, 20, 40, 80):
+        raw = {q: forward[q] + alpha * recall[q] for q in forward}
+        scorer.report(f"{name} raw logit + {alpha}·cosine", reorder(cands, raw))
+    rrf = {q: fuse_scores(recall[q], forward[q], "rrf") for q in forward}
+    scorer.report(f"{name} reciprocal-rank fusion", reorder(cands, rrf))
+
+
+def recall_feedback(snapshot, query_vectors: np.ndarray, cands: dict[str, Candidates],
+                    scorer: Scorer) -> None:
+    """Rocchio and neighbour agreement on the recall stage (no reranker)."""
+    import pyarrow.parquet as pq
+
+    from shared.search import search_shards
+    from shared.snapshot import embeddings_of
+
+    vectors: dict[str, np.ndarray] = {}
+    for shard in sorted(snapshot.path.glob("shard-*.parquet")):
+        table = pq.read_table(shard, columns=["id", "ids", "embedding"])
+        for doc, merged, vector in zip(table.column("id").to_pylist(),
+                                       table.column("ids").to_pylist(), embeddings_of(table)):
+            for key in [doc, *(merged or [])]:
+                vectors[key] = vector
+    qids = list(cands)
+    top = {q: np.stack([vectors[ids[0]] for ids in cands[q].ids[:DEPTH]]) for q in qids}
+    for m in (2, 3, 5):
+        for gamma in (0.1, 0.3):
+            run = {}
+            for q in qids:
+                sims = top[q] @ top[q][:m].T
+                sims[np.arange(m), np.arange(m)] = np.nan  # a hit does not vote for itself
+                score = cands[q].recall[:len(sims)] + gamma * np.nanmean(sims, axis=1)
+                run[q] = ranked_ids(cands[q], np.argsort(-score, kind="mergesort"))
+            scorer.report(f"neighbour agreement top {m}, γ {gamma}", run)
+    for m in (1, 2, 3):
+        for beta in (0.1, 0.3):
+            moved = query_vectors + beta * np.stack([top[q][:m].mean(axis=0) for q in qids])
+            moved /= np.linalg.norm(moved, axis=1, keepdims=True)
+            hits = search_shards(snapshot, moved.astype(np.float32), 101)
+            run = {q: [d for h in row if q not in (h.ids or [h.id]) for d in (h.ids or [h.id])][:100]
+                   for q, row in zip(qids, hits)}
+            scorer.report(f"Rocchio top {m}, β {beta}", run)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--beir", default="runs/quora-beir")
+    parser.add_argument("--root", default="runs/quora-snap")
+    parser.add_argument("--rerankers", nargs="*", default=[])
+    parser.add_argument("--max-queries", type=int, default=None)
+    parser.add_argument("--cache", default="runs/fusion-alternatives")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    from shared.models import load_bi_encoder, set_threads
+    from shared.snapshot import load_snapshot
+
+    set_threads(args.threads)
+    queries, qrels = load_beir(f"{args.beir}/queries.jsonl", f"{args.beir}/qrels/test.tsv")
+    queries = {q: t for q, t in queries.items() if q in qrels}
+    if args.max_queries:
+        queries = dict(list(queries.items())[:args.max_queries])
+    qrels = {q: qrels[q] for q in queries}
+    snapshot = load_snapshot(args.root)
+    bi = load_bi_encoder(snapshot.manifest["model"]["name"])
+    cands, _ = recall_candidates(snapshot, bi, queries, 100)
+    scorer = Scorer(cands, qrels)
+    for model_dir in args.rerankers:
+        forward, swapped = rerank_scores(model_dir, queries, cands, Path(args.cache))
+        tuned = float(read_training_json(model_dir).get("fusion", {}).get("weight", 0.5))
+        fusion_variants(Path(model_dir).name, cands, forward, swapped, tuned, scorer)
+    vectors = bi.encode(list(queries.values()), batch_size=64, normalize_embeddings=True,
+                        convert_to_numpy=True, show_progress_bar=False)
+    recall_feedback(snapshot, np.asarray(vectors, dtype=np.float64), cands, scorer)
+
+
+if __name__ == "__main__":
+    main()
