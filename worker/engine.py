@@ -276,6 +276,7 @@ class Engine:
         reranks = request.rerank and self.cross_encoder is not None
         parts = [self.version, self._served.bi_encoder_name, self.cross_encoder_name,
                  request.top_k, request.recall_k, reranks, self._depth(request) if reranks else 0,
+                 reranks and self.settings.rerank_symmetric,
                  self._fusion(request.fusion, request.fusion_weight), request.min_probability,
                  request.query]
         digest = hashlib.sha256(json.dumps(parts).encode("utf-8")).hexdigest()[:40]

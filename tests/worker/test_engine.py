@@ -100,7 +100,7 @@ class OrderSensitiveCrossEncoder:
 def test_engine_rerank_symmetric_scores_the_mean_of_both_orders(
         quick_snapshot: Any, tiny_bi_encoder: Any, make_settings: Any) -> None:
     root, _ = quick_snapshot(TEXTS)
-    results = {}
+    results, keys = {}, {}
     for symmetric in (False, True):
         settings = make_settings(root, reranker="order-sensitive", rerank_depth=3,
                                  rerank_symmetric=symmetric)
@@ -110,6 +110,8 @@ def test_engine_rerank_symmetric_scores_the_mean_of_both_orders(
         [reply] = engine.answer_batch([request(settings, top_k=5, fusion="none")])
         results[symmetric] = {h["text"]: h["rerank_score"] for h in reply["results"]
                               if h["rerank_score"] is not None}
+        keys[symmetric] = engine.cache_key(request(settings, top_k=5, fusion="none"))
+    assert keys[True] != keys[False]  # a cached one-order reply never answers a symmetric worker
     assert len(results[True]) == 3 and results[True].keys() == results[False].keys()
     for text, forward in results[False].items():
         assert forward == pytest.approx(1.0 + 0.1 * TEXTS.index(text))
