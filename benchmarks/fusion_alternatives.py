@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 from pipelines.evaluate import (Candidates, load_beir, ranked_ids,  # noqa: E402
                                 read_training_json, recall_candidates)
 from pipelines.metrics import paired_gain, per_query, retrieval_metrics  # noqa: E402
-from shared.rerank import fuse_scores, score_pairs, zscore  # noqa: E402
+from shared.rerank import fuse_scores, score_pairs  # noqa: E402
 
 DEPTH = 20
 
@@ -90,7 +90,7 @@ def fusion_variants(name: str, cands: dict[str, Candidates], forward: dict[str, 
     for label, rr in (("one order", forward), ("both orders", both)):
         scorer.report(f"{name} {label}: rerank only", reorder(cands, rr))
         for w in sorted({0.3, 0.4, 0.5, 0.6, 0.7, tuned}):
-            fused = {q: w * zscore(rr[q]) + (1 - w) * zscore(recall[q]) for q in rr}
+            fused = {q: fuse_scores(recall[q], rr[q], "zscore", w) for q in rr}
             tag = " (training.json)" if w == tuned else ""
             scorer.report(f"{name} {label}: z-score w {w:g}{tag}", reorder(cands, fused))
     for alpha in (10, 20, 40, 80):

@@ -193,10 +193,7 @@ def rerank_candidates(model: CrossEncoder, queries: dict[str, str], cands: dict[
     qids = list(cands)
     pairs = [(queries[q], t) for q in qids for t in cands[q].texts[:depth]]
     start = time.perf_counter()
-    scores = raw_scores(model, pairs, batch_size=batch_size).astype(np.float64)
-    if symmetric:
-        swapped = raw_scores(model, [(b, a) for a, b in pairs], batch_size=batch_size)
-        scores = (scores + swapped.astype(np.float64)) / 2.0
+    scores = raw_scores(model, pairs, batch_size=batch_size, symmetric=symmetric).astype(np.float64)
     seconds = time.perf_counter() - start
     out, i = {}, 0
     for q in qids:

@@ -44,8 +44,8 @@ RRF_K = 60
 """The reciprocal-rank-fusion constant from Cormack et al. (2009); it damps the top ranks."""
 
 
-def score_pairs(model: CrossEncoder, pairs: Sequence[tuple[str, str]], batch_size: int = 32
-                ) -> np.ndarray:
+def score_pairs(model: CrossEncoder, pairs: Sequence[tuple[str, str]], batch_size: int = 32,
+                *, symmetric: bool = False) -> np.ndarray:
     """Raw cross-encoder scores (logits, no sigmoid) for `pairs`, in their given order.
 
     Pairs are predicted sorted by length so that each mini-batch pads to similar lengths, then
@@ -55,12 +55,17 @@ def score_pairs(model: CrossEncoder, pairs: Sequence[tuple[str, str]], batch_siz
         model: A loaded cross-encoder.
         pairs: (query, candidate) text pairs.
         batch_size: Pairs per forward pass. Defaults to 32.
+        symmetric: Score (c, q) too, in the same predict call, and return the mean of both
+            logits. Defaults to False.
 
     Returns:
         float32 array of shape (len(pairs),).
     """
     if not pairs:
         return np.zeros(0, dtype=np.float32)
+    if symmetric:
+        both = score_pairs(model, [*pairs, *((c, q) for q, c in pairs)], batch_size)
+        return (both[:len(pairs)] + both[len(pairs):]) / 2.0
     import torch
 
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
@@ -95,11 +100,7 @@ def rerank(queries: Sequence[str], hits_per_query: list[list[Hit]], model: Cross
         for hit in hits[:max(0, d)]:
             pairs.append((query, hit.text))
             owners.append(hit)
-    if symmetric:
-        pairs += [(c, q) for q, c in pairs]
-    scores = score_pairs(model, pairs, batch_size)
-    if symmetric:
-        scores = (scores[: len(owners)] + scores[len(owners):]) / 2.0
+    scores = score_pairs(model, pairs, batch_size, symmetric=symmetric)
     for hit, score in zip(owners, scores):
         hit.rerank_score = float(score)
     for hits, d in zip(hits_per_query, depths):
