@@ -2,7 +2,7 @@
 # The reranker ablation behind docs/results.md (issue 9): one change per row against `base`, then
 # `final` combines what helped (labelled pairs, lr 5e-5) with 6x the pairs, `all` with every
 # cluster-disjoint training positive (32k), `all-neg2` with two negatives each, `all-neg2-ep2` a
-# second pass from `all-neg2` at a lower learning rate. Rows before session 4 used random batches
+# second pass from `all-neg2` at a lower learning rate, `listwise` the listwise loss on `all`'s data. Rows before session 4 used random batches
 # (BASE says so); `final-grouped` checks that length-grouped batches, now the default, cost nothing.
 # Each row: train, score the held-out human-labelled pairs, rerank the Quora BEIR queries; then
 # benchmarks/ablation_table.py prints the table.
@@ -30,6 +30,8 @@ declare -A EXTRA=(
 EXTRA[final-grouped]="${EXTRA[final]} --group-by-length"
 EXTRA[all-neg2]="${EXTRA[all]} --negatives 2 --group-by-length"
 EXTRA[all-neg2-ep2]="${EXTRA[all]} --base $A/all-neg2 --lr 2e-5 --group-by-length"
+# Session 6: `all` trained listwise, each anchor's twin against 4 mined near misses in one softmax.
+EXTRA[listwise]="${EXTRA[all]} --loss listwise --negatives 4 --group-by-length"
 mkdir -p $A
 for row in $ROWS; do
   out=$A/$row

@@ -20,9 +20,13 @@ POOL_BATCHES = 50
 """Batches per sorted pool: large enough to group lengths tightly, small enough to stay random."""
 
 
-def pair_lengths(dataset: Any, columns: Sequence[str] = ("sentence1", "sentence2")) -> list[int]:
-    """Characters per row over the text columns: a cheap, tokenizer-free proxy for tokens."""
-    texts = [dataset[c] for c in columns if c in dataset.column_names]
+def pair_lengths(dataset: Any, columns: Sequence[str] | None = None) -> list[int]:
+    """Characters per row over the text columns: a cheap, tokenizer-free proxy for tokens.
+
+    Default columns: all but ``label`` (pairs, or a listwise query with its candidates).
+    """
+    names = [c for c in dataset.column_names if c != "label"] if columns is None else columns
+    texts = [dataset[c] for c in names if c in dataset.column_names]
     return [sum(len(t[i]) for t in texts) for i in range(len(dataset))]
 
 

@@ -50,6 +50,9 @@ def reranker_command(
     max_steps: int = typer.Option(-1, help="Stop after this many steps (-1: by epochs)."),
     group_by_length: bool = typer.Option(True, "--group-by-length/--random-batches", help=
                                          "Batch pairs of similar length (less padding)."),
+    loss: str = typer.Option("bce", help="bce: each pair on its own. listwise: a softmax over "
+                             "each positive pair's twin and its --negatives mined near misses "
+                             "(labelled pairs stay bce)."),
     seed: int = typer.Option(0, help="Seed for split, mining, shuffling and init."),
     threads: Optional[int] = typer.Option(None, help="torch threads."),
 ) -> None:
@@ -69,7 +72,7 @@ def reranker_command(
         batch_size=batch_size, max_length=max_length, swap=swap, negatives=negatives,
         random_negatives=random_negatives, margin=margin, bands=bands, bi_encoder=bi_encoder, hard_negatives=hard_negatives,
         fusion_root=fusion_root, seed=seed, threads=threads, max_steps=max_steps,
-        group_by_length=group_by_length)
+        group_by_length=group_by_length, loss=loss)
     report = train_reranker(settings)
     m = report["dev_metrics"]
     Console().print(f"[bold]wrote {out}[/]: dev accuracy {100 * m['accuracy']:.2f}, F1 "

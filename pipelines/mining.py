@@ -40,10 +40,15 @@ DEFAULT_BANDS: tuple[tuple[int, int], ...] = ((1, 5), (6, 20), (21, 50))
 
 @dataclass
 class MiningResult:
-    """Mined negatives (label 0) and counters that explain what was skipped."""
+    """Mined negatives (label 0) and counters that explain what was skipped.
+
+    ``groups`` keeps each anchor's positive pair with the texts mined for it, in anchor order,
+    for listwise training (one query, its twin and its near misses scored together).
+    """
 
     negatives: list[LabelledPair] = field(default_factory=list)
     stats: dict[str, int] = field(default_factory=dict)
+    groups: list[tuple[LabelledPair, list[str]]] = field(default_factory=list)
 
 
 def _encode(model: SentenceTransformer, texts: Sequence[str], batch_size: int) -> np.ndarray:
@@ -131,6 +136,7 @@ def mine_hard_negatives(
     for b in range(len(bands)):
         stats[f"band_{bands[b][0]}_{bands[b][1]}"] = 0
     negatives: list[LabelledPair] = []
+    groups: list[tuple[LabelledPair, list[str]]] = []
     for n, anchor in enumerate(anchors):
         own = clusters[question_key(anchor.q1)]
         eligible: list[tuple[int, str]] = []  # (rank after exclusion, text)
@@ -145,6 +151,7 @@ def mine_hard_negatives(
             eligible.append((rank, text))
         first_band = rng.randrange(len(bands))
         used: set[str] = set()
+        mined_here = len(negatives)
         for j in range(num_negatives):
             picked = False
             for step in range(len(bands)):
@@ -167,5 +174,6 @@ def mine_hard_negatives(
                     negatives.append(LabelledPair(anchor.q1, texts[key], 0))
                     stats["random"] += 1
                     break
+        groups.append((anchor, [p.q2 for p in negatives[mined_here:]]))
     log.info("mined %d negatives for %d anchors: %s", len(negatives), len(anchors), stats)
-    return MiningResult(negatives, stats)
+    return MiningResult(negatives, stats, groups)

@@ -2,10 +2,11 @@
 
 Steps, each a function: read pairs -> question-disjoint train/dev split -> mine negatives for
 positive-only data -> build the (optionally swapped) dataset -> train with
-``CrossEncoderTrainer`` + ``BinaryCrossEntropyLoss`` in length-grouped batches (much less
-padding than random ones; `pipelines.batching`), evaluating dev and keeping the best
-checkpoint -> score dev with the saved model -> pick the threshold, fit Platt calibration and
-tune the fusion weight on dev -> write the model and ``training.json``.
+``CrossEncoderTrainer`` + ``BinaryCrossEntropyLoss`` (or, with ``loss="listwise"``, a softmax
+over each anchor's twin and its mined near misses; see `TrainSettings.loss`) in
+length-grouped batches (much less padding than random ones; `pipelines.batching`), evaluating
+dev and keeping the best checkpoint -> score dev with the saved model -> pick the threshold,
+fit Platt calibration and tune the fusion weight on dev -> write the model and ``training.json``.
 
 ``training.json`` is the contract with the query worker: ``base``, ``threshold``, ``fusion``
 (``{"method": "zscore", "weight"}``), ``calibration`` (``{"method": "platt", "a", "b"}``, applied
@@ -22,7 +23,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pipelines.metrics import best_threshold, pair_metrics
 from pipelines.mining import mine_hard_negatives
@@ -76,6 +77,15 @@ class TrainSettings:
     max_steps: int = -1
     group_by_length: bool = True
     """Batch pairs of similar length (`pipelines.batching`): less padding, faster on CPU."""
+    loss: str = "bce"
+    """"bce": every pair scored on its own (binary cross-entropy). "listwise": each positive pair
+    becomes one group (anchor, twin, its ``negatives`` mined near misses) and the loss is a
+    softmax cross-entropy over the group (sentence-transformers' cross-encoder
+    ``MultipleNegativesRankingLoss`` without in-batch randoms: the "localized contrastive" loss of
+    Gao et al. 2021), which trains the ranking the worker serves rather than each pair's label;
+    pairs with their own 0/1 labels (the human-labelled ones) are also trained with BCE in the
+    same run, so their look-alike non-duplicates still teach. Swap then picks each positive-only
+    group's anchor side at random instead of doubling the data."""
     timings_s: dict[str, float] = field(default_factory=dict)
 
 
@@ -123,30 +133,65 @@ def parse_bands(text: str) -> list[tuple[int, int]]:
     return bands
 
 
+LOSSES = ("bce", "listwise")
+
+Group = tuple[LabelledPair, list[str]]
+"""An anchor's positive pair and the negatives mined for it (`pipelines.mining.MiningResult`)."""
+
+
+class PreparedData(NamedTuple):
+    """What `prepare_data` hands to `fit`.
+
+    ``groups`` is empty unless the loss is listwise; ``labelled`` holds the training pairs that
+    came with their own 0/1 label (the part a listwise run still trains pairwise).
+    """
+
+    train: list[LabelledPair]
+    dev: list[LabelledPair]
+    data: dict[str, Any]
+    groups: list[Group]
+    labelled: list[LabelledPair]
+
+
+def random_anchor_side(pairs: list[LabelledPair], seed: int) -> list[LabelledPair]:
+    """Flip about half of the positive-only pairs, so either question serves as the anchor.
+
+    Listwise training scores (anchor, candidate) in one order only; this is its swap
+    augmentation at no extra cost. Labelled pairs are left as they are.
+    """
+    rng = random.Random(seed)
+    return [LabelledPair(p.q2, p.q1, p.label) if p.label is None and rng.random() < 0.5 else p
+            for p in pairs]
+
+
 def _with_negatives(pairs: list[LabelledPair], settings: TrainSettings, bi_encoder: Any,
-                    snapshot: Any = None) -> tuple[list[LabelledPair], dict[str, int]]:
+                    snapshot: Any = None) -> tuple[list[LabelledPair], dict[str, int], list[Group]]:
     """Keep labelled pairs as they are; add mined negatives for positive-only (label None) pairs."""
     unlabelled = [p for p in pairs if p.label is None]
     if not unlabelled or settings.negatives + settings.random_negatives == 0:
-        return [LabelledPair(p.q1, p.q2, 1 if p.label is None else p.label) for p in pairs], {}
+        return [LabelledPair(p.q1, p.q2, 1 if p.label is None else p.label) for p in pairs], {}, []
     mined = mine_hard_negatives(pairs, bi_encoder, snapshot=snapshot,
                                 num_negatives=settings.negatives,
                                 random_negatives=settings.random_negatives,
                                 bands=parse_bands(settings.bands),
                                 margin=settings.margin, seed=settings.seed)
     labelled = [LabelledPair(p.q1, p.q2, 1 if p.label is None else p.label) for p in pairs]
-    return labelled + mined.negatives, mined.stats
+    return labelled + mined.negatives, mined.stats, mined.groups
 
 
-def prepare_data(settings: TrainSettings) -> tuple[list[LabelledPair], list[LabelledPair], dict]:
+def prepare_data(settings: TrainSettings) -> PreparedData:
     """Read, split, cap and complete train and dev pairs with negatives.
 
     Returns:
-        (train pairs before swap, dev pairs, data facts for training.json).
+        Train pairs before swap, dev pairs, data facts for training.json and, for the listwise
+        loss, the mined groups.
 
     Raises:
-        BadInput: no pairs, or a side of the split without both labels.
+        BadInput: no pairs, a side of the split without both labels, an unknown loss, or the
+            listwise loss without positive-only pairs to group.
     """
+    if settings.loss not in LOSSES:
+        raise BadInput(f"unknown loss {settings.loss!r}: expected one of {', '.join(LOSSES)}")
     from shared.models import load_bi_encoder
 
     parse_bands(settings.bands)  # a typo fails now, not after the pairs are read
@@ -182,15 +227,28 @@ def prepare_data(settings: TrainSettings) -> tuple[list[LabelledPair], list[Labe
         from shared.snapshot import load_snapshot
 
         snapshot = load_snapshot(settings.hard_negatives)
-    train, data["train_mining"] = _with_negatives(train, settings, bi_encoder, snapshot)
-    dev, data["dev_mining"] = _with_negatives(dev, settings, bi_encoder)
+    listwise = settings.loss == "listwise"
+    labelled = [p for p in train if p.label is not None]
+    if listwise and settings.swap:
+        train = random_anchor_side(train, settings.seed)
+    train, data["train_mining"], mined_groups = _with_negatives(train, settings, bi_encoder,
+                                                                snapshot)
+    dev, data["dev_mining"], _ = _with_negatives(dev, settings, bi_encoder)
+    groups: list[Group] = []
+    if listwise:
+        groups = [(a, negs[:settings.negatives]) for a, negs in mined_groups
+                  if len(negs) >= settings.negatives]
+        if not groups:
+            raise BadInput("the listwise loss needs positive-only pairs with mined negatives "
+                           "(--negatives >= 1)")
+        data["listwise_groups"] = {"kept": len(groups), "short": len(mined_groups) - len(groups)}
     for name, side in (("train", train), ("dev", dev)):
         labels = {p.label for p in side}
         if labels != {0, 1}:
             raise BadInput(f"{name} pairs need both labels 0 and 1, found {sorted(labels)}")
         data[f"{name}_pairs"] = len(side)
         data[f"{name}_positives"] = sum(1 for p in side if is_positive(p))
-    return train, dev, data
+    return PreparedData(train, dev, data, groups, labelled)
 
 
 def progress_callback() -> Any:
@@ -229,13 +287,61 @@ def _batching(settings: TrainSettings) -> dict[str, Any]:
     return {"batch_sampler": LengthGroupedBatchSampler}
 
 
-def fit(train: list[LabelledPair], dev: list[LabelledPair], settings: TrainSettings) -> CrossEncoder:
+def to_group_dataset(groups: list[Group]) -> Dataset:
+    """The listwise loss's columns: query, positive, negative_1 .. negative_n (no label)."""
+    from datasets import Dataset
+
+    width = min(len(negs) for _, negs in groups)
+    columns: dict[str, list[str]] = {"query": [a.q1 for a, _ in groups],
+                                     "positive": [a.q2 for a, _ in groups]}
+    for j in range(width):
+        columns[f"negative_{j + 1}"] = [negs[j] for _, negs in groups]
+    return Dataset.from_dict(columns)
+
+
+def _hard_negatives_only_loss(model: CrossEncoder) -> Any:
+    """Softmax cross-entropy over (twin, mined negatives) per anchor, with no in-batch randoms.
+
+    The library's ``num_negatives=0`` is refused by its sampler and ``None`` adds every
+    in-batch candidate (easy ones, a forward pass each), hence the override.
+    """
+    from sentence_transformers.cross_encoder.losses import MultipleNegativesRankingLoss
+
+    class HardNegativesOnlyLoss(MultipleNegativesRankingLoss):
+        def get_in_batch_negatives(self, anchors, candidates):  # noqa: ANN001, ANN202
+            return iter(())
+
+    return HardNegativesOnlyLoss(model, num_negatives=None)
+
+
+def _training_sets(train: list[LabelledPair], groups: list[Group], labelled: list[LabelledPair],
+                   settings: TrainSettings, model: CrossEncoder) -> tuple[Any, Any, int]:
+    """(dataset or dict of datasets, loss or dict of losses, rows) for the chosen loss."""
+    from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
+
+    def pairs_set(rows: list[LabelledPair]) -> Dataset:
+        rows = swap_augment(rows) if settings.swap else list(rows)
+        random.Random(settings.seed).shuffle(rows)
+        return to_dataset(rows)
+
+    if settings.loss != "listwise":
+        dataset = pairs_set(train)
+        return dataset, BinaryCrossEntropyLoss(model), len(dataset)
+    datasets = {"groups": to_group_dataset(groups)}
+    losses: dict[str, Any] = {"groups": _hard_negatives_only_loss(model)}
+    if labelled:
+        datasets["labelled"] = pairs_set(labelled)
+        losses["labelled"] = BinaryCrossEntropyLoss(model)
+    return datasets, losses, sum(len(d) for d in datasets.values())
+
+
+def fit(train: list[LabelledPair], dev: list[LabelledPair], settings: TrainSettings,
+        groups: list[Group] = (), labelled: list[LabelledPair] = ()) -> CrossEncoder:
     """Train a cross-encoder and return it with the best dev checkpoint loaded."""
     from sentence_transformers import CrossEncoder
     from sentence_transformers.cross_encoder import (CrossEncoderTrainer,
                                                      CrossEncoderTrainingArguments)
     from sentence_transformers.cross_encoder.evaluation import CrossEncoderClassificationEvaluator
-    from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
 
     from transformers import set_seed
 
@@ -244,11 +350,9 @@ def fit(train: list[LabelledPair], dev: list[LabelledPair], settings: TrainSetti
     # this, two runs with the same seed start from different heads and end apart.
     set_seed(settings.seed)
     model = CrossEncoder(source, num_labels=1, max_length=settings.max_length, device="cpu")
-    rows = swap_augment(train) if settings.swap else list(train)
-    random.Random(settings.seed).shuffle(rows)
-    dataset = to_dataset(rows)
+    dataset, loss, rows = _training_sets(train, list(groups), list(labelled), settings, model)
     steps = settings.max_steps if settings.max_steps > 0 else max(
-        1, int(len(rows) * settings.epochs / settings.batch_size))
+        1, int(rows * settings.epochs / settings.batch_size))
     eval_steps = max(1, steps // max(1, settings.eval_times))
     evaluator = CrossEncoderClassificationEvaluator(
         [(p.q1, p.q2) for p in dev], [int(p.label or 0) for p in dev], name="dev",
@@ -262,11 +366,25 @@ def fit(train: list[LabelledPair], dev: list[LabelledPair], settings: TrainSetti
         metric_for_best_model="eval_dev_average_precision", greater_is_better=True,
         logging_steps=max(1, min(50, eval_steps)), report_to="none", disable_tqdm=True,
         use_cpu=True, dataloader_num_workers=0, **_batching(settings))
-    trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=dataset,
-                                  loss=BinaryCrossEntropyLoss(model), evaluator=evaluator,
+    trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=dataset, loss=loss,
+                                  evaluator=evaluator,
                                   callbacks=[progress_callback()])
     trainer.train()
     return trainer.model
+
+
+def scored_pairs(train: list[LabelledPair], groups: list[Group], labelled: list[LabelledPair],
+                 settings: TrainSettings) -> float:
+    """Pairs the model scored in training (forward and backward): the cost, comparable across
+    losses, behind training.json's ``examples_per_s``."""
+    if settings.loss == "listwise":
+        per_step = settings.batch_size * (1 + settings.negatives)  # a step of groups, mostly
+        total = sum(1 + len(n) for _, n in groups) + len(labelled) * (2 if settings.swap else 1)
+    else:
+        per_step = settings.batch_size
+        total = len(train) * (2 if settings.swap else 1)
+    total *= settings.epochs
+    return min(total, settings.max_steps * per_step) if settings.max_steps > 0 else total
 
 
 TRAIN_SAMPLE = 1000
@@ -315,16 +433,14 @@ def train_reranker(settings: TrainSettings) -> dict[str, Any]:
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    train, dev, data = prepare_data(settings)
+    train, dev, data, groups, labelled = prepare_data(settings)
     settings.timings_s["data"] = round(time.perf_counter() - t0, 1)
     t1 = time.perf_counter()
-    model = fit(train, dev, settings)
+    model = fit(train, dev, settings, groups, labelled)
     model.save(str(out))
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     settings.timings_s["train"] = round(time.perf_counter() - t1, 1)
-    seen = len(train) * (2 if settings.swap else 1) * settings.epochs
-    if settings.max_steps > 0:
-        seen = min(seen, settings.max_steps * settings.batch_size)
+    seen = scored_pairs(train, groups, labelled, settings)
     settings.timings_s["examples_per_s"] = round(seen / max(settings.timings_s["train"], 1e-9), 1)
     t2 = time.perf_counter()
     result = calibrate(str(out), dev, settings, train)

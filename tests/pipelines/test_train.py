@@ -24,12 +24,16 @@ def test_swap_augment_doubles_and_mirrors() -> None:
     assert ds["label"] == [1.0, 1.0, 0.0, 0.0, 1.0, 1.0]
 
 
-def _write_positive_pairs(path: Path) -> None:
+def _positive_lines() -> list[str]:
     lines = []
     for t in TOPICS:
         lines.append(f"How do I learn {t}?\tWhat is the best way to learn {t}?")
         lines.append(f"Is {t} hard?\tHow difficult is {t}?")
-    path.write_text("\n".join(lines) + "\n")
+    return lines
+
+
+def _write_positive_pairs(path: Path) -> None:
+    path.write_text("\n".join(_positive_lines()) + "\n")
 
 
 def test_train_reranker_cli_writes_loadable_model(tmp_path: Path, tiny_cross_encoder_path: str,
@@ -74,7 +78,7 @@ def test_labelled_pairs_are_kept_in_full_and_split_question_disjointly(
     labelled.write_text("\n".join(rows) + "\n")
     settings = TrainSettings(pairs=[str(pairs)], labelled=[str(labelled)], out=str(tmp_path / "o"),
                              max_pairs=4, dev_fraction=0.3, bi_encoder=tiny_bi_encoder_path)
-    train, dev, data = prepare_data(settings)
+    train, dev, data, *_ = prepare_data(settings)
     given = {tuple(row.split("\t")[:2]) for row in rows}
     human = {(p.q1, p.q2) for p in train if (p.q1, p.q2) in given}
     human_dev = {(p.q1, p.q2) for p in dev if (p.q1, p.q2) in given}
@@ -105,7 +109,7 @@ def test_same_seed_trains_the_same_model(tmp_path: Path, tiny_bi_encoder_path: s
         settings = TrainSettings(pairs=[str(pairs)], out=str(tmp_path / f"m{run}"),
                                  base=tiny_bi_encoder_path, bi_encoder=tiny_bi_encoder_path,
                                  max_steps=3, batch_size=8, dev_fraction=0.3, threads=1, lr=1e-3)
-        train, dev, _ = prepare_data(settings)
+        train, dev, *_ = prepare_data(settings)
         torch.manual_seed(run)  # whatever the global state, the result must not depend on it
         model = fit(train, dev, settings)
         weights.append(torch.cat([p.detach().flatten() for p in model.model.parameters()]))
@@ -123,3 +127,79 @@ def test_parse_bands() -> None:
     for bad in ("", "5", "0-5", "6-2", "a-b", "1-5,"):
         with pytest.raises(BadInput):
             parse_bands(bad)
+
+
+def test_listwise_groups_hold_the_twin_and_mined_negatives_outside_its_cluster(
+        tmp_path: Path, tiny_bi_encoder_path: str) -> None:
+    from pipelines.splits import build_clusters, question_key
+    from pipelines.train import TrainSettings, prepare_data, to_group_dataset
+
+    pairs = tmp_path / "pairs.tsv"
+    _write_positive_pairs(pairs)
+    labelled = tmp_path / "labelled.tsv"
+    labelled.write_text("".join(f"Can I eat {t} food?\tIs {t} tasty?\t0\n" for t in TOPICS))
+    settings = TrainSettings(pairs=[str(pairs)], labelled=[str(labelled)], out=str(tmp_path / "o"),
+                             dev_fraction=0.3, bi_encoder=tiny_bi_encoder_path, loss="listwise",
+                             negatives=2, margin=0.0)
+    train, _, data, groups, human = prepare_data(settings)
+    assert groups and data["listwise_groups"]["kept"] == len(groups)
+    clusters = build_clusters(train)
+    given = {tuple(line.split("\t")) for line in _positive_lines()}
+    for anchor, negatives in groups:
+        # The twin is a real pair (either side may be the anchor), never among its negatives.
+        assert (anchor.q1, anchor.q2) in given or (anchor.q2, anchor.q1) in given
+        assert len(negatives) == 2 and anchor.q2 not in negatives
+        own = clusters[question_key(anchor.q1)]
+        assert all(clusters[question_key(n)] != own for n in negatives)
+    flipped = sum((a.q1, a.q2) not in given for a, _ in groups)
+    assert 0 < flipped < len(groups), "swap picks the anchor side at random"
+    assert human and all(p.label == 0 and "eat" in p.q1 for p in human)
+    ds = to_group_dataset(groups)
+    assert ds.column_names == ["query", "positive", "negative_1", "negative_2"]
+
+
+def test_listwise_loss_is_softmax_cross_entropy_over_the_group(
+        tiny_cross_encoder_path: str) -> None:
+    """Hand-computed: -log softmax(10 * sigmoid(logits))[twin], mean over anchors; no in-batch
+    randoms (two anchors, so a random would change the value)."""
+    import torch
+
+    from pipelines.train import _hard_negatives_only_loss
+    from shared.models import load_cross_encoder
+
+    model = load_cross_encoder(tiny_cross_encoder_path)
+    loss = _hard_negatives_only_loss(model)
+    queries = ["how to learn chess", "is tax hard"]
+    twins = ["best way to learn chess", "tax difficulty"]
+    negs = [["chess rules", "tax forms"], ["chess clubs", "tax dates"]]  # columns, as the trainer
+    got = loss([queries, twins, *negs], torch.zeros(2)).item()
+    with torch.no_grad():
+        rows = [[twins[i], negs[0][i], negs[1][i]] for i in range(2)]
+        logits = [[loss.call_model_with_pairs([(q, c)])[0].item() for c in row]
+                  for q, row in zip(queries, rows)]
+    expected = 0.0
+    for row in logits:
+        s = [10 * (1 / (1 + torch.exp(torch.tensor(-x)).item())) for x in row]
+        expected += -(s[0] - torch.logsumexp(torch.tensor(s), 0).item()) / 2
+    assert abs(got - expected) < 1e-4
+
+
+def test_listwise_training_runs_and_records_its_cost(tmp_path: Path, tiny_bi_encoder_path: str,
+                                                     tiny_cross_encoder_path: str) -> None:
+    import pytest
+
+    from pipelines.train import TrainSettings, train_reranker
+    from shared.errors import BadInput
+
+    pairs = tmp_path / "pairs.tsv"
+    _write_positive_pairs(pairs)
+    settings = TrainSettings(pairs=[str(pairs)], out=str(tmp_path / "m"), loss="listwise",
+                             base=tiny_cross_encoder_path, bi_encoder=tiny_bi_encoder_path,
+                             max_steps=2, batch_size=4, dev_fraction=0.3, threads=1, negatives=2,
+                             margin=0.0)
+    report = train_reranker(settings)
+    assert report["settings"]["loss"] == "listwise"
+    assert report["data"]["listwise_groups"]["kept"] > 0
+    assert report["settings"]["timings_s"]["examples_per_s"] > 0
+    with pytest.raises(BadInput, match="unknown loss"):
+        train_reranker(TrainSettings(pairs=[str(pairs)], out=str(tmp_path / "x"), loss="pairwise"))
