@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/ablation_table.py runs/ablation
 
-Per row: what changed, training examples and examples/s, dev (question-disjoint split, mined
+Per row: what changed, training examples (pairs scored, for the listwise loss) and examples/s, dev (question-disjoint split, mined
 negatives) accuracy/AP, held-out human-labelled pair accuracy/AP, and Quora BEIR nDCG@10/MRR@10 for
 rerank-only and fused (recall-only is the same for every row, printed once), with queries/s.
 """
@@ -21,7 +21,7 @@ def _load(path: Path) -> dict:
 def main(root: str) -> None:
     rows = sorted(p for p in Path(root).iterdir() if (p / "training.json").is_file())
     order = ["base", "labelled", "lr5e-5", "bands1-5", "len32", "final", "final-grouped", "all",
-             "all-neg2", "all-neg2-ep2"]
+             "all-neg2", "all-neg2-ep2", "listwise"]
     rows.sort(key=lambda p: (order.index(p.name) if p.name in order else len(order), p.name))
     print("| row | change | train examples | ex/s | dev acc | dev AP | held-out acc | held-out AP "
           "| rerank nDCG@10 | rerank MRR@10 | fused w | fused nDCG@10 | fused MRR@10 | fused q/s |")
@@ -38,6 +38,8 @@ def main(root: str) -> None:
                   "lr5e-5": "lr 5e-5", "bands1-5": "negatives from ranks 1-5 only",
                   "len32": "max_length 32"}.get(row.name, _describe(s))
         examples = meta["data"]["train_pairs"] * (2 if s["swap"] else 1)
+        if s.get("loss") == "listwise":  # pairs scored: each group is 1 + negatives of them
+            examples = round(t["examples_per_s"] * t["train"])
         cells = [row.name, change, str(examples), f"{t.get('examples_per_s', 0):.0f}",
                  f"{100 * d['accuracy']:.2f}", f"{100 * d['ap']:.2f}",
                  f"{100 * pairs['accuracy']:.2f}" if pairs else "-",
@@ -79,7 +81,8 @@ def main(root: str) -> None:
 
 def _describe(s: dict) -> str:
     batches = "length-grouped" if s.get("group_by_length") else "random"
-    return (f"{s.get('max_pairs')} positives + {s.get('negatives')} mined negative(s) each + "
+    loss = "listwise: softmax over twin + " if s.get("loss") == "listwise" else ""
+    return (f"{loss}{s.get('max_pairs')} positives + {s.get('negatives')} mined negative(s) each + "
             f"labelled, lr {s['lr']:g}, bands {s.get('bands')}, max_length {s['max_length']}, "
             f"{s['epochs']:g} epoch, {batches} batches")
 

@@ -6,10 +6,13 @@ symmetric scoring (both orders averaged) at several weights, raw-scale fusion
 (logit + α·cosine, no per-query z-scores) and reciprocal-rank fusion; and, on the recall stage
 alone, pseudo-relevance feedback (Rocchio: the query vector moved towards its top hits, searched
 again) and neighbour agreement (a candidate's mean similarity to the top hits added to its
-score). These numbers are read on the test queries, so they decide what to build, never a
-default; docs/results.md section 4 quotes them.
+score). With two or more rerankers it also tries their ensemble: the mean of their z-scores,
+fused with z(recall). These numbers are read on the test queries, so they decide what to build,
+never a default; docs/results.md section 4 quotes them.
 
     python benchmarks/fusion_alternatives.py --rerankers runs/ablation/all-neg2 [--max-queries N]
+    python benchmarks/fusion_alternatives.py --rerankers runs/ablation/all runs/ablation/listwise \
+        --no-feedback
 
 Needs runs/quora-beir and runs/quora-snap (benchmarks/build_quora_beir.py). Both orders of the
 top 20 are scored once per reranker and cached under --cache.
@@ -29,7 +32,7 @@ sys.path.insert(0, str(REPO))
 from pipelines.evaluate import (Candidates, load_beir, ranked_ids,  # noqa: E402
                                 read_training_json, recall_candidates)
 from pipelines.metrics import paired_gain, per_query, retrieval_metrics  # noqa: E402
-from shared.rerank import fuse_scores, score_pairs  # noqa: E402
+from shared.rerank import fuse_scores, score_pairs, zscore  # noqa: E402
 
 DEPTH = 20
 
@@ -100,6 +103,17 @@ def fusion_variants(name: str, cands: dict[str, Candidates], forward: dict[str, 
     scorer.report(f"{name} reciprocal-rank fusion", reorder(cands, rrf))
 
 
+def ensemble_variants(cands: dict[str, Candidates], forwards: list[dict[str, np.ndarray]],
+                      scorer: Scorer) -> None:
+    """(1 − w)·z(recall) + w·mean of the rerankers' z-scores: does a second reranker add?"""
+    mean = {q: np.mean([zscore(f[q]) for f in forwards], axis=0) for q in forwards[0]}
+    scorer.report(f"ensemble of {len(forwards)}: rerank only", reorder(cands, mean))
+    for w in (0.4, 0.5, 0.6, 0.7):
+        fused = {q: fuse_scores(c.recall[:len(mean[q])], mean[q], "zscore", w)
+                 for q, c in cands.items()}
+        scorer.report(f"ensemble of {len(forwards)}: z-score w {w:g}", reorder(cands, fused))
+
+
 def recall_feedback(snapshot, query_vectors: np.ndarray, cands: dict[str, Candidates],
                     scorer: Scorer) -> None:
     """Rocchio and neighbour agreement on the recall stage (no reranker)."""
@@ -144,6 +158,8 @@ def main() -> None:
     parser.add_argument("--max-queries", type=int, default=None)
     parser.add_argument("--cache", default="runs/fusion-alternatives")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-feedback", action="store_true",
+                        help="skip the pseudo-relevance-feedback variants (recall stage only)")
     args = parser.parse_args()
 
     from shared.models import load_bi_encoder, set_threads
@@ -159,10 +175,16 @@ def main() -> None:
     bi = load_bi_encoder(snapshot.manifest["model"]["name"])
     cands, _ = recall_candidates(snapshot, bi, queries, 100)
     scorer = Scorer(cands, qrels)
+    forwards = []
     for model_dir in args.rerankers:
         forward, swapped = rerank_scores(model_dir, queries, cands, Path(args.cache))
         tuned = float(read_training_json(model_dir).get("fusion", {}).get("weight", 0.5))
         fusion_variants(Path(model_dir).name, cands, forward, swapped, tuned, scorer)
+        forwards.append(forward)
+    if len(forwards) > 1:
+        ensemble_variants(cands, forwards, scorer)
+    if args.no_feedback:
+        return
     vectors = bi.encode(list(queries.values()), batch_size=64, normalize_embeddings=True,
                         convert_to_numpy=True, show_progress_bar=False)
     recall_feedback(snapshot, np.asarray(vectors, dtype=np.float64), cands, scorer)
