@@ -2,18 +2,20 @@
 # The reranker ablation behind docs/results.md (issue 9): one change per row against `base`, then
 # `final` combines what helped (labelled pairs, lr 5e-5) with 6x the pairs, `all` with every
 # cluster-disjoint training positive (32k), `all-neg2` with two negatives each, `all-neg2-ep2` a
-# second pass from `all-neg2` at a lower learning rate, `listwise` the listwise loss on `all`'s data. Rows before session 4 used random batches
-# (BASE says so); `final-grouped` checks that length-grouped batches, now the default, cost nothing.
+# second pass from `all-neg2` at a lower learning rate, `listwise` the listwise loss on `all`'s
+# data. Rows before session 4 used random batches (BASE says so); `final-grouped` checks that
+# length-grouped batches, now the default, cost nothing.
 # Each row: train, score the held-out human-labelled pairs, rerank the Quora BEIR queries; then
 # benchmarks/ablation_table.py prints the table.
 #   nice bash benchmarks/ablate_reranker.sh > runs/logs/ablate.log 2>&1 &
 # Needs runs/quora-beir and runs/quora-snap (benchmarks/build_quora_beir.py). CPU only, 2 cores:
-# about 5 to 12 minutes per row, 40 for `final`, 70 for `all`, 50 for `all-neg2`. Data stays under runs/ (gitignored).
+# about 5 to 12 minutes per row, 40 for `final`, 70 for `all`, 50 for `all-neg2`, 45 for
+# `listwise`, 35 for `all-grouped`. Data stays under runs/ (gitignored).
 set -euo pipefail
 TWINQ=${TWINQ:-.venv/bin/twinq}
 B=runs/quora-beir
 A=runs/ablation
-ROWS=${ROWS:-"base labelled lr5e-5 final all len32 bands1-5 final-grouped all-neg2 all-neg2-ep2"}
+ROWS=${ROWS:-"base labelled lr5e-5 final all len32 bands1-5 final-grouped all-neg2 all-neg2-ep2 listwise all-grouped"}
 BASE=(--pairs $B/train_pairs.tsv --max-pairs 2000 --max-dev-pairs 1000 --negatives 1 --epochs 1
       --lr 2e-5 --batch-size 32 --max-length 64 --seed 0 --threads 2 --fusion-root runs/quora-snap
       --random-batches)
@@ -30,8 +32,10 @@ declare -A EXTRA=(
 EXTRA[final-grouped]="${EXTRA[final]} --group-by-length"
 EXTRA[all-neg2]="${EXTRA[all]} --negatives 2 --group-by-length"
 EXTRA[all-neg2-ep2]="${EXTRA[all]} --base $A/all-neg2 --lr 2e-5 --group-by-length"
-# Session 6: `all` trained listwise, each anchor's twin against 4 mined near misses in one softmax.
+# Session 6: `all` trained listwise, each anchor's twin against 4 mined near misses in one softmax;
+# `all-grouped`, `all` in length-grouped batches (and the ensemble check's pointwise partner).
 EXTRA[listwise]="${EXTRA[all]} --loss listwise --negatives 4 --group-by-length"
+EXTRA[all-grouped]="${EXTRA[all]} --group-by-length"
 mkdir -p $A
 for row in $ROWS; do
   out=$A/$row
