@@ -21,6 +21,7 @@ import logging
 import random
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -336,7 +337,7 @@ def _training_sets(train: list[LabelledPair], groups: list[Group], labelled: lis
 
 
 def fit(train: list[LabelledPair], dev: list[LabelledPair], settings: TrainSettings,
-        groups: list[Group] = (), labelled: list[LabelledPair] = ()) -> CrossEncoder:
+        groups: Sequence[Group] = (), labelled: Sequence[LabelledPair] = ()) -> CrossEncoder:
     """Train a cross-encoder and return it with the best dev checkpoint loaded."""
     from sentence_transformers import CrossEncoder
     from sentence_transformers.cross_encoder import (CrossEncoderTrainer,
