@@ -15,7 +15,7 @@ set -euo pipefail
 TWINQ=${TWINQ:-.venv/bin/twinq}
 B=runs/quora-beir
 A=runs/ablation
-ROWS=${ROWS:-"base labelled lr5e-5 final all len32 bands1-5 final-grouped all-neg2 all-neg2-ep2 listwise all-grouped"}
+ROWS=${ROWS:-"base labelled lr5e-5 final all len32 bands1-5 no-margin final-grouped all-neg2 all-neg2-ep2 listwise all-grouped"}
 BASE=(--pairs $B/train_pairs.tsv --max-pairs 2000 --max-dev-pairs 1000 --negatives 1 --epochs 1
       --lr 2e-5 --batch-size 32 --max-length 64 --seed 0 --threads 2 --fusion-root runs/quora-snap
       --random-batches)
@@ -25,6 +25,7 @@ declare -A EXTRA=(
   [lr5e-5]="--lr 5e-5"
   [bands1-5]="--bands 1-5"
   [len32]="--max-length 32"
+  [no-margin]="--margin=-10"
   [final]="--labelled $B/labelled_train.tsv --max-pairs 12000 --lr 5e-5"
   [all]="--labelled $B/labelled_train.tsv --max-pairs 40000 --lr 5e-5"
 )

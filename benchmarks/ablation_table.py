@@ -20,7 +20,7 @@ def _load(path: Path) -> dict:
 
 def main(root: str) -> None:
     rows = sorted(p for p in Path(root).iterdir() if (p / "training.json").is_file())
-    order = ["base", "labelled", "lr5e-5", "bands1-5", "len32", "final", "final-grouped", "all",
+    order = ["base", "labelled", "lr5e-5", "bands1-5", "len32", "no-margin", "final", "final-grouped", "all",
              "all-neg2", "all-neg2-ep2", "listwise"]
     rows.sort(key=lambda p: (order.index(p.name) if p.name in order else len(order), p.name))
     print("| row | change | train examples | ex/s | dev acc | dev AP | held-out acc | held-out AP "
@@ -36,7 +36,9 @@ def main(root: str) -> None:
                           "margin 0.05), swap, 1 epoch, lr 2e-5, max_length 64",
                   "labelled": "+ human-labelled train half (labelled_train.tsv)",
                   "lr5e-5": "lr 5e-5", "bands1-5": "negatives from ranks 1-5 only",
-                  "len32": "max_length 32"}.get(row.name, _describe(s))
+                  "len32": "max_length 32",
+                  "no-margin": "no false-negative margin (the anchor's cluster still excluded)",
+                  }.get(row.name, _describe(s))
         examples = meta["data"]["train_pairs"] * (2 if s["swap"] else 1)
         if s.get("loss") == "listwise":  # pairs scored: each group is 1 + negatives of them
             examples = round(t["examples_per_s"] * t["train"])
