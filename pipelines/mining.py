@@ -40,15 +40,21 @@ DEFAULT_BANDS: tuple[tuple[int, int], ...] = ((1, 5), (6, 20), (21, 50))
 
 @dataclass
 class MiningResult:
-    """Mined negatives (label 0) and counters that explain what was skipped.
+    """Each anchor's positive pair with the texts mined for it, and counters that explain what
+    was skipped.
 
-    ``groups`` keeps each anchor's positive pair with the texts mined for it, in anchor order,
-    for listwise training (one query, its twin and its near misses scored together).
+    ``groups`` keep an anchor with its near misses for listwise training (one query, its twin
+    and its near misses scored together); ``negatives`` are the same texts as label-0 pairs.
     """
 
-    negatives: list[LabelledPair] = field(default_factory=list)
-    stats: dict[str, int] = field(default_factory=dict)
     groups: list[tuple[LabelledPair, list[str]]] = field(default_factory=list)
+    stats: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def negatives(self) -> list[LabelledPair]:
+        """(anchor, mined text, 0) pairs, in anchor order."""
+        return [LabelledPair(anchor.q1, text, 0) for anchor, mined in self.groups
+                for text in mined]
 
 
 def _encode(model: SentenceTransformer, texts: Sequence[str], batch_size: int) -> np.ndarray:
@@ -135,7 +141,6 @@ def mine_hard_negatives(
     stats = {"anchors": len(anchors), "margin_skipped": 0, "no_hard_negative": 0, "random": 0}
     for b in range(len(bands)):
         stats[f"band_{bands[b][0]}_{bands[b][1]}"] = 0
-    negatives: list[LabelledPair] = []
     groups: list[tuple[LabelledPair, list[str]]] = []
     for n, anchor in enumerate(anchors):
         own = clusters[question_key(anchor.q1)]
@@ -150,30 +155,26 @@ def mine_hard_negatives(
                 continue
             eligible.append((rank, text))
         first_band = rng.randrange(len(bands))
-        used: set[str] = set()
-        mined_here = len(negatives)
+        picked: list[str] = []
         for j in range(num_negatives):
-            picked = False
             for step in range(len(bands)):
                 b = (first_band + j + step) % len(bands)
                 lo, hi = bands[b]
-                pool = [t for r, t in eligible if lo <= r <= hi and t not in used]
+                pool = [t for r, t in eligible if lo <= r <= hi and t not in picked]
                 if pool:
-                    text = pool[rng.randrange(len(pool))]
-                    used.add(text)
-                    negatives.append(LabelledPair(anchor.q1, text, 0))
+                    picked.append(pool[rng.randrange(len(pool))])
                     stats[f"band_{lo}_{hi}"] += 1
-                    picked = True
                     break
-            if not picked:
+            else:
                 stats["no_hard_negative"] += 1
         for _ in range(random_negatives):
             for _try in range(20):
                 key = keys[rng.randrange(len(keys))]
                 if clusters[key] != own:
-                    negatives.append(LabelledPair(anchor.q1, texts[key], 0))
+                    picked.append(texts[key])
                     stats["random"] += 1
                     break
-        groups.append((anchor, [p.q2 for p in negatives[mined_here:]]))
-    log.info("mined %d negatives for %d anchors: %s", len(negatives), len(anchors), stats)
-    return MiningResult(negatives, stats, groups)
+        groups.append((anchor, picked))
+    log.info("mined %d negatives for %d anchors: %s", sum(len(g) for _, g in groups),
+             len(anchors), stats)
+    return MiningResult(groups, stats)
