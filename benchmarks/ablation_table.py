@@ -2,9 +2,10 @@
 
     .venv/bin/python benchmarks/ablation_table.py runs/ablation
 
-Per row: what changed, training examples (pairs scored, for the listwise loss) and examples/s, dev (question-disjoint split, mined
-negatives) accuracy/AP, held-out human-labelled pair accuracy/AP, and Quora BEIR nDCG@10/MRR@10 for
-rerank-only and fused (recall-only is the same for every row, printed once), with queries/s.
+Per row: what changed, training examples (pairs scored, for the listwise loss) and examples/s,
+dev (question-disjoint split, mined negatives) accuracy/AP, held-out human-labelled pair
+accuracy/AP, and Quora BEIR nDCG@10/MRR@10 for rerank-only and fused (recall-only is the same
+for every row, printed once), with queries/s.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ def _load(path: Path) -> dict:
 
 def main(root: str) -> None:
     rows = sorted(p for p in Path(root).iterdir() if (p / "training.json").is_file())
-    order = ["base", "labelled", "lr5e-5", "bands1-5", "len32", "no-margin", "final", "final-grouped", "all",
-             "all-neg2", "all-neg2-ep2", "listwise"]
+    order = ["base", "labelled", "lr5e-5", "bands1-5", "len32", "no-margin", "final",
+             "final-grouped", "all", "all-neg2", "all-neg2-ep2", "listwise", "all-grouped"]
     rows.sort(key=lambda p: (order.index(p.name) if p.name in order else len(order), p.name))
     print("| row | change | train examples | ex/s | dev acc | dev AP | held-out acc | held-out AP "
           "| rerank nDCG@10 | rerank MRR@10 | fused w | fused nDCG@10 | fused MRR@10 | fused q/s |")
