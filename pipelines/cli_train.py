@@ -37,6 +37,10 @@ def reranker_command(
     random_negatives: int = typer.Option(0, help="Random negatives per positive-only pair."),
     margin: float = typer.Option(0.05, help="False-negative margin for mining."),
     bands: str = typer.Option("1-5,6-20,21-50", help="Rank bands mined negatives are drawn from."),
+    denoise_with: Optional[str] = typer.Option(None, "--denoise-with", help="A trained twinq "
+                                               "reranker that drops mined negatives it calls twins."),
+    denoise_threshold: float = typer.Option(0.5, help="Duplicate probability above which "
+                                            "--denoise-with drops a mined negative."),
     bi_encoder: Optional[str] = typer.Option(None, "--bi-encoder", help="Bi-encoder for mining; "
                                              "default bundled MiniLM (use recall's model)."),
     fusion_root: Optional[str] = typer.Option(None, "--fusion-root", help="Snapshot ROOT holding "
@@ -72,7 +76,8 @@ def reranker_command(
         batch_size=batch_size, max_length=max_length, swap=swap, negatives=negatives,
         random_negatives=random_negatives, margin=margin, bands=bands, bi_encoder=bi_encoder, hard_negatives=hard_negatives,
         fusion_root=fusion_root, seed=seed, threads=threads, max_steps=max_steps,
-        group_by_length=group_by_length, loss=loss)
+        group_by_length=group_by_length, loss=loss, denoise_with=denoise_with,
+        denoise_threshold=denoise_threshold)
     report = train_reranker(settings)
     m = report["dev_metrics"]
     Console().print(f"[bold]wrote {out}[/]: dev accuracy {100 * m['accuracy']:.2f}, F1 "

@@ -1,12 +1,13 @@
 """Fine-tune the cross-encoder reranker on question pairs, on CPU.
 
 Steps, each a function: read pairs -> question-disjoint train/dev split -> mine negatives for
-positive-only data -> build the (optionally swapped) dataset -> train with
-``CrossEncoderTrainer`` + ``BinaryCrossEntropyLoss`` (or, with ``loss="listwise"``, a softmax
-over each anchor's twin and its mined near misses; see `TrainSettings.loss`) in
-length-grouped batches (much less padding than random ones; `pipelines.batching`), evaluating
-dev and keeping the best checkpoint -> score dev with the saved model -> pick the threshold,
-fit Platt calibration and tune the fusion weight on dev -> write the model and ``training.json``.
+positive-only data (optionally vetted by a trained reranker, `pipelines.denoise`) -> build the
+(optionally swapped) dataset -> train with ``CrossEncoderTrainer`` + ``BinaryCrossEntropyLoss``
+(or, with ``loss="listwise"``, a softmax over each anchor's twin and its mined near misses; see
+`TrainSettings.loss`) in length-grouped batches (much less padding than random ones;
+`pipelines.batching`), evaluating dev and keeping the best checkpoint -> score dev with the
+saved model -> pick the threshold, fit Platt calibration and tune the fusion weight on dev ->
+write the model and ``training.json``.
 
 ``training.json`` is the contract with the query worker: ``base``, ``threshold``, ``fusion``
 (``{"method": "zscore", "weight"}``), ``calibration`` (``{"method": "platt", "a", "b"}``, applied
@@ -26,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from pipelines.denoise import drop_likely_twins
 from pipelines.metrics import best_threshold, pair_metrics
 from pipelines.mining import mine_hard_negatives
 from pipelines.splits import is_positive, question_disjoint_split
@@ -68,6 +70,10 @@ class TrainSettings:
     bands: str = "1-5,6-20,21-50"
     """Rank bands mined negatives are drawn from, evenly (see `pipelines.mining`)."""
     hard_negatives: str | None = None
+    denoise_with: str | None = None
+    """A trained twinq reranker that vets the mined training negatives (`pipelines.denoise`)."""
+    denoise_threshold: float = 0.5
+    """Mined negatives the teacher gives a higher duplicate probability are dropped."""
     bi_encoder: str | None = None
     fusion_root: str | None = None
     fusion_queries: int = 1000
@@ -166,8 +172,10 @@ def random_anchor_side(pairs: list[LabelledPair], seed: int) -> list[LabelledPai
 
 
 def _with_negatives(pairs: list[LabelledPair], settings: TrainSettings, bi_encoder: Any,
-                    snapshot: Any = None) -> tuple[list[LabelledPair], dict[str, int], list[Group]]:
-    """Keep labelled pairs as they are; add mined negatives for positive-only (label None) pairs."""
+                    snapshot: Any = None, teacher: str | None = None
+                    ) -> tuple[list[LabelledPair], dict[str, int], list[Group]]:
+    """Keep labelled pairs as they are; add mined negatives for positive-only (label None) pairs,
+    vetted by `teacher` when one is given."""
     unlabelled = [p for p in pairs if p.label is None]
     if not unlabelled or settings.negatives + settings.random_negatives == 0:
         return [LabelledPair(p.q1, p.q2, 1 if p.label is None else p.label) for p in pairs], {}, []
@@ -176,6 +184,8 @@ def _with_negatives(pairs: list[LabelledPair], settings: TrainSettings, bi_encod
                                 random_negatives=settings.random_negatives,
                                 bands=parse_bands(settings.bands),
                                 margin=settings.margin, seed=settings.seed)
+    if teacher:
+        mined = drop_likely_twins(mined, teacher, settings.denoise_threshold)
     labelled = [LabelledPair(p.q1, p.q2, 1 if p.label is None else p.label) for p in pairs]
     return labelled + mined.negatives, mined.stats, mined.groups
 
@@ -232,8 +242,9 @@ def prepare_data(settings: TrainSettings) -> PreparedData:
     labelled = [p for p in train if p.label is not None]
     if listwise and settings.swap:
         train = random_anchor_side(train, settings.seed)
+    # Only the training negatives are vetted: dev keeps the plain miner's, so rows compare.
     train, data["train_mining"], mined_groups = _with_negatives(train, settings, bi_encoder,
-                                                                snapshot)
+                                                                snapshot, settings.denoise_with)
     dev, data["dev_mining"], _ = _with_negatives(dev, settings, bi_encoder)
     groups: list[Group] = []
     if listwise:

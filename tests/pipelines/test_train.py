@@ -203,3 +203,29 @@ def test_listwise_training_runs_and_records_its_cost(tmp_path: Path, tiny_bi_enc
     assert report["settings"]["timings_s"]["examples_per_s"] > 0
     with pytest.raises(BadInput, match="unknown loss"):
         train_reranker(TrainSettings(pairs=[str(pairs)], out=str(tmp_path / "x"), loss="pairwise"))
+
+
+def test_a_teacher_vets_the_training_negatives_only(tmp_path: Path, tiny_bi_encoder_path: str,
+                                                    tiny_cross_encoder_path: str) -> None:
+    import json
+    import shutil
+
+    from pipelines.train import TrainSettings, prepare_data
+
+    pairs = tmp_path / "pairs.tsv"
+    _write_positive_pairs(pairs)
+    labelled = tmp_path / "labelled.tsv"
+    labelled.write_text("".join(f"Can I eat {t} food?\tIs {t} tasty?\t0\n" for t in TOPICS))
+    teacher = tmp_path / "teacher"  # calls every pair a twin: probability sigmoid(10)
+    shutil.copytree(tiny_cross_encoder_path, teacher)
+    (teacher / "training.json").write_text(json.dumps(
+        {"calibration": {"method": "platt", "a": 0.0, "b": 10.0}}))
+    common = dict(pairs=[str(pairs)], labelled=[str(labelled)], dev_fraction=0.3,
+                  bi_encoder=tiny_bi_encoder_path)
+    plain = prepare_data(TrainSettings(**common, out=str(tmp_path / "a")))
+    vetted = prepare_data(TrainSettings(**common, out=str(tmp_path / "b"),
+                                        denoise_with=str(teacher)))
+    mined = plain.data["train_mining"]["anchors"] - plain.data["train_mining"]["no_hard_negative"]
+    assert mined > 0 and vetted.data["train_mining"]["denoised"] == mined
+    assert [p for p in vetted.train if p.label == 0] == plain.labelled  # only the human 0s left
+    assert vetted.dev == plain.dev and "denoised" not in vetted.data["dev_mining"]
