@@ -10,12 +10,12 @@
 #   nice bash benchmarks/ablate_reranker.sh > runs/logs/ablate.log 2>&1 &
 # Needs runs/quora-beir and runs/quora-snap (benchmarks/build_quora_beir.py). CPU only, 2 cores:
 # about 5 to 12 minutes per row, 40 for `final`, 70 for `all`, 50 for `all-neg2`, 45 for
-# `listwise`, 35 for `all-grouped`. Data stays under runs/ (gitignored).
+# `listwise`, 35 for `all-grouped` (55 on an AVX2-only CPU). Data stays under runs/ (gitignored).
 set -euo pipefail
 TWINQ=${TWINQ:-.venv/bin/twinq}
 B=runs/quora-beir
 A=runs/ablation
-ROWS=${ROWS:-"base labelled lr5e-5 final all len32 bands1-5 no-margin final-grouped all-neg2 all-neg2-ep2 listwise all-grouped"}
+ROWS=${ROWS:-"base labelled lr5e-5 final all len32 bands1-5 no-margin final-grouped all-neg2 all-neg2-ep2 listwise all-grouped all-margin0.1 all-denoised"}
 BASE=(--pairs $B/train_pairs.tsv --max-pairs 2000 --max-dev-pairs 1000 --negatives 1 --epochs 1
       --lr 2e-5 --batch-size 32 --max-length 64 --seed 0 --threads 2 --fusion-root runs/quora-snap
       --random-batches)
@@ -37,6 +37,12 @@ EXTRA[all-neg2-ep2]="${EXTRA[all]} --base $A/all-neg2 --lr 2e-5 --group-by-lengt
 # `all-grouped`, `all` in length-grouped batches (and the ensemble check's pointwise partner).
 EXTRA[listwise]="${EXTRA[all]} --loss listwise --negatives 4 --group-by-length"
 EXTRA[all-grouped]="${EXTRA[all]} --group-by-length"
+# Session 7: `all-grouped` with twice the false-negative margin (no-margin showed how much the
+# unlabelled duplicates among mined near misses cost).
+EXTRA[all-margin0.1]="${EXTRA[all-grouped]} --margin 0.1"
+# `all-grouped` with its mined training negatives vetted by a trained reranker (`all-margin0.1`):
+# those it gives a duplicate probability above 0.5 are dropped (pipelines/denoise.py).
+EXTRA[all-denoised]="${EXTRA[all-grouped]} --denoise-with $A/all-margin0.1"
 mkdir -p $A
 for row in $ROWS; do
   out=$A/$row

@@ -22,7 +22,8 @@ def _load(path: Path) -> dict:
 def main(root: str) -> None:
     rows = sorted(p for p in Path(root).iterdir() if (p / "training.json").is_file())
     order = ["base", "labelled", "lr5e-5", "bands1-5", "len32", "no-margin", "final",
-             "final-grouped", "all", "all-neg2", "all-neg2-ep2", "listwise", "all-grouped"]
+             "final-grouped", "all", "all-neg2", "all-neg2-ep2", "listwise", "all-grouped",
+             "all-margin0.1", "all-denoised"]
     rows.sort(key=lambda p: (order.index(p.name) if p.name in order else len(order), p.name))
     print("| row | change | train examples | ex/s | dev acc | dev AP | held-out acc | held-out AP "
           "| rerank nDCG@10 | rerank MRR@10 | fused w | fused nDCG@10 | fused MRR@10 | fused q/s |")
@@ -85,9 +86,12 @@ def main(root: str) -> None:
 def _describe(s: dict) -> str:
     batches = "length-grouped" if s.get("group_by_length") else "random"
     loss = "listwise: softmax over twin + " if s.get("loss") == "listwise" else ""
+    vetted = (f", mined negatives vetted by {Path(s['denoise_with']).name} (p > "
+              f"{s['denoise_threshold']:g} dropped)" if s.get("denoise_with") else "")
     return (f"{loss}{s.get('max_pairs')} positives + {s.get('negatives')} mined negative(s) each + "
-            f"labelled, lr {s['lr']:g}, bands {s.get('bands')}, max_length {s['max_length']}, "
-            f"{s['epochs']:g} epoch, {batches} batches")
+            f"labelled, lr {s['lr']:g}, bands {s.get('bands')}, margin {s.get('margin', 0.05):g}, "
+            f"max_length {s['max_length']}, "
+            f"{s['epochs']:g} epoch, {batches} batches{vetted}")
 
 
 if __name__ == "__main__":
