@@ -22,6 +22,23 @@ from shared.errors import BadInput
 log = logging.getLogger(__name__)
 
 
+def teacher_calibration(teacher: str, threshold: float) -> dict[str, float | str]:
+    """The teacher's Platt calibration, checked with the threshold before any mining starts.
+
+    Raises:
+        BadInput: the teacher has no calibration, or the threshold is not in (0, 1).
+    """
+    from shared.rerank import load_rerank_defaults
+
+    if not 0.0 < threshold < 1.0:
+        raise BadInput(f"--denoise-threshold must lie in (0, 1), got {threshold}")
+    calibration = load_rerank_defaults(teacher)["calibration"]
+    if calibration is None:
+        raise BadInput(f"--denoise-with {teacher}: no calibration in its training.json; give a "
+                       "reranker trained by `twinq train reranker`")
+    return calibration
+
+
 def drop_likely_twins(mined: MiningResult, teacher: str, threshold: float = 0.5,
                       batch_size: int = 64) -> MiningResult:
     """Mined negatives whose calibrated duplicate probability under `teacher` is at most
@@ -44,14 +61,8 @@ def drop_likely_twins(mined: MiningResult, teacher: str, threshold: float = 0.5,
     from pipelines.evaluate import score_pairs
     from shared.calibration import Platt
     from shared.models import load_cross_encoder
-    from shared.rerank import load_rerank_defaults
 
-    if not 0.0 < threshold < 1.0:
-        raise BadInput(f"--denoise-threshold must lie in (0, 1), got {threshold}")
-    calibration = load_rerank_defaults(teacher)["calibration"]
-    if calibration is None:
-        raise BadInput(f"--denoise-with {teacher}: no calibration in its training.json; give a "
-                       "reranker trained by `twinq train reranker`")
+    calibration = teacher_calibration(teacher, threshold)
     pairs = [(anchor.q1, text) for anchor, texts in mined.groups for text in texts]
     probability = Platt.from_dict(calibration)(
         score_pairs(load_cross_encoder(teacher), pairs, batch_size=batch_size))

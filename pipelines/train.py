@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from pipelines.denoise import drop_likely_twins
+from pipelines.denoise import drop_likely_twins, teacher_calibration
 from pipelines.metrics import best_threshold, pair_metrics
 from pipelines.mining import mine_hard_negatives
 from pipelines.splits import is_positive, question_disjoint_split
@@ -206,6 +206,8 @@ def prepare_data(settings: TrainSettings) -> PreparedData:
     from shared.models import load_bi_encoder
 
     parse_bands(settings.bands)  # a typo fails now, not after the pairs are read
+    if settings.denoise_with:  # likewise a teacher without calibration, before minutes of mining
+        teacher_calibration(settings.denoise_with, settings.denoise_threshold)
     source = read_pairs(settings.pairs)
     if not source.pairs:
         raise BadInput(f"no pairs read from {settings.pairs}")
