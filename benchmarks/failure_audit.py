@@ -111,7 +111,7 @@ def main() -> None:
     print(f"oracle (labelled twins first within the top {DEPTH}): nDCG@10 "
           f"{100 * best['ndcg@10']:.2f}, MRR@10 {100 * best['mrr@10']:.2f}")
     for name, run in runs.items():
-        wrong = sum(1 for q, ids in run.items() if qrels[q].get(ids[0], 0) <= 0)
+        wrong = sum(name in names for _, _, names in items)
         print(f"{name}: first hit unlabelled for {wrong} of {len(run)} queries")
     print(f"distinct (query, first hit) to judge: {len(items)}")
     if not args.verdicts:
@@ -129,15 +129,15 @@ def main() -> None:
     for (q, d), verdict in judged.items():
         if verdict == "twin":
             extended[q][d] = 1.0
+    after = {name: retrieval_metrics(run, extended) for name, run in runs.items()}
     for name, run in runs.items():
-        before, after = retrieval_metrics(run, qrels), retrieval_metrics(run, extended)
-        print(f"{name}: nDCG@10 {100 * before['ndcg@10']:.2f} -> {100 * after['ndcg@10']:.2f}, "
-              f"MRR@10 {100 * before['mrr@10']:.2f} -> {100 * after['mrr@10']:.2f} "
-              "with the judged twins as relevant")
+        before = retrieval_metrics(run, qrels)
+        print(f"{name}: nDCG@10 {100 * before['ndcg@10']:.2f} -> "
+              f"{100 * after[name]['ndcg@10']:.2f}, MRR@10 {100 * before['mrr@10']:.2f} -> "
+              f"{100 * after[name]['mrr@10']:.2f} with the judged twins as relevant")
     if "fused" not in runs:
         return
-    gain = {m: retrieval_metrics(runs["fused"], extended)[m]
-            - retrieval_metrics(runs["recall"], extended)[m] for m in ("ndcg@10", "mrr@10")}
+    gain = {m: after["fused"][m] - after["recall"][m] for m in ("ndcg@10", "mrr@10")}
     print("fused over recall with the judged twins: " + ", ".join(
         f"{m} {100 * g:+.2f}" for m, g in gain.items()))
 
