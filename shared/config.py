@@ -51,6 +51,9 @@ class Settings:
     """Fusion of recall and rerank scores; None takes the reranker's training.json (else none)."""
     fusion_weight: float | None = None
     """Weight of the rerank z-score in `zscore` fusion; None takes the reranker's tuned value."""
+    min_probability: float | None = None
+    """Default duplicate probability a top hit needs to count as a twin (else `no_twin`); None
+    takes the reranker's decision model (its 95%-precision point on dev)."""
     rerank_symmetric: bool = False
     """Score (query, candidate) and (candidate, query) and average: on Quora +0.2 nDCG@10 for
     rerank alone but nothing measurable fused, at twice the rerank cost (docs/results.md §4)."""
@@ -83,6 +86,8 @@ class Settings:
             (self.fusion is None or self.fusion in get_args(FusionMethod),
              f"fusion must be one of {get_args(FusionMethod)}"),
             (isinstance(self.rerank_symmetric, bool), "rerank_symmetric must be true or false"),
+            (self.min_probability is None or 0.0 <= self.min_probability <= 1.0,
+             "min_probability must be in 0..1"),
         ]
         for ok, message in checks:
             if not ok:
