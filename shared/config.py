@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -72,30 +72,127 @@ class Settings:
     reload_poll_s: float = C.RELOAD_POLL_S
 
     def __post_init__(self) -> None:
-        checks = [
-            (1 <= self.top_k <= C.MAX_TOP_K, f"top_k must be in 1..{C.MAX_TOP_K}"),
-            (1 <= self.recall_k <= C.MAX_RECALL_K, f"recall_k must be in 1..{C.MAX_RECALL_K}"),
-            (self.top_k <= self.recall_k, f"top_k ({self.top_k}) must not exceed recall_k ({self.recall_k})"),
-            (self.rerank_depth <= self.recall_k,
-             f"rerank_depth ({self.rerank_depth}) must not exceed recall_k ({self.recall_k})"),
-            (self.batch_size >= 1, "batch_size must be at least 1"),
-            (self.max_deliveries >= 1, "max_deliveries must be at least 1"),
-            (self.reply_prefix.endswith(":"), "reply_prefix must end with ':'"),
-            (self.threads is None or self.threads >= 1, "threads must be at least 1"),
-            (self.backend in get_args(Backend), f"backend must be one of {get_args(Backend)}"),
-            (self.fusion is None or self.fusion in get_args(FusionMethod),
-             f"fusion must be one of {get_args(FusionMethod)}"),
-            (isinstance(self.rerank_symmetric, bool), "rerank_symmetric must be true or false"),
-            (self.min_probability is None or 0.0 <= self.min_probability <= 1.0,
-             "min_probability must be in 0..1"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        """Refuse any value outside its range at once, naming the field: a bad setting found
+        later fails every request (or silently drops every reply) instead of failing once."""
+        for message in _problems(self):
+            raise ConfigError(message)
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with `changes` applied; None values are ignored (an unset flag)."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+INT_RANGES: dict[str, tuple[int, int]] = {
+    "threads": (1, 1024),
+    "top_k": (1, C.MAX_TOP_K),
+    "recall_k": (1, C.MAX_RECALL_K),
+    "rerank_depth": (0, C.MAX_RECALL_K),
+    "batch_size": (1, 1024),
+    "block_ms": (1, 60_000),
+    "visibility_timeout_ms": (100, 86_400_000),
+    "max_deliveries": (1, 100),
+    "reply_ttl_s": (1, 86_400),
+    "max_stream_length": (1, 1_000_000_000),
+    "max_query_chars": (1, 50_000),
+    "query_cache_ttl_s": (0, 86_400),
+    "metrics_port": (0, 65_535),
+}
+"""Inclusive range of every integer setting (None, where allowed, means "unset"). `block_ms`
+0 would block XREADGROUP forever; `reply_ttl_s` 0 would expire every reply at once."""
+
+FLOAT_RANGES: dict[str, tuple[float, float]] = {
+    "fusion_weight": (0.0, 1.0),
+    "min_probability": (0.0, 1.0),
+    "shutdown_grace_s": (0.0, 3600.0),
+    "reload_poll_s": (0.01, 3600.0),
+}
+"""Inclusive range of every number setting; NaN and infinities fall outside every range."""
+
+TEXT_SETTINGS = ("stream", "group", "dead_stream", "reply_prefix", "metrics_host")
+"""Settings that must be a non-empty string."""
+
+OPTIONAL_TEXT_SETTINGS = ("root", "redis_url", "model", "reranker")
+"""Settings that are None (unset) or a non-empty string."""
+
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number_problem(name: str, value: Any, low: float, high: float, integer: bool) -> str | None:
+    """Why `value` is not a valid `name` (None if it is); None values are checked elsewhere."""
+    kind_ok = _is_int(value) if integer else (_is_int(value) or isinstance(value, float))
+    if not kind_ok:
+        return f"{name} must be {'an integer' if integer else 'a number'}, got {value!r:.40}"
+    if not low <= value <= high:
+        span = f"{low}..{high}" if integer else f"{low:g}..{high:g}"
+        return f"{name} must be in {span}, got {value!r}"
+    return None
+
+
+def _range_problems(s: Settings) -> Iterator[str]:
+    ranges: dict[str, tuple[float, float]] = {**INT_RANGES, **FLOAT_RANGES}
+    for name, (low, high) in ranges.items():
+        value = getattr(s, name)
+        if value is None and Settings.__dataclass_fields__[name].default is None:
+            continue
+        problem = _number_problem(name, value, low, high, integer=name in INT_RANGES)
+        if problem:
+            yield problem
+
+
+def _text_problems(s: Settings) -> Iterator[str]:
+    for name in (*TEXT_SETTINGS, *OPTIONAL_TEXT_SETTINGS):
+        value = getattr(s, name)
+        if value is None and name in OPTIONAL_TEXT_SETTINGS:
+            continue
+        if not isinstance(value, str) or not value.strip():
+            yield f"{name} must be a non-empty string, got {value!r:.40}"
+    if isinstance(s.redis_url, str) and not s.redis_url.startswith(REDIS_SCHEMES):
+        yield f"redis_url must start with one of {', '.join(REDIS_SCHEMES)}"
+    if s.stream == s.dead_stream:
+        yield f"stream and dead_stream must differ (both {s.stream!r})"
+
+
+def _prefix_problems(s: Settings) -> Iterator[str]:
+    """The reply prefix fences what a request may name as its reply key: it must not be empty,
+    and must not cover the worker's own keys (streams, done markers, heartbeats, cache)."""
+    prefix = s.reply_prefix
+    if len(prefix) < 2 or not prefix.endswith(":"):
+        yield f"reply_prefix must be a name ending with ':', got {prefix!r:.40}"
+        return
+    own = (s.stream, s.dead_stream, C.DONE_PREFIX, C.HEARTBEAT_PREFIX, C.CACHE_PREFIX)
+    covered = [key for key in own if key.startswith(prefix)]
+    if covered:
+        yield f"reply_prefix {prefix!r} must not cover the worker's own keys ({covered[0]!r})"
+
+
+def _choice_problems(s: Settings) -> Iterator[str]:
+    if s.backend not in get_args(Backend):
+        yield f"backend must be one of {get_args(Backend)}"
+    if s.fusion is not None and s.fusion not in get_args(FusionMethod):
+        yield f"fusion must be one of {get_args(FusionMethod)}"
+    if not isinstance(s.rerank_symmetric, bool):
+        yield "rerank_symmetric must be true or false"
+
+
+def _relation_problems(s: Settings) -> Iterator[str]:
+    if s.top_k > s.recall_k:
+        yield f"top_k ({s.top_k}) must not exceed recall_k ({s.recall_k})"
+    if s.rerank_depth > s.recall_k:
+        yield f"rerank_depth ({s.rerank_depth}) must not exceed recall_k ({s.recall_k})"
+
+
+def _problems(s: Settings) -> Iterator[str]:
+    """Every reason `s` is invalid, one line each naming the field; relations between fields
+    are checked only once each field is in range."""
+    single = [*_range_problems(s), *_text_problems(s), *_choice_problems(s)]
+    yield from single
+    if not single:
+        yield from _prefix_problems(s)
+        yield from _relation_problems(s)
 
 
 _BOOLEANS = {"1": True, "true": True, "yes": True, "on": True,

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from shared.config import env_variables, load_settings
+from shared import constants as C
+from shared.config import (FLOAT_RANGES, INT_RANGES, OPTIONAL_TEXT_SETTINGS, TEXT_SETTINGS,
+                           Settings, env_variables, load_settings)
 from shared.errors import ConfigError
 
 
@@ -54,3 +63,83 @@ def test_file_problems_are_refused(tmp_path: Path) -> None:
 def test_every_field_has_a_variable() -> None:
     names = env_variables()
     assert names[0] == "TWINQ_CONFIG" and "TWINQ_RERANK_SYMMETRIC" in names
+
+
+# --- ranges: every setting refuses values outside its range, naming the field -------------
+
+_NUMBERS = {**INT_RANGES, **FLOAT_RANGES}
+
+
+def _valid(name: str, value: Any) -> Settings:
+    """Settings with `name` = `value`, its neighbours widened so relations cannot object."""
+    extra: dict[str, Any] = {}
+    if name in ("top_k", "rerank_depth"):
+        extra["recall_k"] = C.MAX_RECALL_K
+    if name == "recall_k":
+        extra.update(top_k=1, rerank_depth=0)
+    return Settings(**{name: value, **extra})
+
+
+@given(st.sampled_from(sorted(_NUMBERS)), st.data())
+@settings(max_examples=200, deadline=None)
+def test_numeric_settings_accept_their_range_and_refuse_the_rest(name: str, data: Any) -> None:
+    low, high = _NUMBERS[name]
+    if name in INT_RANGES:
+        inside = data.draw(st.integers(low, high))
+        outside = data.draw(st.one_of(st.integers(max_value=low - 1),
+                                      st.integers(min_value=high + 1), st.just(True),
+                                      st.just(float(low)), st.just(str(low))))
+    else:
+        inside = data.draw(st.floats(low, high))
+        outside = data.draw(st.one_of(st.floats(max_value=low, exclude_max=True),
+                                      st.floats(min_value=high, exclude_min=True),
+                                      st.just(float("nan")), st.just(str(low)), st.just(False)))
+    assert getattr(_valid(name, inside), name) == inside
+    with pytest.raises(ConfigError) as info:
+        _valid(name, outside)
+    assert str(info.value).startswith(f"{name} must be"), str(info.value)
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"reply_ttl_s": 0}, "reply_ttl_s must be in 1..86400, got 0"),
+    ({"visibility_timeout_ms": -1}, "visibility_timeout_ms must be in"),
+    ({"max_query_chars": 0}, "max_query_chars must be in"),
+    ({"rerank_depth": -1}, "rerank_depth must be in"),
+    ({"fusion_weight": 7.0}, "fusion_weight must be in 0..1, got 7.0"),
+    ({"block_ms": 0}, "block_ms must be in"),
+    ({"reply_prefix": ""}, "reply_prefix must be a non-empty string"),
+    ({"reply_prefix": ":"}, "reply_prefix must be a name ending with ':'"),
+    ({"reply_prefix": "twinq:"}, "reply_prefix 'twinq:' must not cover the worker's own keys"),
+    ({"stream": " "}, "stream must be a non-empty string"),
+    ({"dead_stream": C.STREAM}, "stream and dead_stream must differ"),
+    ({"redis_url": "http://localhost"}, "redis_url must start with one of"),
+    ({"root": ""}, "root must be a non-empty string"),
+    ({"metrics_port": 70000}, "metrics_port must be in 0..65535"),
+])
+def test_known_bad_settings_are_refused_by_name(changes: dict[str, Any], words: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings(**changes)
+    assert words in str(info.value)
+
+
+def test_every_setting_has_a_check_and_a_documented_range() -> None:
+    """A new field must join a check (and the README table says its range)."""
+    checked = {*INT_RANGES, *FLOAT_RANGES, *TEXT_SETTINGS, *OPTIONAL_TEXT_SETTINGS,
+               "backend", "fusion", "rerank_symmetric"}
+    assert {f.name for f in fields(Settings)} == checked
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    table = readme.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    for name, (low, high) in _NUMBERS.items():
+        row = next((line for line in table.splitlines() if f"TWINQ_{name.upper()}`" in line), "")
+        assert row, f"no README row for TWINQ_{name.upper()}"
+        span = f"{low}..{high}" if name in INT_RANGES else f"{low:g}..{high:g}"
+        assert span.replace("_", "") in row.replace(",", ""), (name, span, row)
+
+
+def test_worker_refuses_a_bad_setting_with_one_line_and_exit_2() -> None:
+    env = {**os.environ, "TWINQ_REPLY_TTL_S": "0", "TWINQ_REDIS_URL": "redis://127.0.0.1:1/0"}
+    done = subprocess.run([sys.executable, "-m", "shared.cli", "worker"], env=env,
+                          capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).parents[2])
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == ["twinq: error: reply_ttl_s must be in 1..86400, got 0"]
