@@ -27,6 +27,12 @@ class ShardMismatch(SnapshotInvalid):
     """A shard's FAISS index and its Parquet file disagree."""
 
 
+class SnapshotCorrupt(SnapshotInvalid, BadInput):
+    """A file under a snapshot root (CURRENT, HISTORY, a manifest, a shard file) cannot be
+    decoded or breaks the manifest schema. The CLI treats it as bad input (exit 2, one line);
+    a worker refuses the version like any invalid one and keeps serving the old."""
+
+
 class ProtocolError(TwinqError):
     """A queue message does not follow the protocol. Carries the error code for the reply."""
 

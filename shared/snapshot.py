@@ -24,8 +24,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shared.constants import SNAPSHOT_FORMAT_VERSION
-from shared.errors import BadInput, ShardMismatch, SnapshotInvalid, SnapshotNotFound
+from shared.errors import (BadInput, ShardMismatch, SnapshotCorrupt, SnapshotInvalid,
+                           SnapshotNotFound)
+from shared.snapshot_schema import check_manifest, plain_file_name, schema
 
 if TYPE_CHECKING:
     import faiss
@@ -135,8 +136,10 @@ def mark_building(path: Path) -> None:
 
 def _build_alive(path: Path) -> bool:
     try:
-        info = json.loads((path / BUILDING).read_text())
-    except (OSError, ValueError):
+        info = json.loads((path / BUILDING).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    if not isinstance(info, dict):
         return False
     if info.get("host") != socket.gethostname():
         return True  # another machine's build: we cannot tell, so keep it
@@ -182,36 +185,67 @@ def embeddings_of(table: pa.Table) -> Any:
 
 
 def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    """Write the manifest that completes a version; one that readers would refuse is never
+    written (`check_manifest`)."""
+    check_manifest(manifest, path.name)
     _write_atomic(path / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     (path / BUILDING).unlink(missing_ok=True)
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
+def _one_line(text: str, limit: int = 200) -> str:
+    """An error detail on one short line: library messages may span lines or quote whole files."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _read_text(path: Path, label: str) -> str | None:
+    """A small file of the root (CURRENT, HISTORY, a manifest) as text, or None when absent.
+
+    Raises:
+        SnapshotCorrupt: the file exists but cannot be read or is not UTF-8.
+    """
     try:
-        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise SnapshotInvalid(f"{path.name}: no manifest (incomplete build)") from exc
-    except (OSError, ValueError) as exc:
-        raise SnapshotInvalid(f"{path.name}: unreadable manifest: {exc}") from exc
-    for key in ("format_version", "version", "created_at", "model", "corpus", "shards"):
-        if key not in manifest:
-            raise SnapshotInvalid(f"{path.name}: manifest lacks {key!r}")
-    if manifest["format_version"] != SNAPSHOT_FORMAT_VERSION:
-        raise SnapshotInvalid(f"{path.name}: format_version {manifest['format_version']} unsupported")
-    return manifest
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except UnicodeDecodeError as exc:
+        raise SnapshotCorrupt(f"{label}: not UTF-8 text (byte {exc.object[exc.start:exc.start + 1]!r}"
+                              f" at offset {exc.start})") from exc
+    except OSError as exc:
+        raise SnapshotCorrupt(f"{label}: unreadable: {_one_line(exc.strerror or exc)}") from exc
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of the version folder `path`, fully checked (`check_manifest`).
+
+    Raises:
+        SnapshotInvalid: no manifest yet (an incomplete build).
+        SnapshotCorrupt: the manifest is not UTF-8 JSON or breaks the schema.
+    """
+    label = f"{path.name}/{MANIFEST}"
+    text = _read_text(path / MANIFEST, label)
+    if text is None:
+        raise SnapshotInvalid(f"{path.name}: no manifest (incomplete build)")
+    try:
+        manifest = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise SnapshotCorrupt(f"{label}: not valid JSON: {_one_line(exc)}") from exc
+    return check_manifest(manifest, path.name)
 
 
 def _member(path: Path, name: Any) -> Path:
     """A file of the version folder `path`, as its manifest names it: a plain file name only,
     so that a hostile manifest ("../../x", "/etc/x") cannot make a worker read outside it."""
-    if (not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name
-            or "\x00" in name):
-        raise SnapshotInvalid(f"{path.name}: manifest names {name!r:.80}, not a file of the "
+    if not plain_file_name(name):
+        raise SnapshotCorrupt(f"{path.name}: manifest names {name!r:.80}, not a file of the "
                               "version folder")
     return path / name
 
 
-def _open_shard(path: Path, entry: dict[str, Any], *, mmap: bool, checksums: bool) -> Shard:
+def _open_shard(path: Path, entry: dict[str, Any], dim: int, *, mmap: bool, checksums: bool
+                ) -> Shard:
+    """Load one shard of a checked manifest, refusing files that are missing, altered, of
+    another dimension or with other column types than the snapshot schema's."""
     import faiss
     import pyarrow.parquet as pq
 
@@ -220,21 +254,40 @@ def _open_shard(path: Path, entry: dict[str, Any], *, mmap: bool, checksums: boo
     index_path = _member(path, entry["index_file"])
     data_path = _member(path, entry["data_file"])
     for file, kind in ((index_path, "index"), (data_path, "data")):
-        if not file.is_file():
-            raise SnapshotInvalid(f"{path.name}/{file.name}: missing")
-        if checksums and sha256_file(file) != entry["sha256"][kind]:
-            raise SnapshotInvalid(f"{path.name}/{file.name}: checksum mismatch (corrupted on disk)")
+        try:
+            if not file.is_file():
+                raise SnapshotCorrupt(f"{path.name}/{file.name}: missing")
+            if checksums and sha256_file(file) != entry["sha256"][kind]:
+                raise SnapshotCorrupt(f"{path.name}/{file.name}: checksum mismatch "
+                                      "(corrupted on disk)")
+        except OSError as exc:
+            raise SnapshotCorrupt(f"{path.name}/{file.name}: unreadable: "
+                                  f"{_one_line(exc.strerror or exc)}") from exc
     try:
         flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
         index = faiss.read_index(str(index_path), flags)
         table = pq.read_table(data_path, columns=SERVE_COLUMNS, memory_map=True)
-    except Exception as exc:
-        raise SnapshotInvalid(f"{path.name}/{entry['name']}: cannot load: {exc}") from exc
+        apply_search_params(index, entry.get("search_params") or "")
+    except Exception as exc:  # faiss and pyarrow raise assorted types
+        raise SnapshotCorrupt(f"{path.name}/{entry['name']}: cannot load: {_one_line(exc)}") from exc
+    wanted = schema(dim)
+    for name in SERVE_COLUMNS:
+        if not table.schema.field(name).type.equals(wanted.field(name).type):
+            raise SnapshotCorrupt(f"{path.name}/{data_path.name}: column {name} is "
+                                  f"{table.schema.field(name).type}, not {wanted.field(name).type}")
+    if index.d != dim:
+        raise SnapshotCorrupt(f"{path.name}/{index_path.name}: {index.d}-dimensional vectors, "
+                              f"the manifest says {dim}")
     if index.ntotal != table.num_rows or table.num_rows != entry["rows"]:
         raise ShardMismatch(f"{path.name}/{entry['name']}: index has {index.ntotal} vectors, "
                             f"parquet {table.num_rows} rows, manifest {entry['rows']}")
-    apply_search_params(index, entry.get("search_params", ""))
     return Shard(entry["name"], index, table)
+
+
+def _open_shards(path: Path, manifest: dict[str, Any], *, mmap: bool, checksums: bool
+                 ) -> list[Shard]:
+    dim = manifest["model"]["dimension"]
+    return [_open_shard(path, e, dim, mmap=mmap, checksums=checksums) for e in manifest["shards"]]
 
 
 def run_canary(path: Path, manifest: dict[str, Any], sample: int = 200, seed: int = 0
@@ -277,10 +330,8 @@ def validate(path: Path, manifest: dict[str, Any], *, canary: int = 200) -> dict
     Raises:
         SnapshotInvalid: on the first problem found.
     """
-    rows = 0
-    for entry in manifest["shards"]:
-        shard = _open_shard(path, entry, mmap=True, checksums=True)
-        rows += shard.index.ntotal
+    rows = sum(shard.index.ntotal for shard in _open_shards(path, manifest, mmap=True,
+                                                            checksums=True))
     if rows != manifest["corpus"]["rows_indexed"]:
         raise SnapshotInvalid(f"{path.name}: shards hold {rows} rows, manifest says "
                               f"{manifest['corpus']['rows_indexed']}")
@@ -306,23 +357,30 @@ def load_snapshot(root: str | Path, version: str | None = None, *, mmap: bool = 
     if not path.is_dir():
         raise SnapshotNotFound(f"snapshot {version} not found under {root}")
     manifest = read_manifest(path)
-    shards = [_open_shard(path, e, mmap=mmap, checksums=checksums) for e in manifest["shards"]]
-    return Snapshot(version, path, manifest, shards)
+    return Snapshot(version, path, manifest,
+                    _open_shards(path, manifest, mmap=mmap, checksums=checksums))
 
 
 def current_version(root: str | Path) -> str | None:
-    try:
-        version = (Path(root) / CURRENT).read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
+    """The published version named by CURRENT, or None when nothing is published.
+
+    Raises:
+        SnapshotCorrupt: CURRENT is unreadable, not UTF-8, or names no valid version.
+    """
+    text = _read_text(Path(root) / CURRENT, CURRENT)
+    version = (text or "").strip()
+    if not version:
         return None
-    return check_version(version) if version else None
+    try:
+        return check_version(version)
+    except BadInput as exc:
+        raise SnapshotCorrupt(f"{CURRENT}: {exc}") from exc
 
 
 def _history(root: Path) -> list[str]:
-    try:
-        return [v for v in (root / HISTORY).read_text().split() if _VERSION.fullmatch(v)]
-    except FileNotFoundError:
-        return []
+    """Published versions, oldest first; lines that are not version names are skipped."""
+    text = _read_text(root / HISTORY, HISTORY) or ""
+    return [v for v in text.split() if _VERSION.fullmatch(v)]
 
 
 def publish(root: str | Path, version: str, *, record: bool = True) -> None:
@@ -335,12 +393,10 @@ def publish(root: str | Path, version: str, *, record: bool = True) -> None:
     path = version_dir(root, version)
     if not path.is_dir():
         raise SnapshotNotFound(f"snapshot {version} not found under {root}")
-    manifest = read_manifest(path)
-    for entry in manifest["shards"]:
-        _open_shard(path, entry, mmap=True, checksums=True)
+    _open_shards(path, read_manifest(path), mmap=True, checksums=True)
+    history = _history(root) + [version] if record else []  # read first: fail before any write
     _write_atomic(root / CURRENT, version + "\n")
     if record:
-        history = _history(root) + [version]
         _write_atomic(root / HISTORY, "\n".join(history[-100:]) + "\n")
     log.info("published %s", version)
 
