@@ -21,7 +21,11 @@ def test_demo_corpus_shape() -> None:
     assert len(near) >= 10 and all(a in groups and b in groups for a, b in near)
     questions = [json.loads(line) for line in (DEMO_DIR / "questions.jsonl").read_text().splitlines()]
     texts = {r["text"] for r in rows}
-    assert all(q["group"] in groups and q["query"] not in texts for q in questions)
+    assert all(q["query"] not in texts for q in questions)
+    assert all(q["group"] in groups for q in questions if q["group"] is not None)
+    assert all(q.get("kind") in ("off-topic", "near-miss") for q in questions if q["group"] is None)
+    unrelated = (DEMO_DIR.parent / "unrelated" / "questions.txt").read_text(encoding="utf-8").lower().splitlines()
+    assert not {q["query"].lower() for q in questions} & set(unrelated)
 
 
 def test_derive_pairs_labels() -> None:
