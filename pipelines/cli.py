@@ -15,7 +15,10 @@ from shared.config import Settings, load_settings
 from shared.errors import BadInput
 
 index_app = typer.Typer(help="Build and manage versioned snapshots.", no_args_is_help=True)
-console = Console()
+console = Console(markup=False, emoji=False, highlight=False)
+"""Everything printed here is data (corpus text, ids, versions, manifest fields): printed
+literally, so that a question containing `[/]` cannot crash the table, `[bold]` cannot vanish,
+`[link=...]` cannot become a hidden hyperlink and `:smile:` stays text."""
 RootOpt = typer.Option(None, "--root", help="Snapshot root directory (or TWINQ_ROOT).")
 ConfigOpt = typer.Option(None, "--config", help="TOML settings file (or TWINQ_CONFIG).")
 

@@ -197,3 +197,17 @@ def _direct():  # noqa: ANN202
     from apache_beam.options.pipeline_options import PipelineOptions
 
     return PipelineOptions(["--runner=DirectRunner"])
+
+
+MARKUP_TEXTS = ["why does [/] crash", "is [bold]this[/bold] bold", "a [link=http://x.test]link[/link]",
+                "a :smile: face"]
+
+
+def test_search_prints_stored_text_literally(quick_snapshot, capsys) -> None:
+    """Corpus text is data: rich markup, links and emoji codes in it are printed as written."""
+    root, _ = quick_snapshot(MARKUP_TEXTS, shards=1)
+    capsys.readouterr()
+    assert twinq(["search", "why does it crash", "--root", str(root), "--top-k", "4"]) == 0
+    out = capsys.readouterr().out
+    for text in MARKUP_TEXTS:
+        assert text in out, out
