@@ -19,11 +19,13 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass
-from enum import Enum
-from typing import TYPE_CHECKING, Any, get_args
+from enum import Enum, IntEnum
+from json.decoder import scanstring
+from typing import TYPE_CHECKING, Any, NamedTuple, get_args
 
 from shared import constants as C
 from shared.config import FusionMethod
@@ -31,7 +33,7 @@ from shared.errors import ProtocolError
 from shared.text import normalize_text
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Mapping, Sequence
 
     from redis import Redis
 
@@ -45,9 +47,19 @@ ID_MAX_CHARS = 128
 _ID = re.compile(r"[A-Za-z0-9._:-]{1,%d}" % ID_MAX_CHARS)
 """Matched with `fullmatch`: `$` would let a trailing newline through."""
 REPLY_TO_MAX_CHARS = 256
-PAYLOAD_OVERHEAD_BYTES = 4096
-"""Room for the JSON around the query: a payload past 4 bytes per allowed character plus this
-is refused as `too_large` before it is parsed, so a huge message costs no JSON work."""
+PAYLOAD_OVERHEAD_BYTES = 8192
+"""Room for the JSON around the query (id, reply_to and the knobs, each possibly escaped)."""
+PAYLOAD_BYTES_PER_CHAR = 12
+"""The most bytes one query character can take in a payload: an astral character written as a
+`\\ud83d\\ude00` escape pair, as Python's default `json.dumps` does. The query limit counts
+characters after decoding; this cap on raw bytes only stops a huge message before any JSON work,
+so it must never refuse a query that is within `max_query_chars` however it is encoded."""
+MAX_JSON_DEPTH = 32
+"""Deepest nesting of arrays and objects parsed; a request needs 1 (its object). Checked
+before parsing, so the limit does not depend on how deep the interpreter lets json recurse."""
+MAX_NUMBER_DIGITS = 40
+"""Longest number literal parsed (2**63 has 19 digits); Python refuses ints past 4,300 digits
+anyway, and converting long ones costs quadratic time."""
 
 ADDRESS_PARSE_MAX_BYTES = 1 << 20
 """A refused payload up to this size is still parsed to find where to send the error reply;
@@ -109,11 +121,32 @@ class QueryRequest:
         """The stream fields for `XADD`."""
         return encode_request(self.to_payload())
 
+    def digest(self) -> str:
+        """What this request asks, as a sha256: every field after validation and defaults,
+        except `submitted_ms` (a resend stamped later asks the same). Stored in the done
+        marker, so that an identical redelivery is recognised and a different request reusing
+        the id is not mistaken for one."""
+        asked = {k: v for k, v in self.to_payload().items() if k != "submitted_ms"}
+        return sha256_hex(json.dumps(asked, sort_keys=True).encode())
+
     @classmethod
     def from_fields(cls, fields: Mapping[bytes | str, bytes | str], settings: Settings
                     ) -> QueryRequest:
         """Parse stream fields; see `parse_request`."""
         return parse_request(fields, settings)
+
+
+def sha256_hex(data: bytes | str) -> str:
+    """Hex sha256 of `data`; a str is encoded as UTF-8, lone surrogates included."""
+    if isinstance(data, str):
+        data = data.encode("utf-8", "surrogatepass")
+    return hashlib.sha256(data).hexdigest()
+
+
+def entry_digest(fields: Mapping[bytes | str, bytes | str]) -> str:
+    """The digest of an entry that did not parse into a request: its raw payload's sha256,
+    so that a redelivery of the same bytes is recognised (see `QueryRequest.digest`)."""
+    return sha256_hex(_field(fields, PAYLOAD_FIELD) or b"")
 
 
 def encode_request(payload: Mapping[str, Any]) -> dict[str, str]:
@@ -147,12 +180,115 @@ def _encodable(value: str) -> bool:
         return False
 
 
+def payload_limit(settings: Settings) -> int:
+    """Bytes past which a payload is refused as `too_large` unparsed (see
+    `PAYLOAD_BYTES_PER_CHAR`)."""
+    return settings.max_query_chars * PAYLOAD_BYTES_PER_CHAR + PAYLOAD_OVERHEAD_BYTES
+
+
+class JsonLimitError(ValueError):
+    """Well-formed JSON past a parser limit (nesting depth, number length). Unlike a syntax
+    error, the request's id can still be read from the top level (see `_top_level_strings`)."""
+
+
+def _parse_int(digits: str) -> int:
+    if len(digits.lstrip("-")) > MAX_NUMBER_DIGITS:
+        raise JsonLimitError(f"a number of {len(digits.lstrip('-'))} digits, over the limit of "
+                             f"{MAX_NUMBER_DIGITS}")
+    return int(digits)
+
+
 def _loads(raw: str) -> Any:
-    """json.loads that fails with ValueError only: deep nesting raises RecursionError."""
+    """json.loads that fails with ValueError only: JsonLimitError for nesting past
+    `MAX_JSON_DEPTH` and numbers past `MAX_NUMBER_DIGITS`, plain ValueError for bad syntax."""
+    if _nests_deeper(raw, MAX_JSON_DEPTH):
+        raise JsonLimitError(f"nested too deeply (over {MAX_JSON_DEPTH} levels)")
     try:
-        return json.loads(raw)
-    except RecursionError as exc:
-        raise ValueError("nested too deeply") from exc
+        return json.loads(raw, parse_int=_parse_int)
+    except RecursionError as exc:  # a stack already deep; the check above is the real limit
+        raise JsonLimitError("nested too deeply") from exc
+
+
+_SPACE = re.compile(r"[ \t\n\r]*")
+_SCALAR = re.compile(r"-?[0-9][0-9.eE+-]*|true|false|null|NaN|-?Infinity")
+_STRUCTURE = re.compile(r'["\[\]{}]')
+
+
+def _nests_deeper(raw: str, limit: int) -> bool:
+    """Whether arrays and objects in `raw` nest deeper than `limit`, counted without recursion
+    (brackets inside strings do not count). Bad syntax is left to the parser: False."""
+    depth, pos = 0, 0
+    while (match := _STRUCTURE.search(raw, pos)) is not None:
+        pos = match.end()
+        if match.group() == '"':
+            try:
+                pos = scanstring(raw, pos)[1]
+            except ValueError:
+                return False
+        elif match.group() in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        else:
+            depth -= 1
+    return False
+
+
+def _skip_value(raw: str, pos: int) -> int:
+    """End of the JSON value at `pos`, found without recursion: strings are scanned, brackets
+    counted, nothing inside a container is decoded."""
+    if raw.startswith('"', pos):
+        return scanstring(raw, pos + 1)[1]
+    if not raw.startswith(("[", "{"), pos):
+        match = _SCALAR.match(raw, pos)
+        if match is None:
+            raise ValueError(f"no JSON value at {pos}")
+        return match.end()
+    depth = 0
+    while True:
+        match = _STRUCTURE.search(raw, pos)
+        if match is None:
+            raise ValueError("unterminated array or object")
+        pos = match.end()
+        if match.group() == '"':
+            pos = scanstring(raw, pos)[1]
+            continue
+        depth += 1 if match.group() in "[{" else -1
+        if depth == 0:
+            return pos
+
+
+def _expect(raw: str, pos: int, token: str) -> int:
+    pos = _SPACE.match(raw, pos).end()  # type: ignore[union-attr] - matches the empty string
+    if not raw.startswith(token, pos):
+        raise ValueError(f"expected {token!r} at {pos}")
+    return _SPACE.match(raw, pos + 1).end()  # type: ignore[union-attr]
+
+
+def _top_level_strings(raw: str, names: tuple[str, ...]) -> dict[str, str]:
+    """The string values of `names` among the members of the JSON object `raw`, read without
+    decoding any other value: how a payload past a parser limit still tells where to reply.
+
+    Raises:
+        ValueError: `raw` does not start as a JSON object of members.
+    """
+    pos, found = _expect(raw, 0, "{"), {}
+    if raw.startswith("}", pos):
+        return found
+    while True:
+        if not raw.startswith('"', pos):
+            raise ValueError(f"expected a member name at {pos}")
+        name, pos = scanstring(raw, pos + 1)
+        start = pos = _expect(raw, pos, ":")
+        pos = _skip_value(raw, pos)
+        if name in names and raw.startswith('"', start):
+            found[name] = scanstring(raw, start + 1)[0]
+        elif name in names:
+            found.pop(name, None)  # as json.loads: the last member of a name wins
+        pos = _SPACE.match(raw, pos).end()  # type: ignore[union-attr]
+        if raw.startswith("}", pos):
+            return found
+        pos = _expect(raw, pos, ",")
 
 
 def decode_payload(fields: Mapping[bytes | str, bytes | str], settings: Settings) -> dict[str, Any]:
@@ -164,7 +300,7 @@ def decode_payload(fields: Mapping[bytes | str, bytes | str], settings: Settings
     raw = _field(fields, PAYLOAD_FIELD)
     if raw is None:
         raise _bad(f"missing stream field {PAYLOAD_FIELD!r}")
-    limit = settings.max_query_chars * 4 + PAYLOAD_OVERHEAD_BYTES
+    limit = payload_limit(settings)
     if len(raw) > limit:
         raise _bad(f"payload is {len(raw)} bytes, over the limit of {limit}", ErrorCode.TOO_LARGE)
     if isinstance(raw, bytes):
@@ -174,6 +310,8 @@ def decode_payload(fields: Mapping[bytes | str, bytes | str], settings: Settings
             raise _bad(f"payload is not valid UTF-8 (byte {exc.start})") from exc
     try:
         payload = _loads(raw)
+    except JsonLimitError as exc:
+        raise _bad(f"payload is refused: {exc}") from exc
     except ValueError as exc:
         raise _bad(f"payload is not valid JSON: {exc}") from exc
     if not isinstance(payload, dict):
@@ -292,7 +430,9 @@ def reply_address(fields: Mapping[bytes | str, bytes | str], settings: Settings
     """Best-effort (request id, reply key) of an entry that failed to parse, or None.
 
     A refused `reply_to` is replaced by the default key under the prefix, so that a request can
-    never make the worker write outside `reply_prefix`.
+    never make the worker write outside `reply_prefix`. A well-formed payload past a parser
+    limit (deep nesting, a huge number) is answered too: its top-level `id` and `reply_to` are
+    read without decoding the rest. Bad syntax has no trustworthy id and gets no address.
     """
     raw = _field(fields, PAYLOAD_FIELD)
     if raw is None or len(raw) > ADDRESS_PARSE_MAX_BYTES:
@@ -300,7 +440,10 @@ def reply_address(fields: Mapping[bytes | str, bytes | str], settings: Settings
     if isinstance(raw, bytes):  # ids are ASCII, so a stray bad byte elsewhere cannot hide one
         raw = raw.decode("utf-8", "replace")
     try:
-        payload = _loads(raw)
+        try:
+            payload = _loads(raw)
+        except JsonLimitError:
+            payload = _top_level_strings(raw, ("id", "reply_to"))
         if not isinstance(payload, dict):
             return None
         request_id = _request_id(payload)
@@ -393,44 +536,125 @@ def decode_reply(raw: bytes | str) -> dict[str, Any]:
     return json.loads(raw)
 
 
+ID_CONFLICT_MESSAGE = ("id already answered for a different request; send the new request "
+                       "with a new id")
+
+
+def conflict_reply(request_id: str, worker_id: str) -> dict[str, Any]:
+    """The answer to a request that reuses the id of a different, already answered request."""
+    return error_reply(request_id, ErrorCode.BAD_REQUEST, ID_CONFLICT_MESSAGE, worker_id=worker_id)
+
+
+class Written(IntEnum):
+    """What `push_replies` did with one reply (None: the reply key is not a list; nothing
+    written). DUPLICATE and PUSHED compare equal to False and True."""
+
+    #: The same request (same digest) was answered already; nothing written.
+    DUPLICATE = 0
+    #: Pushed, and the request marked answered when the reply is final.
+    PUSHED = 1
+    #: The id was answered for a different request; nothing written: answer `conflict_reply`.
+    CONFLICT = 2
+
+
+class Outgoing(NamedTuple):
+    """One reply for `push_replies`; a plain (request id, reply key, reply) triple also works."""
+
+    request_id: str
+    reply_to: str
+    reply: dict[str, Any]
+    digest: str = "0"
+    """`QueryRequest.digest()` or `entry_digest()` of what was answered. The default makes
+    every reply of an id the same request: at most one is written."""
+    mark: bool = True
+    """False pushes without marking the id answered nor checking for a conflict (for
+    `conflict_reply` itself)."""
+
+
+def marker_mode(reply: Mapping[str, Any]) -> str:
+    """How a reply marks its id (`twinq:done:<id>`, the idempotency marker).
+
+    ok       an answer: a later request under the id is a duplicate if identical (same
+             digest), else a conflict (`conflict_reply`).
+    error    a final refusal (`retryable` false): identical again is a duplicate; a different
+             request under the id (the corrected one) is answered, and replaces the marker.
+    none     a retryable error (`overloaded`, `not_ready`): nothing is marked, so a retry with
+             the same id is answered.
+    """
+    if reply.get("ok"):
+        return "ok"
+    error = reply.get("error") or {}
+    return "none" if error.get("retryable") else "error"
+
+
+_MARKER = re.compile(r"([A-Za-z]+):([0-9a-f]+):")
+"""`<mode>:<digest>:<worker id>`, the value of a done marker; anything else (a marker written
+before digests were kept) counts as an answered request of unknown digest."""
+
+
+def parse_marker(value: bytes | str | None) -> tuple[str, str] | None:
+    """(mode, digest) of a done marker's value; None when absent; ("legacy", "") when it has
+    no digest (see `_MARKER`)."""
+    if value is None:
+        return None
+    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+    match = _MARKER.match(text)
+    return (match.group(1), match.group(2)) if match else ("legacy", "")
+
+
 _REPLY_ONCE = """
 local kind = redis.call('TYPE', KEYS[2])['ok']
 if kind ~= 'none' and kind ~= 'list' then
   return -1
 end
-if redis.call('SET', KEYS[1], ARGV[4], 'NX', 'EX', ARGV[2]) then
-  redis.call('LPUSH', KEYS[2], ARGV[1])
-  redis.call('EXPIRE', KEYS[2], ARGV[3])
-  return 1
+local mode, digest = ARGV[5], ARGV[6]
+local old = redis.call('GET', KEYS[1])
+if old then
+  local old_mode, old_digest = string.match(old, '^(%a+):(%x+):')
+  if not old_mode or old_digest == digest then
+    return 0
+  end
+  if old_mode == 'ok' and mode ~= 'none' then
+    return 2
+  end
 end
-return 0
+if mode ~= 'none' then
+  redis.call('SET', KEYS[1], mode .. ':' .. digest .. ':' .. ARGV[4], 'EX', ARGV[2])
+end
+redis.call('RPUSH', KEYS[2], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+return 1
 """
-"""KEYS: done marker, reply list. ARGV: reply JSON, done TTL s, reply TTL s, marker value.
-One script, so that marking a request answered and pushing its reply cannot be split, and two
-workers racing on a redelivered request cannot both reply. A reply key that already holds
-another type (a request naming someone's hash) is left alone and nothing is marked: Lua does
-not roll back, so a failing LPUSH after the SET would mark the request answered, reply-less."""
+"""KEYS: done marker, reply list. ARGV: reply JSON, done TTL s, reply TTL s, worker id, marker
+mode (`marker_mode`, or none), request digest. One script, so that checking and marking the id
+and pushing its reply cannot be split, and two workers racing on a redelivered request cannot
+both reply. RPUSH, so that BLPOP takes replies in the order written (a conflict error never
+overtakes the first request's answer). A reply key that already holds another type (a request
+naming someone's hash) is left alone and nothing is marked: Lua does not roll back, so a
+failing push after the SET would mark the request answered, reply-less."""
 
 
-def push_replies(client: Redis, replies: list[tuple[str, str, dict[str, Any]]], *,
-                 reply_ttl_s: int, worker_id: str) -> list[bool | None]:
-    """Write replies at most once per request id: LPUSH + EXPIRE, guarded by `twinq:done:<id>`.
+def push_replies(client: Redis, replies: Sequence[tuple[Any, ...]], *, reply_ttl_s: int,
+                 worker_id: str) -> list[Written | None]:
+    """Write replies at most once per request: RPUSH + EXPIRE, guarded by `twinq:done:<id>`.
 
     Args:
         client: A Redis client.
-        replies: (request id, reply key, reply) triples.
+        replies: `Outgoing` replies, or (request id, reply key, reply) triples.
         reply_ttl_s: Seconds the reply list lives.
         worker_id: Stored in the done marker, to trace who answered.
 
     Returns:
-        Per reply, True if it was pushed, False if the request had already been answered, None
-        if the reply key holds something other than a list (nothing was written).
+        Per reply, a `Written`, or None if the reply key holds something other than a list
+        (nothing was written).
     """
     if not replies:
         return []
     script = client.register_script(_REPLY_ONCE)
     pipe = client.pipeline(transaction=False)
-    for request_id, reply_to, reply in replies:
-        script(keys=[C.DONE_PREFIX + request_id, reply_to],
-               args=[encode_reply(reply), C.DONE_TTL_S, reply_ttl_s, worker_id], client=pipe)
-    return [None if n == -1 else bool(n) for n in pipe.execute()]
+    for item in (Outgoing(*r) for r in replies):
+        mode = marker_mode(item.reply) if item.mark else "none"
+        script(keys=[C.DONE_PREFIX + item.request_id, item.reply_to],
+               args=[encode_reply(item.reply), C.DONE_TTL_S, reply_ttl_s, worker_id, mode,
+                     item.digest], client=pipe)
+    return [None if n == -1 else Written(n) for n in pipe.execute()]

@@ -3,8 +3,9 @@
 Delivery is at-least-once: an entry is ACKed only after its reply is written, entries idle past
 the visibility timeout (their worker died) are taken over with XAUTOCLAIM, and an entry
 delivered more than `max_deliveries` times is dead-lettered with an `internal` reply. Replies
-are written once per request id (`shared.protocol.push_replies`), so a redelivered request that
-was already answered is ACKed without a second reply. As in rq, `run()` is a list of named
+are written once per request (`shared.protocol.push_replies`): a redelivered request that
+was already answered is ACKed without a second reply, a retryable error leaves the id free
+for the retry, and a different request reusing an answered id is told so. As in rq, `run()` is a list of named
 steps in try/finally, and exceptions are sorted only at the loop boundary.
 """
 
@@ -24,8 +25,9 @@ import redis
 
 from shared import constants as C
 from shared.errors import ConfigError, ProtocolError
-from shared.protocol import (ErrorCode, QueryRequest, error_reply, parse_request, push_replies,
-                             reply_address, safe_text)
+from shared.protocol import (ErrorCode, Outgoing, QueryRequest, Written, conflict_reply,
+                             entry_digest, error_reply, parse_marker, parse_request, push_replies,
+                             reply_address, safe_text, sha256_hex)
 from worker.engine import QueryCache
 from worker.metrics import RecentStats, WorkerMetrics, prefixed
 from worker.status import record_stop, write_heartbeat
@@ -38,6 +40,10 @@ log = logging.getLogger(__name__)
 
 DEAD_STREAM_MAXLEN = 100_000
 """Approximate cap of the dead stream, so a flood of bad requests cannot fill Redis."""
+DEAD_PAYLOAD_MAX_BYTES = 4096
+"""Bytes of a payload kept in its dead letter (with the full length and sha256): enough to
+read what went wrong, so that 23 one-megabyte messages cannot take 126 MB of Redis."""
+DEAD_REASON_MAX_CHARS = 1000
 
 
 class WorkerState(str, Enum):
@@ -70,6 +76,24 @@ class _Work:
     request: QueryRequest
     queue_ms: float
     reply: dict[str, Any] | None = None
+    conflict: bool = False
+    """`reply` answers a reuse of an answered id (pushed without marking the id)."""
+
+    def outgoing(self) -> Outgoing:
+        assert self.reply is not None
+        return Outgoing(self.request.id, self.request.reply_to, self.reply,
+                        self.request.digest(), mark=not self.conflict)
+
+
+def dead_letter_fields(entry: Entry, reason: str, worker_id: str, stream: str
+                       ) -> dict[str, Any]:
+    """The dead stream's record of `entry`: its payload cut to `DEAD_PAYLOAD_MAX_BYTES`, with
+    the full length and sha256 to match it against a client's copy."""
+    raw = entry.fields.get(b"payload", b"")
+    return {"payload": raw[:DEAD_PAYLOAD_MAX_BYTES], "payload_bytes": len(raw),
+            "payload_sha256": sha256_hex(raw), "reason": safe_text(reason)[:DEAD_REASON_MAX_CHARS],
+            "deliveries": entry.deliveries, "worker": worker_id, "entry_id": entry.entry_id,
+            "stream": stream}
 
 
 def default_worker_id() -> str:
@@ -231,16 +255,18 @@ class Consumer:
         1. Dead-letter entries delivered more than `max_deliveries` times.
         2. Parse; refuse bad requests with an error reply (or dead-letter them without an id,
            or when the parser itself fails).
-        3. Drop requests already answered (`twinq:done:<id>`) or repeated within the batch.
+        3. Drop requests already answered with the same digest (`twinq:done:<id>`) or repeated
+           within the batch; answer a different request reusing an answered id with
+           `conflict_reply` (see `shared.protocol.marker_mode` for the rule).
         4. Refuse requests that waited past the reply TTL (`overloaded`; the client is gone).
         5. Answer the rest in one engine call, through the query cache when it is on.
-        6. Write every reply (once per id), then ACK every entry that got one. An entry whose
-           reply key holds another type (someone's hash) is dead-lettered, nothing written.
+        6. Write every reply (once per request), then ACK every entry that got one. An entry
+           whose reply key holds another type (someone's hash) is dead-lettered, nothing written.
         """
         self._set_state(WorkerState.BUSY)
         self.metrics.batch_size.observe(len(batch))
         acks: list[str] = []
-        replies: list[tuple[str, str, dict[str, Any]]] = []
+        replies: list[Outgoing] = []
         replied: list[Entry] = []  # the entry of each reply, in the same order
         work: list[_Work] = []
         now_ms = self.clock() * 1000
@@ -252,15 +278,10 @@ class Consumer:
             try:
                 request = parse_request(entry.fields, self.settings)
             except ProtocolError as exc:
-                code, address = ErrorCode(exc.code), reply_address(entry.fields, self.settings)
-                if address is None:  # nowhere to reply: keep it for a human
-                    self._dead_letter(entry, f"{code.value}: {exc.message}", reply=False)
-                    self.metrics.requests.labels(outcome=code.value).inc()
-                else:
-                    replies.append((*address, error_reply(address[0], code, exc.message,
-                                                          worker_id=self.worker_id)))
+                refusal = self._refuse(entry, exc)
+                if refusal is not None:
+                    replies.append(refusal)
                     replied.append(entry)
-                    acks.append(entry.entry_id)
                 continue
             except Exception as exc:  # a parser bug must not hold the whole batch hostage
                 self.log.exception("cannot parse entry %s", entry.entry_id)
@@ -271,39 +292,60 @@ class Consumer:
             work.append(_Work(entry, request, max(0.0, now_ms - enqueued_ms)))
         work = self._drop_answered(work, acks)
         for item in work:
-            if item.queue_ms > self.settings.reply_ttl_s * 1000:
+            if item.reply is None and item.queue_ms > self.settings.reply_ttl_s * 1000:
                 item.reply = error_reply(item.request.id, ErrorCode.OVERLOADED,
                                          f"waited {item.queue_ms / 1000:.1f}s in the queue, past "
                                          "the reply TTL", worker_id=self.worker_id)
         self._answer([w for w in work if w.reply is None])
         for item in work:
             if item.reply is not None:
-                replies.append((item.request.id, item.request.reply_to, item.reply))
+                replies.append(item.outgoing())
                 replied.append(item.entry)
-                acks.append(item.entry.entry_id)
         written = self._write_replies(replies)
-        for entry, (_, key, _), outcome in zip(replied, replies, written):
+        for entry, out, outcome in zip(replied, replies, written):
             if outcome is None:  # the reply key is someone's hash, string, stream...
-                self._dead_letter(entry, f"reply_to {key!r} holds a key that is not a list; "
-                                         "no reply written", reply=False)
+                self._dead_letter(entry, f"reply_to {out.reply_to!r} holds a key that is not a "
+                                         "list; no reply written", reply=False)
+            else:
+                acks.append(entry.entry_id)
         self._ack(acks)
         self._set_state(WorkerState.IDLE)
 
+    def _refuse(self, entry: Entry, exc: ProtocolError) -> Outgoing | None:
+        """The error reply to an entry that failed to parse, or None when it has no address
+        (then it is dead-lettered: kept for a human)."""
+        code, address = ErrorCode(exc.code), reply_address(entry.fields, self.settings)
+        if address is None:
+            self._dead_letter(entry, f"{code.value}: {exc.message}", reply=False)
+            self.metrics.requests.labels(outcome=code.value).inc()
+            return None
+        return Outgoing(*address, error_reply(address[0], code, exc.message,
+                                              worker_id=self.worker_id),
+                        entry_digest(entry.fields))
+
     def _drop_answered(self, work: list[_Work], acks: list[str]) -> list[_Work]:
-        """Skip requests already answered (saves the work; `push_replies` guarantees it)."""
+        """Skip requests already answered and give a reused id its `conflict_reply` before any
+        engine work (`push_replies` checks the same again, atomically, when writing)."""
         pipe = self.redis.pipeline(transaction=False)
         for item in work:
-            pipe.exists(C.DONE_PREFIX + item.request.id)
-        fresh, seen = [], set()
-        for item, done in zip(work, pipe.execute()):
-            if done or item.request.id in seen:
-                self.log.info("request %s already answered; acknowledging without a reply",
-                              item.request.id)
+            pipe.get(C.DONE_PREFIX + item.request.id)
+        fresh: list[_Work] = []
+        seen: dict[str, str] = {}  # id -> digest, earlier in this batch
+        for item, value in zip(work, pipe.execute()):
+            rid, digest = item.request.id, item.request.digest()
+            marker = parse_marker(value)
+            if rid in seen:
+                marker = ("ok", seen[rid])  # answered within this batch
+            if marker is not None and (marker[0] == "legacy" or marker[1] == digest):
+                self.log.info("request %s already answered; acknowledging without a reply", rid)
                 self.metrics.requests.labels(outcome="duplicate").inc()
                 acks.append(item.entry.entry_id)
-            else:
-                seen.add(item.request.id)
-                fresh.append(item)
+                continue
+            if marker is not None and marker[0] == "ok":
+                self.log.info("request %s reuses an answered id for a different request", rid)
+                item.reply, item.conflict = conflict_reply(rid, self.worker_id), True
+            seen.setdefault(rid, digest)
+            fresh.append(item)
         return fresh
 
     def _answer(self, work: list[_Work]) -> None:
@@ -332,7 +374,8 @@ class Consumer:
                                    item.entry.deliveries)
                 self.stats.record_error(item.request.id, "internal", str(exc))
                 if item.entry.deliveries >= self.settings.max_deliveries:
-                    self._dead_letter(item.entry, f"internal: {exc}")
+                    self._dead_letter(item.entry, f"internal: {exc}",
+                                      digest=item.request.digest())
 
     def _fill(self, items: list[_Work]) -> None:
         requests = [w.request for w in items]
@@ -342,35 +385,43 @@ class Consumer:
         if self.cache is not None:
             self.cache.put(requests, replies)
 
-    def _write_replies(self, replies: list[tuple[str, str, dict[str, Any]]]
-                       ) -> list[bool | None]:
-        """Push each reply once per request id, in one round trip; see `push_replies`."""
+    def _write_replies(self, replies: list[Outgoing]) -> list[Written | None]:
+        """Push each reply once per request, in one round trip (see `push_replies`); a reply
+        found to conflict with an answered id is replaced by `conflict_reply`, in a second."""
         written = push_replies(self.redis, replies, reply_ttl_s=self.settings.reply_ttl_s,
                                worker_id=self.worker_id)
-        for (_, _, reply), fresh in zip(replies, written):
+        conflicts = [i for i, w in enumerate(written) if w is Written.CONFLICT]
+        if conflicts:
+            answers = [replies[i]._replace(reply=conflict_reply(replies[i].request_id,
+                                                                self.worker_id), mark=False)
+                       for i in conflicts]
+            for i, out, fresh in zip(conflicts, answers, push_replies(
+                    self.redis, answers, reply_ttl_s=self.settings.reply_ttl_s,
+                    worker_id=self.worker_id)):
+                replies[i], written[i] = out, fresh
+        for out, fresh in zip(replies, written):
             if fresh is None:
                 continue  # not written; the caller dead-letters the entry
             if fresh:
                 self.processed += 1
-            self.metrics.observe_reply(reply, self.stats, duplicate=not fresh)
+            self.metrics.observe_reply(out.reply, self.stats, duplicate=not fresh)
         return written
 
-    def _dead_letter(self, entry: Entry, reason: str, *, reply: bool = True) -> None:
-        """Move an entry to the dead stream, reply `internal` if it can be addressed, ACK it."""
+    def _dead_letter(self, entry: Entry, reason: str, *, reply: bool = True,
+                     digest: str | None = None) -> None:
+        """Move an entry to the dead stream (payload capped, see `dead_letter_fields`), reply
+        `internal` if it can be addressed, ACK it. `digest`: the parsed request's, if any."""
         s = self.settings
-        raw = entry.fields.get(b"payload", b"")
-        reason = safe_text(reason)
-        self.log.warning("dead-lettering %s: %s", entry.entry_id, reason)
-        self.redis.xadd(s.dead_stream, {"payload": raw, "reason": reason,
-                                        "deliveries": entry.deliveries, "worker": self.worker_id,
-                                        "entry_id": entry.entry_id, "stream": s.stream},
-                        maxlen=DEAD_STREAM_MAXLEN, approximate=True)
+        record = dead_letter_fields(entry, reason, self.worker_id, s.stream)
+        self.log.warning("dead-lettering %s: %s", entry.entry_id, record["reason"])
+        self.redis.xadd(s.dead_stream, record, maxlen=DEAD_STREAM_MAXLEN, approximate=True)
         self.metrics.dead_letters.inc()
         address = reply_address(entry.fields, s) if reply else None
         if address is not None:
-            self._write_replies([(address[0], address[1], error_reply(
-                address[0], ErrorCode.INTERNAL, f"dead-lettered: {reason}", retryable=False,
-                worker_id=self.worker_id))])
+            self._write_replies([Outgoing(*address, error_reply(
+                address[0], ErrorCode.INTERNAL, f"dead-lettered: {record['reason']}",
+                retryable=False, worker_id=self.worker_id),
+                digest or entry_digest(entry.fields))])
         self._ack([entry.entry_id])
 
     def _ack(self, ids: list[str]) -> None:

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import json
+import uuid
+from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 from shared.config import Settings, load_settings
 from shared.constants import MAX_RECALL_K, MAX_TOP_K
 from shared.errors import ProtocolError
-from shared.protocol import (ErrorCode, QueryRequest, decode_reply, encode_reply, encode_request,
-                             error_reply, ok_reply, parse_request, reply_address)
+from shared.protocol import (ID_CONFLICT_MESSAGE, MAX_JSON_DEPTH, MAX_NUMBER_DIGITS, ErrorCode, Outgoing,
+                             QueryRequest, Written, conflict_reply, decode_reply, encode_reply,
+                             encode_request, entry_digest, error_reply, marker_mode, ok_reply,
+                             parse_marker, parse_request, payload_limit, push_replies,
+                             reply_address)
 from shared.search import Hit
+from shared.text import normalize_text
 
 SETTINGS = load_settings(env={}, overrides={"max_query_chars": 50})
 REPLY_KEYS = {"id", "ok", "results", "snapshot", "models", "timings_ms", "error", "worker"}
@@ -53,7 +61,7 @@ def test_parse_request_round_trips_through_to_fields() -> None:
     (b"{not json", ErrorCode.BAD_REQUEST, "not valid JSON"),
     (b'{"id": "a", "query": "caf\xe9"}', ErrorCode.BAD_REQUEST, "UTF-8"),
     (b'["id", "query"]', ErrorCode.BAD_REQUEST, "JSON object"),
-    (b"x" * 5000, ErrorCode.TOO_LARGE, "bytes"),
+    (b"x" * (payload_limit(SETTINGS) + 1), ErrorCode.TOO_LARGE, "bytes"),
 ])
 def test_parse_request_refuses_bad_payload_bytes(raw: bytes, code: ErrorCode, words: str) -> None:
     with pytest.raises(ProtocolError) as info:
@@ -161,3 +169,196 @@ def test_error_code_values_match_the_architecture() -> None:
     assert [c.value for c in ErrorCode] == ["bad_request", "too_large", "overloaded",
                                             "not_ready", "internal"]
     assert isinstance(Settings().reply_prefix, str)
+
+
+# --- payload limits: count the decoded query, and answer payloads past a parser limit -------
+
+PROPERTY = settings(max_examples=60, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+_ANY_CHAR = st.characters(exclude_categories=["Cs", "Cc", "Z"])
+
+
+def test_json_depth_limit_is_exact() -> None:
+    inside = '{"id": "a", "query": "q", "top_k": ' + "[" * (MAX_JSON_DEPTH - 1) + "]" * (
+        MAX_JSON_DEPTH - 1) + "}"
+    with pytest.raises(ProtocolError, match="top_k must be an integer"):
+        parse_request({b"payload": inside.encode()}, SETTINGS)
+    past = inside.replace("[", "[[", 1).replace("]", "]]", 1)
+    with pytest.raises(ProtocolError, match="nested too deeply"):
+        parse_request({b"payload": past.encode()}, SETTINGS)
+
+
+@PROPERTY
+@given(st.text(st.one_of(_ANY_CHAR, st.characters(min_codepoint=0x10000)), min_size=1,
+               max_size=200), st.booleans())
+def test_query_limit_counts_characters_whatever_the_escaping(text: str, ascii_: bool) -> None:
+    """Any query within `max_query_chars` passes, though astral characters written as \\u
+    escape pairs (Python's default json.dumps) take 12 bytes each."""
+    query = normalize_text(text)[:SETTINGS.max_query_chars].strip()
+    assume(query and query.isprintable())
+    raw = json.dumps({"id": "e1", "query": query}, ensure_ascii=ascii_).encode()
+    assert parse_request({b"payload": raw}, SETTINGS).query == normalize_text(query)
+
+
+def test_1100_emoji_pass_escaped_or_not_and_2001_are_too_large_by_characters() -> None:
+    default = Settings()
+    for ascii_ in (True, False):
+        ok = json.dumps({"id": "e1", "query": "\U0001F600" * 1100}, ensure_ascii=ascii_)
+        assert len(parse_request({b"payload": ok.encode()}, default).query) == 1100
+        over = json.dumps({"id": "e1", "query": "\U0001F600" * 2001}, ensure_ascii=ascii_)
+        with pytest.raises(ProtocolError) as info:
+            parse_request({b"payload": over.encode()}, default)
+        assert info.value.code == "too_large" and "2001 characters" in info.value.message
+
+
+def _deep(depth: int, kind: str) -> str:
+    return {"array": "[" * depth + "]" * depth,
+            "object": '{"a":' * depth + "1" + "}" * depth,
+            "strings": '["]}{[", "\\"]", ' + "[" * depth + "]" * depth + "]"}[kind]
+
+
+@PROPERTY
+@given(depth=st.one_of(st.integers(MAX_JSON_DEPTH, 60), st.integers(1000, 6000)), kind=st.sampled_from(["array", "object", "strings"]),
+       where=st.sampled_from(["top_k", "before_id", "after_id", "unknown"]),
+       reply_to=st.booleans())
+def test_payload_past_a_parser_limit_is_a_bad_request_with_an_address(
+        depth: int, kind: str, where: str, reply_to: bool) -> None:
+    """Nesting past the limit anywhere (1,500 levels, say): refused as bad_request, and the id
+    (and reply_to) still found, so the client gets an answer instead of a dead letter."""
+    deep = _deep(depth, kind)
+    extra = ', "reply_to": "twinq:reply:mine"' if reply_to else ""
+    members = {"top_k": f'"id": "d1", "query": "q", "top_k": {deep}{extra}',
+               "before_id": f'"x": {deep}, "id": "d1", "query": "q"{extra}',
+               "after_id": f'"id": "d1"{extra}, "query": "q", "x": {deep}',
+               "unknown": f'"id": "d1", "query": "q", "zz": [1, {deep}]{extra}'}[where]
+    raw = {b"payload": ("{" + members + "}").encode()}
+    with pytest.raises(ProtocolError) as info:
+        parse_request(raw, Settings())
+    assert info.value.code == "bad_request" and "nested too deeply" in info.value.message
+    key = "twinq:reply:mine" if reply_to else "twinq:reply:d1"
+    assert reply_address(raw, Settings()) == ("d1", key)
+
+
+@pytest.mark.parametrize("number", ["9" * 5000, "-" + "1" * 41, "1" * 4301])
+def test_overlong_number_is_a_bad_request_with_an_address(number: str) -> None:
+    raw = {b"payload": f'{{"id": "n1", "query": "q", "top_k": {number}}}'.encode()}
+    with pytest.raises(ProtocolError) as info:
+        parse_request(raw, Settings())
+    assert info.value.code == "bad_request"
+    assert f"over the limit of {MAX_NUMBER_DIGITS}" in info.value.message
+    assert reply_address(raw, Settings()) == ("n1", "twinq:reply:n1")
+
+
+@pytest.mark.parametrize("raw", [
+    '{"id": "s1", "query": ' + "[" * 2000,                 # deep, then cut short
+    '["id", "s1", ' + "[" * 2000 + "]" * 2000 + "]",      # deep, but not an object
+    '{"id": 7, "x": ' + "[" * 2000 + "]" * 2000 + "}",    # deep, id not a string
+    '{"id": "bad id", "x": ' + "[" * 2000 + "]" * 2000 + "}",
+])
+def test_payload_past_a_limit_without_a_usable_id_has_no_address(raw: str) -> None:
+    assert reply_address({b"payload": raw.encode()}, Settings()) is None
+
+
+_JSON = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-10**30, 10**30),
+                               st.floats(allow_nan=False), st.text(max_size=8)),
+                     lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                             st.dictionaries(st.text(max_size=5), inner,
+                                                             max_size=3)), max_leaves=8)
+
+
+@PROPERTY
+@given(st.dictionaries(st.sampled_from(["id", "reply_to", "query", "x", "y"]), _JSON,
+                       max_size=5), st.integers(MAX_JSON_DEPTH, 3000))
+def test_address_past_a_limit_agrees_with_the_parsed_object(obj: dict[str, Any],
+                                                           depth: int) -> None:
+    """The top-level scan finds what json.loads would: the same id and reply_to."""
+    text = json.dumps(obj)
+    deep = text[:-1] + (", " if obj else "") + '"deep": ' + _deep(depth, "array") + "}"
+    assert reply_address({b"payload": deep.encode()}, Settings()) == reply_address(
+        {b"payload": text.encode()}, Settings())
+
+
+# --- request ids: digests, marker modes and push_replies -----------------------------------
+
+def test_digest_is_what_the_request_asks() -> None:
+    base = parse_request(fields({"id": "a", "query": "q", "submitted_ms": 1}), SETTINGS)
+    same = parse_request(fields({"id": "a", "query": "  q ", "top_k": 10, "submitted_ms": 2}),
+                         SETTINGS)
+    assert base.digest() == same.digest()
+    for change in ({"query": "other"}, {"top_k": 3}, {"rerank": False},
+                   {"reply_to": "twinq:reply:x"}, {"id": "b"}):
+        other = parse_request(fields({"id": "a", "query": "q", **change}), SETTINGS)
+        assert other.digest() != base.digest(), change
+    assert entry_digest(fields({"id": "a"})) == entry_digest(fields({"id": "a"}))
+    assert entry_digest({b"payload": b"{x"}) != entry_digest({b"payload": b"{y"})
+
+
+@pytest.mark.parametrize("reply, mode", [
+    (error_reply("a", ErrorCode.OVERLOADED, "busy"), "none"),
+    (error_reply("a", ErrorCode.NOT_READY, "no snapshot"), "none"),
+    (error_reply("a", ErrorCode.BAD_REQUEST, "bad"), "error"),
+    (error_reply("a", ErrorCode.TOO_LARGE, "big"), "error"),
+    (error_reply("a", ErrorCode.INTERNAL, "boom"), "error"),
+    (error_reply("a", ErrorCode.INTERNAL, "flaky", retryable=True), "none"),
+    ({"id": "a", "ok": True, "results": []}, "ok"),
+])
+def test_marker_mode_leaves_retryable_errors_unmarked(reply: dict[str, Any], mode: str) -> None:
+    assert marker_mode(reply) == mode
+
+
+def test_parse_marker_reads_mode_and_digest_and_legacy_values() -> None:
+    assert parse_marker(None) is None
+    assert parse_marker(b"ok:ab12:host-1") == ("ok", "ab12")
+    assert parse_marker("error:0:w:x") == ("error", "0")
+    assert parse_marker(b"host-1234") == ("legacy", "")
+
+
+@pytest.fixture
+def rid() -> str:
+    return f"t-{uuid.uuid4().hex[:10]}"
+
+
+def _push(client: Any, rid: str, reply: dict[str, Any], digest: str, **kw: Any) -> Any:
+    [written] = push_replies(client, [Outgoing(rid, f"twinq:reply:{rid}", reply, digest, **kw)],
+                             reply_ttl_s=60, worker_id="w")
+    return written
+
+
+def _popped(client: Any, rid: str) -> list[dict[str, Any]]:
+    key = f"twinq:reply:{rid}"
+    return [json.loads(r) for r in client.lrange(key, 0, -1)]
+
+
+def test_push_replies_once_per_request_and_conflict_for_another(redis_client: Any,
+                                                                rid: str) -> None:
+    ok = {"id": rid, "ok": True, "results": []}
+    assert _push(redis_client, rid, ok, "aa") is Written.PUSHED
+    assert _push(redis_client, rid, ok, "aa") is Written.DUPLICATE  # redelivery
+    assert _push(redis_client, rid, error_reply(rid, "bad_request", "x"), "bb") is Written.CONFLICT
+    assert _push(redis_client, rid, conflict_reply(rid, "w"), "bb", mark=False) is Written.PUSHED
+    first, second = _popped(redis_client, rid)  # in the order written: the answer first
+    assert first["ok"] and second["error"]["message"] == ID_CONFLICT_MESSAGE
+    assert redis_client.get(f"twinq:done:{rid}").startswith(b"ok:aa:")
+
+
+def test_push_replies_retryable_error_leaves_the_id_free(redis_client: Any, rid: str) -> None:
+    busy = error_reply(rid, ErrorCode.NOT_READY, "no snapshot yet")
+    assert _push(redis_client, rid, busy, "aa") is Written.PUSHED
+    assert not redis_client.exists(f"twinq:done:{rid}")
+    assert _push(redis_client, rid, {"id": rid, "ok": True}, "aa") is Written.PUSHED  # the retry
+    assert len(_popped(redis_client, rid)) == 2
+
+
+def test_push_replies_refusal_lets_the_corrected_request_through(redis_client: Any,
+                                                                 rid: str) -> None:
+    refused = error_reply(rid, ErrorCode.BAD_REQUEST, "top_k must be in 1..100")
+    assert _push(redis_client, rid, refused, "0bad") is Written.PUSHED
+    assert _push(redis_client, rid, refused, "0bad") is Written.DUPLICATE
+    assert _push(redis_client, rid, {"id": rid, "ok": True}, "f1ed") is Written.PUSHED
+    assert _push(redis_client, rid, refused, "0bad") is Written.CONFLICT  # answered now
+    assert [r["ok"] for r in _popped(redis_client, rid)] == [False, True]
+
+
+def test_push_replies_legacy_marker_counts_as_answered(redis_client: Any, rid: str) -> None:
+    redis_client.set(f"twinq:done:{rid}", "old-worker-1", ex=60)
+    assert _push(redis_client, rid, {"id": rid, "ok": True}, "aa") is Written.DUPLICATE

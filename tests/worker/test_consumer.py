@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -15,7 +16,8 @@ from shared.snapshot import CURRENT, version_dir
 from tests.conftest import REDIS_URL, write_quick_snapshot
 from tests.worker.conftest import TEXTS, running_worker, sample, send, wait_reply, wait_until
 from worker.client import Overloaded, TwinqClient
-from worker.consumer import Consumer, WorkerState
+from shared.protocol import ID_CONFLICT_MESSAGE
+from worker.consumer import DEAD_PAYLOAD_MAX_BYTES, Consumer, WorkerState
 
 
 @pytest.fixture
@@ -135,18 +137,95 @@ def test_consumer_poison_request_is_retried_then_dead_lettered(served: Any, make
         assert [e.code for e in worker.stats.errors].count("internal") >= 2
 
 
-def test_consumer_answers_a_request_id_once(served: Any, tiny_bi_encoder: Any,
-                                            redis_client: Any) -> None:
+def test_consumer_answers_a_request_once_and_a_reused_id_with_an_error(
+        served: Any, tiny_bi_encoder: Any, redis_client: Any) -> None:
+    """Identical again (a redelivery, a double submit): no second reply. A different request
+    under the answered id: an error reply saying so, never silence."""
     _, _, settings = served
     with running_worker(settings, bi_encoder=tiny_bi_encoder) as worker:
-        send(redis_client, settings, {"id": "same", "query": TEXTS[0]})
-        send(redis_client, settings, {"id": "same", "query": TEXTS[0]})
+        send(redis_client, settings, {"id": "same", "query": TEXTS[0], "submitted_ms": 1})
+        send(redis_client, settings, {"id": "same", "query": TEXTS[0], "submitted_ms": 2})
+        assert wait_reply(redis_client, "twinq:reply:same")["ok"] is True
         wait_until(lambda: sample(worker.metrics, "twinq_requests_total", outcome="duplicate") == 1)
-        send(redis_client, settings, {"id": "same", "query": TEXTS[3]})  # a later redelivery
+        send(redis_client, settings, {"id": "same", "query": TEXTS[3]})  # a different request
+        reply = wait_reply(redis_client, "twinq:reply:same")
+        assert reply["id"] == "same" and reply["ok"] is False
+        assert reply["error"] == {"code": "bad_request", "message": ID_CONFLICT_MESSAGE,
+                                  "retryable": False}
+        send(redis_client, settings, {"id": "same", "query": TEXTS[0]})  # the first, once more
         wait_until(lambda: sample(worker.metrics, "twinq_requests_total", outcome="duplicate") == 2)
-        assert redis_client.llen("twinq:reply:same") == 1
-        assert redis_client.exists("twinq:done:same") == 1
+        assert redis_client.llen("twinq:reply:same") == 0
+        assert redis_client.get("twinq:done:same").startswith(b"ok:")
         wait_until(lambda: redis_client.xpending(settings.stream, settings.group)["pending"] == 0)
+
+
+def test_consumer_conflict_within_one_batch(served: Any, tiny_bi_encoder: Any,
+                                            redis_client: Any) -> None:
+    _, _, settings = served
+    send(redis_client, settings, {"id": "twice", "query": TEXTS[0]})
+    send(redis_client, settings, {"id": "twice", "query": TEXTS[1]})
+    with running_worker(settings, bi_encoder=tiny_bi_encoder):
+        first = wait_reply(redis_client, "twinq:reply:twice")
+        second = wait_reply(redis_client, "twinq:reply:twice")
+    assert first["ok"] and first["results"][0]["text"] == TEXTS[0]
+    assert second["error"]["message"] == ID_CONFLICT_MESSAGE
+
+
+def test_consumer_answers_a_retry_after_not_ready_and_a_corrected_request(
+        tmp_path: Any, make_settings: Any, tiny_bi_encoder: Any, tiny_bi_encoder_path: str,
+        redis_client: Any) -> None:
+    """A retryable error leaves the id free: the retry with the same id is answered. A
+    refused request corrected and resent under its id is answered too."""
+    root = tmp_path / "root"
+    settings = make_settings(root)
+    with running_worker(settings, bi_encoder=tiny_bi_encoder) as worker:
+        send(redis_client, settings, {"id": "early", "query": TEXTS[0]})
+        reply = wait_reply(redis_client, "twinq:reply:early")
+        assert reply["error"]["code"] == "not_ready" and reply["error"]["retryable"] is True
+        assert not redis_client.exists("twinq:done:early")
+        send(redis_client, settings, {"id": "fixme", "query": TEXTS[0], "top_k": 0})
+        assert wait_reply(redis_client, "twinq:reply:fixme")["error"]["code"] == "bad_request"
+        write_quick_snapshot(root, TEXTS, tiny_bi_encoder, model_name=tiny_bi_encoder_path)
+        wait_until(lambda: worker.engine.ready)
+        send(redis_client, settings, {"id": "early", "query": TEXTS[0]})  # the retry
+        assert wait_reply(redis_client, "twinq:reply:early")["ok"] is True
+        send(redis_client, settings, {"id": "fixme", "query": TEXTS[0], "top_k": 2})
+        fixed = wait_reply(redis_client, "twinq:reply:fixme")
+        assert fixed["ok"] is True and len(fixed["results"]) == 2
+
+
+@pytest.mark.parametrize("payload, words", [
+    ('{"id":"big","query":"q","top_k":' + "9" * 5000 + "}", "a number of 5000 digits"),
+    ('{"id":"big","query":"q","top_k":' + "[" * 1500 + "]" * 1500 + "}", "nested too deeply"),
+    ('{"x":' + '{"a":' * 1500 + "1" + "}" * 1500 + ',"id":"big","query":"q"}',
+     "nested too deeply"),
+])
+def test_consumer_answers_payloads_past_parser_limits(served: Any, tiny_bi_encoder: Any,
+                                                      redis_client: Any, payload: str,
+                                                      words: str) -> None:
+    _, _, settings = served
+    with running_worker(settings, bi_encoder=tiny_bi_encoder):
+        send(redis_client, settings, payload)
+        reply = wait_reply(redis_client, "twinq:reply:big")
+    assert reply["error"]["code"] == "bad_request" and words in reply["error"]["message"]
+    assert redis_client.xlen(settings.dead_stream) == 0
+
+
+def test_consumer_dead_letter_keeps_a_capped_payload(served: Any, tiny_bi_encoder: Any,
+                                                     redis_client: Any) -> None:
+    """Each dead letter stores at most DEAD_PAYLOAD_MAX_BYTES of the payload, plus its full
+    length and sha256: 23 one-megabyte messages no longer take 126 MB of Redis."""
+    _, _, settings = served
+    huge = b'{"id":"huge","query":"' + b"x" * 1_200_000 + b'"}'
+    with running_worker(settings, bi_encoder=tiny_bi_encoder):
+        for _ in range(3):
+            send(redis_client, settings, huge)
+        wait_until(lambda: redis_client.xlen(settings.dead_stream) == 3)
+    for _, fields in redis_client.xrange(settings.dead_stream):
+        assert fields[b"payload"] == huge[:DEAD_PAYLOAD_MAX_BYTES]
+        assert int(fields[b"payload_bytes"]) == len(huge)
+        assert fields[b"payload_sha256"].decode() == hashlib.sha256(huge).hexdigest()
+    assert redis_client.memory_usage(settings.dead_stream) < 100_000
 
 
 class SlowConsumer(Consumer):
