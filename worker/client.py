@@ -41,6 +41,28 @@ class Overloaded(TwinqError):
     """The queue is deeper than `max_stream_length`: the request was not sent. Retry later."""
 
 
+class WrongReply(TwinqError):
+    """The reply list of a request held something else: a reply to another id, or not a reply.
+    Raised rather than returned, since it would answer a different question."""
+
+
+def checked_reply(request_id: str, raw: bytes | str) -> dict[str, Any]:
+    """Decode a popped reply and check it answers `request_id`.
+
+    Raises:
+        WrongReply: the reply is not a JSON object, or its `id` is not `request_id`.
+    """
+    try:
+        reply = decode_reply(raw)
+    except ValueError as exc:
+        raise WrongReply(f"the reply to request {request_id} is not JSON: {exc}") from exc
+    got = reply.get("id") if isinstance(reply, dict) else type(reply).__name__
+    if got != request_id:
+        raise WrongReply(f"the reply list of request {request_id} held a reply to "
+                         f"{got!r:.80}; not returned as its answer")
+    return reply
+
+
 def resolve_url(url: str | None, settings: Settings) -> str:
     """The Redis URL to use: the argument, then `settings.redis_url`, then the URL file of an
     embedded server started by `twinq worker` on this machine.
@@ -163,6 +185,7 @@ class TwinqClient:
         Raises:
             Overloaded: the queue is too deep; nothing was sent.
             TimeoutError: no reply within `timeout_s`.
+            WrongReply: the reply list held a reply to another request.
         """
         request_id, reply_to, fields = _request(query, top_k, recall_k, rerank, knobs,
                                                 self.settings)
@@ -171,7 +194,7 @@ class TwinqClient:
         popped = self.redis.blpop([reply_to], timeout=timeout_s)
         if popped is None:
             raise _timeout(request_id, timeout_s, self.settings)
-        return decode_reply(popped[1])
+        return checked_reply(request_id, popped[1])
 
     def submit_many(self, queries: Iterable[str], *, top_k: int | None = None,
                     recall_k: int | None = None, rerank: bool = True, timeout_s: float = 60,
@@ -192,6 +215,7 @@ class TwinqClient:
 
         Raises:
             Overloaded: the queue was too deep before a chunk; earlier chunks were answered.
+            WrongReply: a reply list held a reply to another request.
         """
         replies: list[dict[str, Any] | None] = []
         chunk: list[str] = []
@@ -207,10 +231,10 @@ class TwinqClient:
                     pipe.xadd(self.settings.stream, fields)
                 pipe.execute()
                 deadline = time.monotonic() + timeout_s
-                for _, reply_to, _ in requests:
+                for request_id, reply_to, _ in requests:
                     left = deadline - time.monotonic()
                     popped = self.redis.blpop([reply_to], timeout=max(0.01, left))
-                    reply = decode_reply(popped[1]) if popped else None
+                    reply = checked_reply(request_id, popped[1]) if popped else None
                     if on_reply:
                         on_reply(len(replies), reply)
                     replies.append(reply)
@@ -265,7 +289,7 @@ class AsyncTwinqClient:
         popped = await self.redis.blpop([reply_to], timeout=timeout_s)
         if popped is None:
             raise _timeout(request_id, timeout_s, self.settings)
-        return decode_reply(popped[1])
+        return checked_reply(request_id, popped[1])
 
     async def submit_many(self, queries: Iterable[str], *, top_k: int | None = None,
                           recall_k: int | None = None, rerank: bool = True,
@@ -281,8 +305,8 @@ class AsyncTwinqClient:
         await pipe.execute()
         deadline = time.monotonic() + timeout_s
         replies: list[dict[str, Any] | None] = []
-        for _, reply_to, _ in requests:
+        for request_id, reply_to, _ in requests:
             popped = await self.redis.blpop([reply_to],
                                             timeout=max(0.01, deadline - time.monotonic()))
-            replies.append(decode_reply(popped[1]) if popped else None)
+            replies.append(checked_reply(request_id, popped[1]) if popped else None)
         return replies

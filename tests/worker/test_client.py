@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,8 @@ import pytest
 from shared.config import load_settings
 from shared.errors import BadInput
 from tests.worker.conftest import TEXTS, running_worker, send
-from worker.client import AsyncTwinqClient, Overloaded, TwinqClient, resolve_url, stream_depth
+from worker.client import (AsyncTwinqClient, Overloaded, TwinqClient, WrongReply, checked_reply,
+                           resolve_url, stream_depth)
 from worker.embedded_redis import write_url_file
 
 
@@ -110,3 +113,36 @@ def test_client_waits_longer_than_redis_default_socket_timeout(redis_client) -> 
             client.ask("is anyone there?", timeout_s=6)
     assert not type(info.value).__module__.startswith("redis")
     assert time.monotonic() - start >= 5.9
+
+
+@pytest.mark.parametrize("planted", [
+    json.dumps({"id": "someone-else", "ok": True, "results": [{"text": "wrong answer"}]}),
+    json.dumps({"ok": True, "results": []}),
+    json.dumps(["not", "a", "reply"]),
+    "not json",
+])
+def test_client_refuses_a_reply_to_another_id(make_settings: Any, redis_client: Any,
+                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              planted: str) -> None:
+    """A reply whose id is not the one asked for is an error, never an answer: sync, async
+    and submit_many alike."""
+    settings = make_settings(tmp_path)
+    fixed = uuid.UUID(int=7)
+    monkeypatch.setattr("worker.client.uuid.uuid4", lambda: fixed)
+    key = settings.reply_prefix + fixed.hex
+
+    async def ask_async() -> None:
+        async with AsyncTwinqClient(settings=settings) as client:
+            await client.ask("q", timeout_s=2)
+
+    with TwinqClient(settings=settings) as client:
+        for call in (lambda: client.ask("q", timeout_s=2),
+                     lambda: client.submit_many(["q"], timeout_s=2),
+                     lambda: asyncio.run(ask_async())):
+            redis_client.rpush(key, planted)
+            with pytest.raises(WrongReply, match=fixed.hex):
+                call()
+
+
+def test_checked_reply_returns_the_matching_reply() -> None:
+    assert checked_reply("a1", b'{"id": "a1", "ok": true}') == {"id": "a1", "ok": True}
