@@ -19,6 +19,7 @@ import html
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -34,6 +35,9 @@ if TYPE_CHECKING:
     from worker.consumer import Consumer
 
 log = logging.getLogger(__name__)
+
+CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
+"""A scraper or browser that hangs up mid-request: routine, not an error (a debug line)."""
 
 
 def worker_status(consumer: Consumer) -> dict[str, Any]:
@@ -163,6 +167,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(200, page.encode("utf-8"), "text/html; charset=utf-8")
             else:
                 self._send(404, b"not found\n")
+        except CLIENT_GONE:
+            raise  # nobody left to answer; see _Server.handle_error
         except Exception:  # a scrape must never take the worker down
             log.exception("status endpoint %s failed", path)
             self._send(500, b"internal error\n")
@@ -177,12 +183,22 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        """The stdlib's per-request access log (and its error lines), at debug level only."""
         log.debug("status %s - %s", self.address_string(), format % args)
 
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     consumer: Consumer
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went away gets a debug line; anything else one logged traceback,
+        instead of the stdlib's print to stderr."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, CLIENT_GONE):
+            log.debug("status client %s went away: %s", client_address[0], exc)
+        else:
+            log.error("status request from %s failed", client_address[0], exc_info=exc)
 
 
 class StatusServer:

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import socket
+import struct
+import types
 import urllib.error
 import urllib.request
 from typing import Any
+
+import pytest
 
 from tests.worker.conftest import TEXTS, running_worker, sample, wait_until
 from worker.client import TwinqClient
@@ -97,3 +103,51 @@ def test_worker_metrics_are_private_per_worker() -> None:
     names = {s.labels.get("version") for m in a.registry.collect() for s in m.samples
              if s.name == "twinq_snapshot_info"}
     assert names == {"v2"}
+
+
+def _hang_up(port: int, request: bytes) -> None:
+    """Connect, maybe send a request and read a little, then reset the connection (RST)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        if request:
+            sock.sendall(request)
+            sock.recv(1)  # the server is writing its (large) body now
+
+
+def test_status_server_is_quiet_when_clients_hang_up(caplog: pytest.LogCaptureFixture,
+                                                     capfd: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """100 clients that connect and reset, before or while being answered: no traceback, no
+    line above debug, and the server keeps answering."""
+    monkeypatch.setattr("worker.status.generate_latest", lambda _registry: b"x" * 4_000_000)
+    consumer = types.SimpleNamespace(metrics=WorkerMetrics())
+    server = StatusServer(consumer, port=0).start()  # type: ignore[arg-type]
+    caplog.set_level(logging.DEBUG, logger="worker.status")
+    try:
+        for i in range(100):
+            _hang_up(server.port, b"" if i % 2 else b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert get(f"{server.url}/healthz")[0] == 200
+    finally:
+        server.stop()
+    loud = [r for r in caplog.records if r.levelno > logging.DEBUG and "status page" not in
+            r.getMessage()]
+    assert not loud, [r.getMessage() for r in loud][:3]
+    assert not any(r.exc_info for r in caplog.records)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "BrokenPipe" not in err and "ConnectionReset" not in err
+
+
+def test_status_server_logs_a_real_failure_once(caplog: pytest.LogCaptureFixture,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(_registry: Any) -> bytes:
+        raise RuntimeError("collector bug")
+
+    monkeypatch.setattr("worker.status.generate_latest", broken)
+    consumer = types.SimpleNamespace(metrics=WorkerMetrics())
+    server = StatusServer(consumer, port=0).start()  # type: ignore[arg-type]
+    try:
+        assert get(f"{server.url}/metrics")[0] == 500
+    finally:
+        server.stop()
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.getMessage() for r in errors] == ["status endpoint /metrics failed"]
