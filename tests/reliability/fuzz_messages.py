@@ -70,11 +70,12 @@ def _reply(kind: str, obj: dict[str, Any], rid: str, codes: tuple[str, ...] = BA
 
 def oracle_address(raw: bytes) -> str | None:
     """The request id a worker can reply to for `raw`, or None (kept independent of
-    `shared.protocol.reply_address`): a JSON object up to 1 MiB with a well-formed string id."""
+    `shared.protocol.reply_address`): a JSON object up to 1 MiB with a well-formed string id,
+    however deep it nests or long its numbers are (the worker refuses those, but answers)."""
     if len(raw) > ADDRESS_LIMIT:
         return None
     try:
-        obj = json.loads(raw.decode("utf-8", "replace"))
+        obj = json.loads(raw.decode("utf-8", "replace"), parse_int=len)
     except (ValueError, RecursionError):
         return None
     rid = obj.get("id") if isinstance(obj, dict) else None
@@ -213,25 +214,59 @@ def non_utf8(draw: Any) -> Template:
 
 @st.composite
 def invalid_json(draw: Any) -> Template:
-    shape = draw(st.sampled_from(["truncated", "trailing", "single_quotes", "deep", "deeper",
-                                  "empty"]))
+    shape = draw(st.sampled_from(["truncated", "trailing", "single_quotes", "empty"]))
     cut = draw(st.integers(1, 30))
-    depth = draw(st.integers(5_000, 5_900) if shape == "deep" else st.just(100_000))
 
     def make(rid: str) -> Message:
         text = json.dumps({"id": rid, "query": GOOD_QUERY})
-        nested = text[:-1] + ', "top_k": ' + "[" * depth + "]" * depth + "}"
         payload = {"truncated": text[:-min(cut, len(text) - 1)],
                    "trailing": text + "}x",
                    "single_quotes": text.replace('"', "'"),
-                   "deep": nested, "deeper": nested,
                    "empty": ""}[shape].encode()
-        if shape == "deep" and oracle_address(payload):  # parsed within the recursion limit
-            return Message("invalid_json:deep", _fields(payload), "reply", rid, PREFIX + rid,
-                           BAD)
         return Message(f"invalid_json:{shape}", _fields(payload), "dead", rid)
 
     return Template("invalid_json", make)
+
+
+@st.composite
+def past_parser_limits(draw: Any) -> Template:
+    """Well-formed JSON past a parser limit: nesting (33 to 1,500 levels, or 100,000, which is
+    also over the payload size) or a number of 41 to 6,000 digits, before or after the id, in
+    a known field or an unknown one. Refused, and answered: the id is at the top level."""
+    limit = draw(st.sampled_from(["depth", "huge_depth", "digits"]))
+    size = {"depth": st.integers(33, 1_500), "huge_depth": st.just(100_000),
+            "digits": st.integers(41, 6_000)}[limit]
+    n = draw(size)
+    bracket = draw(st.sampled_from(["[]", "{}"]))
+    value = ("9" * n if limit == "digits" else
+             "[" * n + "]" * n if bracket == "[]" else '{"a":' * n + "1" + "}" * n)
+    where = draw(st.sampled_from(["top_k", "first", "last"]))
+
+    def make(rid: str) -> Message:
+        head = json.dumps({"id": rid, "query": GOOD_QUERY})[1:-1]
+        body = {"top_k": f'{{{head}, "top_k": {value}}}', "first": f'{{"x": {value}, {head}}}',
+                "last": f'{{{head}, "x": {value}}}'}[where]
+        return Message(f"limit:{limit}", _fields(body.encode()), "reply", rid, PREFIX + rid,
+                       LARGE if limit == "huge_depth" else BAD)
+
+    return Template("past_parser_limits", make)
+
+
+@st.composite
+def escaped_astral(draw: Any) -> Template:
+    """Astral characters sent as \\u escape pairs (12 bytes each, Python's default
+    json.dumps): answered up to `MAX_QUERY_CHARS` characters, `too_large` past it."""
+    n = draw(st.sampled_from([1, 100, 1_100, C.MAX_QUERY_CHARS - 10, C.MAX_QUERY_CHARS + 1]))
+    char = draw(st.sampled_from(["\U0001F600", "\U0001D400", "\U00020000"]))
+    query = f"reset my password {char * n}"[:C.MAX_QUERY_CHARS + (n > C.MAX_QUERY_CHARS)]
+
+    def make(rid: str) -> Message:
+        payload = _json({"id": rid, "query": query})
+        if len(normalize_text(query)) > C.MAX_QUERY_CHARS:
+            return Message("escaped_astral", _fields(payload), "reply", rid, PREFIX + rid, LARGE)
+        return Message("escaped_astral", _fields(payload), "ok", rid, PREFIX + rid)
+
+    return Template("escaped_astral", make)
 
 
 @st.composite
@@ -311,8 +346,8 @@ def bad_messages() -> st.SearchStrategy[Template]:
     """One hostile message of any kind."""
     return st.one_of(wrong_type(), top_k_over_recall_k(), unknown_field(), missing_query(),
                      empty_query(), control_characters(), surrogate_query(), huge_query(),
-                     non_utf8(), invalid_json(), not_an_object(), bad_id(), stream_fields(),
-                     hostile_reply_to(), garbage())
+                     non_utf8(), invalid_json(), past_parser_limits(), escaped_astral(),
+                     not_an_object(), bad_id(), stream_fields(), hostile_reply_to(), garbage())
 
 
 def good_message(rid: str) -> Message:

@@ -32,8 +32,9 @@ from shared import constants as C
 from shared.config import Settings
 from shared.corpus import CorpusRow, Rejected, iter_records
 from shared.errors import BadInput, ProtocolError
-from shared.protocol import (PAYLOAD_FIELD, REQUEST_FIELDS, encode_reply, error_reply,
-                             parse_request, reply_address)
+from shared.protocol import (PAYLOAD_FIELD, REQUEST_FIELDS, Outgoing, Written, encode_reply,
+                             error_reply, parse_marker, parse_request, push_replies,
+                             reply_address)
 from shared.text import normalize_text
 from tests.conftest import write_quick_snapshot
 from tests.reliability.conftest import TEXTS, make_settings
@@ -304,6 +305,49 @@ def test_parse_request_accepts_every_valid_request(top_k: int, extra: int, reran
     request = parse_request(fields, SETTINGS)
     assert (request.top_k, request.recall_k, request.rerank) == (top_k, recall_k, rerank)
     assert request.query == normalize_text(query) and request.reply_to == PREFIX + "v-1"
+
+
+# --- request ids: any sequence of replies under one id follows the documented rule ---------
+
+_KINDS = {"ok": "ok", "refused": "error", "retryable": "none"}
+
+
+def _reply_of(kind: str, rid: str) -> dict[str, Any]:
+    if kind == "ok":
+        return {"id": rid, "ok": True, "results": [], "error": None}
+    code = "bad_request" if kind == "refused" else "not_ready"
+    return error_reply(rid, code, f"{kind} reply")
+
+
+@settings(FUZZ, max_examples=150)
+@given(st.lists(st.tuples(st.sampled_from(["0a", "0b", "0c"]), st.sampled_from(sorted(_KINDS))),
+                min_size=1, max_size=8))
+def test_push_replies_follows_the_id_rule_for_any_sequence(module_redis: Any,
+                                                          steps: list[tuple[str, str]]) -> None:
+    """Model: an answered id (ok) takes the same request again as a duplicate and any other
+    as a conflict; a final refusal (error) takes the same again as a duplicate and lets a
+    different one through (which replaces it); a retryable error marks nothing. Whatever is
+    pushed comes out of the list in the order pushed."""
+    client = module_redis.client()
+    rid = f"seq-{uuid.uuid4().hex[:10]}"
+    marker: tuple[str, str] | None = None
+    pushed: list[str] = []
+    for digest, kind in steps:
+        mode = _KINDS[kind]
+        if marker is not None and marker[1] == digest:
+            expected = Written.DUPLICATE
+        elif marker is not None and marker[0] == "ok" and mode != "none":
+            expected = Written.CONFLICT
+        else:
+            expected = Written.PUSHED
+            pushed.append(kind)
+            marker = (mode, digest) if mode != "none" else marker
+        [written] = push_replies(client, [Outgoing(rid, PREFIX + rid, _reply_of(kind, rid),
+                                                   digest)], reply_ttl_s=60, worker_id="w")
+        assert written is expected, (steps, digest, kind)
+    listed = [json.loads(r)["error"] for r in client.lrange(PREFIX + rid, 0, -1)]
+    assert [e["message"].split()[0] if e else "ok" for e in listed] == pushed
+    assert parse_marker(client.get(C.DONE_PREFIX + rid)) == marker
 
 
 # --- corpus rows ---------------------------------------------------------------------------
