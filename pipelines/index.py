@@ -69,11 +69,13 @@ def timed(stages: dict[str, float], name: str) -> Iterator[None]:
     """Record a phase's wall time in `stages` and log its start and end."""
     log.info("%s ...", name)
     start = time.perf_counter()
+    outcome = "failed after"
     try:
         yield
+        outcome = "done in"
     finally:
         stages[name] = round(time.perf_counter() - start, 3)
-        log.info("%s done in %.1fs", name, stages[name])
+        log.info("%s %s %.1fs", name, outcome, stages[name])
 
 
 def _check_inputs(opts: BuildOptions) -> list[str]:
@@ -132,12 +134,18 @@ def _pipeline_options(beam_args: list[str]) -> Any:
 
 def run_beam(opts: BuildOptions, paths: list[str], path: Path, model_name: str,
              previous_files: list[str]) -> dict[str, int]:
-    """Build and run the Beam pipeline; return its counters."""
+    """Build and run the Beam pipeline; return its counters.
+
+    Raises:
+        BadInput: a corpus file turned out unreadable while the pipeline read it (a Parquet
+            file whose footer is intact but a data page is not).
+    """
+    from pipelines import index_transforms as T  # first: it quiets Beam's import
+
     import apache_beam as beam
     from apache_beam.metrics.metric import MetricsFilter
     from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
-    from pipelines import index_transforms as T
     from pipelines.embed_handler import EmbedHandler
 
     handler = KeyedModelHandler(EmbedHandler(opts.model, threads=opts.threads, backend=opts.backend,
@@ -147,10 +155,15 @@ def run_beam(opts: BuildOptions, paths: list[str], path: Path, model_name: str,
     budget = parse_bytes(opts.memory_budget)
     pipeline = beam.Pipeline(options=_pipeline_options(opts.beam_args))
     read = (pipeline
-            | "CorpusFiles" >> beam.Create(paths)
+            | "CorpusFiles" >> beam.Create(list(enumerate(paths)))
             | "ReadAndClean" >> beam.ParDo(T.ReadAndClean(opts.id_field, opts.text_field))
             .with_outputs(T.REJECTED, main="rows"))
-    keyed = read.rows | "KeyByText" >> beam.Map(T.key_by_text(model_name))
+    unique = (read.rows
+              | "KeyById" >> beam.Map(lambda placed: (placed[0], placed))
+              | "GroupById" >> beam.GroupByKey()
+              | "FirstOfEachId" >> beam.ParDo(T.FirstOfEachId(paths))
+              .with_outputs(T.REJECTED, main="rows"))
+    keyed = unique.rows | "KeyByText" >> beam.Map(T.key_by_text(model_name))
     old = (pipeline
            | "PreviousShards" >> beam.Create(previous_files)
            | "ReadPrevious" >> beam.FlatMap(T.read_previous_embeddings))
@@ -168,15 +181,56 @@ def run_beam(opts: BuildOptions, paths: list[str], path: Path, model_name: str,
          | "GroupShards" >> beam.GroupByKey()
          | "WriteShards" >> beam.ParDo(T.WriteShard(str(path), opts.index_factory, budget))
          | "ShardEntries" >> beam.io.WriteToText(str(path / "entries"), file_name_suffix=".jsonl"))
-    _ = read[T.REJECTED] | "WriteRejects" >> beam.io.WriteToText(
-        str(path / snap.REJECTS), shard_name_template="", num_shards=1)
-    result = pipeline.run()
-    result.wait_until_finish()
+    _ = ((read[T.REJECTED], unique[T.REJECTED])
+         | "AllRejects" >> beam.Flatten()
+         | "WriteRejects" >> beam.io.WriteToText(str(path / snap.REJECTS), shard_name_template="",
+                                                 num_shards=1))
+    with _quiet_bad_input_logs():
+        try:
+            result = pipeline.run()
+            result.wait_until_finish()
+        except Exception as exc:
+            bad = _bad_input_in(exc)
+            if bad is None:
+                raise
+            raise BadInput(str(bad)) from exc
     counters: dict[str, int] = {}
     for counter in result.metrics().query(MetricsFilter().with_namespace(T.NS))["counters"]:
         value = counter.committed if counter.committed is not None else counter.attempted
         counters[counter.key.metric.name] = counters.get(counter.key.metric.name, 0) + int(value or 0)
     return counters
+
+
+def _bad_input_in(exc: BaseException) -> BadInput | None:
+    """The first `BadInput` a DoFn raised, as it raised it: Beam re-raises it with the step name
+    appended (and may wrap it), so look through the chain for the innermost one."""
+    found, seen = None, set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, BadInput):
+            found = exc
+        exc = exc.__cause__ or exc.__context__
+    return found
+
+
+class _BadInputRecords(logging.Filter):
+    """Drops Beam's ERROR record (with its traceback) for a DoFn that raised `BadInput`: the
+    build turns it into one line and exit 2, as for any bad input found before Beam starts."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (error is not None and _bad_input_in(error) is not None)
+
+
+@contextlib.contextmanager
+def _quiet_bad_input_logs() -> Iterator[None]:
+    beam_log = logging.getLogger("apache_beam.runners.common")
+    quiet = _BadInputRecords()
+    beam_log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        beam_log.removeFilter(quiet)
 
 
 def _collect_entries(path: Path, shards: int) -> list[dict[str, Any]]:
@@ -252,6 +306,8 @@ def build_snapshot(opts: BuildOptions) -> BuildResult:
                     "rows_indexed": sum(e["rows"] for e in entries),
                     "ids_indexed": None, "rows_reused": counters.get("rows_reused", 0),
                     "rows_embedded": 0, "reused_from": reused_version,
+                    "rows_duplicate_id": counters.get("rows_duplicate_id", 0),
+                    "rows_repeated": counters.get("rows_repeated", 0),
                     "fingerprint": _fingerprint(path, entries),
                 },
                 "shards": entries,
@@ -260,7 +316,9 @@ def build_snapshot(opts: BuildOptions) -> BuildResult:
             }
             corpus = manifest["corpus"]
             corpus["rows_embedded"] = corpus["rows_indexed"] - corpus["rows_reused"]
-            corpus["ids_indexed"] = corpus["rows_read"] - corpus["rows_rejected"]
+            corpus["ids_indexed"] = (corpus["rows_read"] - corpus["rows_rejected"]
+                                     - corpus["rows_repeated"])
+            _log_duplicate_ids(corpus)
         with timed(stages, "validate"):
             manifest["validation"] = snap.validate(path, manifest, canary=opts.canary)
         stages["total"] = round(time.perf_counter() - start, 3)
@@ -275,6 +333,16 @@ def build_snapshot(opts: BuildOptions) -> BuildResult:
         with timed(stages, "publish"):
             snap.publish(opts.root, version)
     return BuildResult(version, path, manifest, opts.publish)
+
+
+def _log_duplicate_ids(corpus: dict[str, Any]) -> None:
+    if corpus["rows_duplicate_id"]:
+        log.warning("%d rows reuse an earlier row's id with a different text: the first "
+                    "occurrence of each id is indexed, the others are in %s",
+                    corpus["rows_duplicate_id"], snap.REJECTS)
+    if corpus["rows_repeated"]:
+        log.info("%d rows repeat an earlier row (same id, same text): indexed once",
+                 corpus["rows_repeated"])
 
 
 def _dim(path: Path, entries: list[dict[str, Any]]) -> int:

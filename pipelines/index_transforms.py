@@ -14,16 +14,31 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics import Metrics
 
-from shared.corpus import Rejected, iter_records
-from shared.text import normalize_text, stable_shard, text_key
+class _ApitoolsNotice(logging.Filter):
+    """Drops the one record Beam's BigQuery client package logs on the root logger when it is
+    imported without apitools ("apitools not found, ..."): an optional GCP dependency that twinq
+    never uses, printed on every build. Every other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == "root" and str(record.msg).startswith("apitools not found"))
+
+
+if not any(isinstance(f, _ApitoolsNotice) for f in logging.getLogger().filters):
+    logging.getLogger().addFilter(_ApitoolsNotice())  # before Beam's first import, below
+
+import apache_beam as beam  # noqa: E402
+from apache_beam.io.filesystems import FileSystems  # noqa: E402
+from apache_beam.metrics import Metrics  # noqa: E402
+
+from shared.corpus import Rejected, iter_records  # noqa: E402
+from shared.text import normalize_text, stable_shard, text_key  # noqa: E402
 
 log = logging.getLogger(__name__)
 REJECTED = "rejected"
 NS = "twinq_build"
+DUPLICATE_ID = "duplicate id with a different text"
+"""The reject reason of a row whose id an earlier row already has, with another text."""
 
 
 def _open(path: str) -> Any:
@@ -32,10 +47,12 @@ def _open(path: str) -> Any:
 
 Row = tuple[str, str, str]
 """(id, clean text, metadata as a JSON object)."""
+Placed = tuple[str, str, str, int, int]
+"""A `Row` and where it was read: (id, text, metadata, file number, line)."""
 
 
 class ReadAndClean(beam.DoFn):
-    """Read one corpus file; emit clean `Row`s, and rejects to the `rejected` output.
+    """Read one numbered corpus file; emit clean `Placed` rows, and rejects to `rejected`.
 
     Cleaning is NFKC plus collapsed whitespace; an empty text is a reject, never a crash.
     """
@@ -45,7 +62,8 @@ class ReadAndClean(beam.DoFn):
         self._read = Metrics.counter(NS, "rows_read")
         self._rejected = Metrics.counter(NS, "rows_rejected")
 
-    def process(self, path: str) -> Iterator[Any]:
+    def process(self, numbered: tuple[int, str]) -> Iterator[Any]:
+        file_no, path = numbered
         for record in iter_records(path, self._id_field, self._text_field, opener=_open):
             self._read.inc()
             if isinstance(record, Rejected):
@@ -56,9 +74,42 @@ class ReadAndClean(beam.DoFn):
             if not text:
                 self._rejected.inc()
                 yield beam.pvalue.TaggedOutput(
-                    REJECTED, Rejected(path, -1, "empty text after cleaning", record.id).to_json())
+                    REJECTED, Rejected(path, record.line, "empty text after cleaning", record.id).to_json())
                 continue
-            yield record.id, text, json.dumps(record.metadata, ensure_ascii=False, default=str)
+            yield (record.id, text, json.dumps(record.metadata, ensure_ascii=False, default=str),
+                   file_no, record.line)
+
+
+class FirstOfEachId(beam.DoFn):
+    """After a GroupByKey by id: keep the first occurrence of each id (the earliest file given,
+    then the earliest line), whatever order the runner delivers them in.
+
+    A later row with another text is a reject ("duplicate id with a different text"), so that
+    one id never names two questions; a later row with the same text is dropped and counted
+    (`rows_repeated`), so that `ids` never lists an id twice.
+    """
+
+    def __init__(self, paths: list[str]) -> None:
+        self._paths = paths
+        self._conflicts = Metrics.counter(NS, "rows_duplicate_id")
+        self._repeated = Metrics.counter(NS, "rows_repeated")
+        self._rejected = Metrics.counter(NS, "rows_rejected")
+
+    def process(self, item: tuple[str, Iterable[Placed]]) -> Iterator[Any]:
+        doc_id, placed = item
+        first, *later = sorted(placed, key=lambda p: (p[3], p[4]))
+        yield first[:3]
+        for row in later:
+            if row[1] == first[1]:
+                self._repeated.inc()
+                continue
+            self._conflicts.inc()
+            self._rejected.inc()
+            kept = f"{self._paths[first[3]]}:{first[4]}"
+            yield beam.pvalue.TaggedOutput(REJECTED, Rejected(
+                self._paths[row[3]], row[4], DUPLICATE_ID,
+                json.dumps({"id": doc_id, "text": row[1], "kept": kept}, ensure_ascii=False)
+            ).to_json())
 
 
 def merge_duplicates(item: tuple[str, Iterable[Row]]) -> dict[str, Any]:

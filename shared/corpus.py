@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any, Literal
 
-from shared.errors import BadInput
+from shared.errors import BadInput, one_line
 
 Format = Literal["csv", "tsv", "jsonl", "parquet"]
 Opener = Callable[[str], IO[bytes]]
@@ -34,11 +34,14 @@ _EXTENSIONS: dict[str, Format] = {
 
 @dataclass(frozen=True)
 class CorpusRow:
-    """One question as read: raw text (cleaning happens later), its id and the other columns."""
+    """One question as read: raw text (cleaning happens later), its id, the other columns, and
+    where it was in its file (the line, or the row number of a Parquet file), so that "the
+    first occurrence" of an id is well defined."""
 
     id: str
     text: str
     metadata: dict[str, Any] = field(default_factory=dict)
+    line: int = 0
 
 
 @dataclass(frozen=True)
@@ -125,13 +128,19 @@ def read_columns(path: str, opener: Opener = local_open) -> list[str]:
     except FileNotFoundError as exc:
         raise BadInput(f"corpus file not found: {path}") from exc
     except Exception as exc:  # pyarrow and the csv module raise assorted types
-        raise BadInput(f"cannot read {path}: {type(exc).__name__}: {exc}") from exc
+        raise BadInput(f"cannot read {path}: {type(exc).__name__}: {one_line(exc)}") from exc
 
 
 def resolve_fields(
     columns: list[str], id_field: str | None, text_field: str | None, source: str
 ) -> tuple[str, str]:
-    """Pick the id and text columns: the flags if given, else the first known name present."""
+    """Pick the id and text columns: the flags if given, else the first known name present.
+
+    A file with no columns at all (empty, blank, or no line that parses) is an empty corpus,
+    not a file that lacks an id column.
+    """
+    if not columns:
+        raise BadInput(f"empty corpus: {source} has no rows (or none that parse)")
 
     def pick(wanted: str | None, candidates: tuple[str, ...], role: str) -> str:
         if wanted:
@@ -158,7 +167,7 @@ def _row(obj: dict[str, Any], id_field: str, text_field: str, source: str, line:
         reason = "missing text" if text is None else f"text is not a string ({type(text).__name__})"
         return Rejected(source, line, f"{reason} ({text_field})", json.dumps(obj, default=str)[:500])
     metadata = {k: v for k, v in obj.items() if k not in (id_field, text_field)}
-    return CorpusRow(str(doc_id).strip(), text, metadata)
+    return CorpusRow(str(doc_id).strip(), text, metadata, line)
 
 
 def _iter_delimited(text: IO[str], delimiter: str, id_field: str, text_field: str, source: str
@@ -204,13 +213,28 @@ def _iter_jsonl(text: IO[str], id_field: str, text_field: str, source: str
         yield _row(obj, id_field, text_field, source, number)
 
 
-def _iter_parquet(raw: IO[bytes], id_field: str, text_field: str, source: str
-                  ) -> Iterator[CorpusRow | Rejected]:
+def _parquet_batches(raw: IO[bytes]) -> Iterator[list[dict[str, Any]]]:
     import pyarrow.parquet as pq
 
-    number = 0
     for batch in pq.ParquetFile(raw).iter_batches(batch_size=8192):
-        for obj in batch.to_pylist():
+        yield batch.to_pylist()
+
+
+def _iter_parquet(raw: IO[bytes], id_field: str, text_field: str, source: str
+                  ) -> Iterator[CorpusRow | Rejected]:
+    """Rows of a Parquet file. A footer can be intact while a data page is corrupt: that is an
+    unreadable file (`BadInput`, one line), found only when the page is read."""
+    number = 0
+    batches = _parquet_batches(raw)
+    while True:
+        try:
+            rows = next(batches)
+        except StopIteration:
+            return
+        except Exception as exc:  # pyarrow raises OSError, ArrowInvalid, ...
+            raise BadInput(f"cannot read {source} after row {number}: {type(exc).__name__}: "
+                           f"{one_line(exc)}") from exc
+        for obj in rows:
             number += 1
             yield _row(obj, id_field, text_field, source, number)
 

@@ -44,3 +44,10 @@ class ProtocolError(TwinqError):
 
 class ModelLoadError(TwinqError):
     """A model could not be resolved or loaded (offline hub, bad path, unsafe format)."""
+
+
+def one_line(detail: object, limit: int = 200) -> str:
+    """A library's error detail as one short line, for a twinq error message: pyarrow, faiss
+    and json messages may span lines or quote whole inputs, and the CLI promises one line."""
+    text = " ".join("".join(c if c.isprintable() else " " for c in str(detail)).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

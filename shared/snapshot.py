@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shared.errors import (BadInput, ShardMismatch, SnapshotCorrupt, SnapshotInvalid,
-                           SnapshotNotFound)
+                           SnapshotNotFound, one_line)
 from shared.snapshot_schema import check_manifest, plain_file_name, schema
 
 if TYPE_CHECKING:
@@ -192,12 +192,6 @@ def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
     (path / BUILDING).unlink(missing_ok=True)
 
 
-def _one_line(text: str, limit: int = 200) -> str:
-    """An error detail on one short line: library messages may span lines or quote whole files."""
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _read_text(path: Path, label: str) -> str | None:
     """A small file of the root (CURRENT, HISTORY, a manifest) as text, or None when absent.
 
@@ -212,7 +206,7 @@ def _read_text(path: Path, label: str) -> str | None:
         raise SnapshotCorrupt(f"{label}: not UTF-8 text (byte {exc.object[exc.start:exc.start + 1]!r}"
                               f" at offset {exc.start})") from exc
     except OSError as exc:
-        raise SnapshotCorrupt(f"{label}: unreadable: {_one_line(exc.strerror or exc)}") from exc
+        raise SnapshotCorrupt(f"{label}: unreadable: {one_line(exc.strerror or exc)}") from exc
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
@@ -229,7 +223,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
     try:
         manifest = json.loads(text)
     except (ValueError, RecursionError) as exc:
-        raise SnapshotCorrupt(f"{label}: not valid JSON: {_one_line(exc)}") from exc
+        raise SnapshotCorrupt(f"{label}: not valid JSON: {one_line(exc)}") from exc
     return check_manifest(manifest, path.name)
 
 
@@ -262,14 +256,14 @@ def _open_shard(path: Path, entry: dict[str, Any], dim: int, *, mmap: bool, chec
                                       "(corrupted on disk)")
         except OSError as exc:
             raise SnapshotCorrupt(f"{path.name}/{file.name}: unreadable: "
-                                  f"{_one_line(exc.strerror or exc)}") from exc
+                                  f"{one_line(exc.strerror or exc)}") from exc
     try:
         flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
         index = faiss.read_index(str(index_path), flags)
         table = pq.read_table(data_path, columns=SERVE_COLUMNS, memory_map=True)
         apply_search_params(index, entry.get("search_params") or "")
     except Exception as exc:  # faiss and pyarrow raise assorted types
-        raise SnapshotCorrupt(f"{path.name}/{entry['name']}: cannot load: {_one_line(exc)}") from exc
+        raise SnapshotCorrupt(f"{path.name}/{entry['name']}: cannot load: {one_line(exc)}") from exc
     wanted = schema(dim)
     for name in SERVE_COLUMNS:
         if not table.schema.field(name).type.equals(wanted.field(name).type):

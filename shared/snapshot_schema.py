@@ -177,7 +177,8 @@ def _check_model(f: _Fields, model: dict[str, Any]) -> None:
 
 def _check_corpus(f: _Fields, corpus: dict[str, Any]) -> int:
     """The counts, typed; return `rows_indexed` (the only one a reader relies on)."""
-    for key in ("rows_read", "rows_rejected", "rows_reused", "rows_embedded", "ids_indexed"):
+    for key in ("rows_read", "rows_rejected", "rows_reused", "rows_embedded", "ids_indexed",
+                "rows_duplicate_id", "rows_repeated"):
         f.integer(corpus, key, f"corpus.{key}", 0, MAX_ROWS, optional=True)
     f.text(corpus, "fingerprint", "corpus.fingerprint", optional=True)
     f.text(corpus, "reused_from", "corpus.reused_from", optional=True)

@@ -116,13 +116,14 @@ def test_failed_build_publishes_nothing(tmp_path: Path, tiny_bi_encoder_path: st
     (None, ["--corpus", "{d}/missing.jsonl"], "not found"),
     ("x.xlsx", ["--corpus", "{d}/x.xlsx"], "unknown corpus format"),
     ("empty.jsonl", ["--corpus", "{d}/empty.jsonl"], "empty corpus"),
+    ("zero.jsonl", ["--corpus", "{d}/zero.jsonl"], "empty corpus"),
     ("noid.jsonl", ["--corpus", "{d}/noid.jsonl"], "no id column"),
     ("ok.jsonl", ["--corpus", "{d}/ok.jsonl", "--text-field", "body"], "no text column 'body'"),
     ("bad.parquet", ["--corpus", "{d}/bad.parquet"], "cannot read"),
 ])
 def test_index_build_bad_input_exits_2(tmp_path: Path, tiny_bi_encoder_path: str, capsys, setup: str | None,
                                        args: list[str], message: str) -> None:
-    files = {"x.xlsx": "whatever", "empty.jsonl": '{"id": "1", "text": "   "}\n',
+    files = {"x.xlsx": "whatever", "empty.jsonl": '{"id": "1", "text": "   "}\n', "zero.jsonl": "",
              "noid.jsonl": '{"key": "1", "text": "q"}\n', "ok.jsonl": '{"id": "1", "text": "q"}\n',
              "bad.parquet": "PAR1 not really"}
     if setup:
@@ -133,6 +134,56 @@ def test_index_build_bad_input_exits_2(tmp_path: Path, tiny_bi_encoder_path: str
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
     assert snap.current_version(tmp_path / "root") is None if (tmp_path / "root").exists() else True
+
+
+def test_parquet_with_a_corrupt_data_page_exits_2_with_one_line(
+        tmp_path: Path, tiny_bi_encoder_path: str, capsys, caplog) -> None:
+    """The footer reads, so the file passes the checks before Beam; the page fails inside it."""
+    from tests.shared.test_corpus import write_parquet
+
+    path = write_parquet(tmp_path / "c.parquet", 1500)
+    page = pq.read_metadata(path).row_group(0).column(1).data_page_offset
+    data = bytearray(path.read_bytes())
+    data[page + 8: page + 200] = bytes(b ^ 0x5A for b in data[page + 8: page + 200])
+    path.write_bytes(bytes(data))
+    argv = ["index", "build", "--corpus", str(path), "--root", str(tmp_path / "root"),
+            "--model", tiny_bi_encoder_path, "--publish"]
+    assert twinq(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot read" in err[0] and "c.parquet" in err[0], err
+    assert not [r for r in caplog.records if r.levelno >= 40], caplog.text[-2000:]
+    assert snap.current_version(tmp_path / "root") is None
+
+
+def test_duplicate_id_first_occurrence_wins_and_the_other_is_rejected(
+        tmp_path: Path, tiny_bi_encoder_path: str, caplog) -> None:
+    first = _write_jsonl(tmp_path / "a.jsonl", [
+        {"id": "x", "text": "how do I pay?"}, {"id": "y", "text": "where is my order?"},
+        {"id": "x", "text": "how do I pay?"}])
+    second = _write_jsonl(tmp_path / "b.jsonl", [
+        {"id": "x", "text": "how do I cancel?"}, {"id": "z", "text": "can I get a refund?"}])
+
+    def build(paths: list[Path], root: str) -> tuple[dict, dict, list[dict]]:
+        result = build_snapshot(BuildOptions(corpus=[str(p) for p in paths],
+                                             root=tmp_path / root, shards=2,
+                                             model=tiny_bi_encoder_path, canary=0))
+        texts = {r["id"]: (r["text"], r["ids"]) for r in _all_rows(result.path)}
+        rejects = [json.loads(line) for line in
+                   (result.path / snap.REJECTS).read_text().splitlines()]
+        return result.manifest["corpus"], texts, rejects
+
+    with caplog.at_level("WARNING", logger="pipelines.index"):
+        corpus, texts, rejects = build([first, second], "r1")
+    assert texts == {"x": ("how do I pay?", ["x"]), "y": ("where is my order?", ["y"]),
+                     "z": ("can I get a refund?", ["z"])}
+    assert [(r["reason"], r["source"], r["line"]) for r in rejects] == [
+        ("duplicate id with a different text", str(second), 1)]
+    assert (corpus["rows_read"], corpus["rows_rejected"], corpus["rows_duplicate_id"],
+            corpus["rows_repeated"], corpus["rows_indexed"], corpus["ids_indexed"]) == (
+        5, 1, 1, 1, 3, 3)
+    assert "1 rows reuse an earlier row's id with a different text" in caplog.text
+    _, texts, _ = build([second, first], "r2")  # the order of the files decides
+    assert texts["x"] == ("how do I cancel?", ["x"])
 
 
 def test_index_cli_list_publish_rollback_gc(tmp_path: Path, tiny_bi_encoder_path: str, capsys) -> None:

@@ -6,6 +6,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from shared.corpus import CorpusRow, Rejected, detect_format, expand_paths, iter_records
 from shared.errors import BadInput
@@ -95,3 +97,61 @@ def test_expand_paths_globs_and_missing(tmp_path: Path) -> None:
                                                           str(tmp_path / "b.jsonl")]
     with pytest.raises(BadInput, match="not found"):
         expand_paths([str(tmp_path / "nothing*.csv")])
+
+
+def write_parquet(path: Path, n: int = 3000) -> Path:
+    """A Parquet file of several pages (small pages, so that a flip lands in data often)."""
+    table = pa.table({"id": [f"q{i}" for i in range(n)],
+                      "text": [f"question number {i} about things" for i in range(n)]})
+    pq.write_table(table, path, compression="zstd", data_page_size=2048, row_group_size=1000)
+    return path
+
+
+def test_parquet_with_intact_footer_and_corrupt_data_page_is_one_line_bad_input(
+        tmp_path: Path) -> None:
+    path = write_parquet(tmp_path / "c.parquet")
+    page = pq.read_metadata(path).row_group(1).column(1).data_page_offset
+    data = bytearray(path.read_bytes())
+    data[page + 8: page + 200] = bytes(b ^ 0x5A for b in data[page + 8: page + 200])
+    path.write_bytes(bytes(data))
+    with pytest.raises(BadInput, match="cannot read .*c.parquet after row") as caught:
+        list(iter_records(str(path)))
+    assert str(caught.value).isprintable()
+
+
+@settings(deadline=None, database=None, max_examples=150,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(offset=st.floats(0.0, 1.0), length=st.integers(1, 64), mask=st.integers(1, 255))
+def test_any_corruption_of_a_parquet_file_is_rows_or_one_line_bad_input(
+        tmp_path: Path, offset: float, length: int, mask: int) -> None:
+    path = tmp_path / "c.parquet"
+    if not path.exists():
+        write_parquet(path, 1500)
+    good = path.read_bytes()
+    start = int(offset * (len(good) - 1))
+    broken = bytearray(good)
+    broken[start: start + length] = bytes(b ^ mask for b in broken[start: start + length])
+    target = tmp_path / "broken.parquet"
+    target.write_bytes(bytes(broken))
+    try:
+        records = list(iter_records(str(target), "id", "text"))
+    except BadInput as exc:
+        assert str(exc).isprintable() and len(str(exc)) < 400
+    else:
+        assert all(isinstance(r, (CorpusRow, Rejected)) for r in records)
+
+
+@pytest.mark.parametrize("name,content", [
+    ("empty.jsonl", ""), ("blank.jsonl", "\n  \n"), ("empty.csv", ""), ("empty.tsv", "\n"),
+    ("garbage.jsonl", "{not json\n[1, 2]\n")])
+def test_an_empty_file_is_an_empty_corpus(tmp_path: Path, name: str, content: str) -> None:
+    (tmp_path / name).write_text(content)
+    with pytest.raises(BadInput, match="empty corpus"):
+        list(iter_records(str(tmp_path / name)))
+
+
+def test_rows_know_their_line(tmp_path: Path) -> None:
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"id": "a", "text": "x"}\n\n{"id": "b", "text": "y"}\n')
+    rows, _ = _rows(path)
+    assert [(r.id, r.line) for r in rows] == [("a", 1), ("b", 3)]
