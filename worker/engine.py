@@ -164,7 +164,7 @@ class Engine:
         """
         try:
             version = current_version(self.settings.root)  # type: ignore[arg-type]
-        except TwinqError as exc:
+        except Exception as exc:  # any bad CURRENT is a counted refusal, never a watcher crash
             self._refuse("CURRENT", exc)
             return None
         if version is None:
@@ -180,7 +180,7 @@ class Engine:
             return None
         try:
             served = self._load(version)
-        except (TwinqError, OSError) as exc:
+        except Exception as exc:  # a version that cannot be served is refused, whatever broke
             self._refuse(version, exc)
             return None
         with self._lock:
@@ -189,11 +189,29 @@ class Engine:
         return version
 
     def _refuse(self, version: str, exc: Exception) -> None:
-        self._failed[version] = time.monotonic()
-        if self.metrics:
-            self.metrics.reloads.labels(result="failure").inc()
+        """Count a failed load, and log each distinct error of a version once.
+
+        A bad version is retried every `RETRY_FAILED_VERSION_S` (its files may be repaired) and
+        a bad CURRENT is read at every poll: each retry counts in
+        `twinq_reloads_total{result="failure"}` (at most once per retry period), but the same
+        error is logged only the first time. `_failed` maps a version to when it last counted,
+        and the version and error joined by a newline to when that error was logged. An error
+        that is not twinq's own is a bug: it is logged with its traceback, once.
+        """
+        now = time.monotonic()
+        last = self._failed.get(version)
+        if last is None or now - last >= RETRY_FAILED_VERSION_S:
+            self._failed[version] = now
+            if self.metrics:
+                self.metrics.reloads.labels(result="failure").inc()
+        logged = f"{version}\n{exc}"
+        if logged in self._failed:
+            self.log.debug("snapshot %s still refused: %s", version, exc)
+            return
+        self._failed[logged] = now
         self.log.error("refused snapshot %s: %s; still serving %s", version, exc,
-                       self.version or "nothing")
+                       self.version or "nothing",
+                       exc_info=not isinstance(exc, (TwinqError, OSError)))
 
     def _load(self, version: str) -> Served:
         root = self.settings.root
@@ -218,9 +236,7 @@ class Engine:
             model.encode(["warm up"], show_progress_bar=False)
             self._observe_load("bi_encoder", time.perf_counter() - start)
         dim = model.get_embedding_dimension()
-        if dim != model_meta["dimension"]:
-            self.log.warning("model %s gives %s dimensions, snapshot %s has %s", wanted, dim,
-                             version, model_meta["dimension"])
+        if dim != model_meta["dimension"]:  # `_refuse` logs it, once
             raise SnapshotInvalid(f"{version}: model {wanted} gives {dim}-dimensional vectors, "
                                   f"the snapshot holds {model_meta['dimension']}")
         return Served(snapshot, model, wanted)
