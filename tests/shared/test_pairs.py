@@ -84,3 +84,18 @@ def test_read_pairs_reference_files(data_dir: Path) -> None:
     for rel, (fmt, rows) in expected.items():
         got = read_pairs(data_dir / rel)
         assert got.sources[0]["format"] == fmt and len(got.pairs) == rows, rel
+
+
+def test_missing_reference_data_skips_unless_ci_is_set(monkeypatch: pytest.MonkeyPatch,
+                                                      tmp_path: Path) -> None:
+    import tests.conftest as conftest
+
+    monkeypatch.setattr(conftest, "DATA_DIR", tmp_path / "absent")
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="t needs the reference data, not found"):
+        conftest.require_reference_data("t")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI is set, so it is required"):
+        conftest.require_reference_data("t")
+    monkeypatch.setattr(conftest, "DATA_DIR", tmp_path)
+    assert conftest.require_reference_data("t") == tmp_path
