@@ -80,10 +80,11 @@ class EmbedHandler(ModelHandler[str, PredictionResult, "SentenceTransformer"]):
         model: SentenceTransformer,
         inference_args: dict[str, Any] | None = None,
     ) -> Iterable[PredictionResult]:
+        start = time.perf_counter()
         vectors = model.encode(list(batch), batch_size=self._encode_batch_size,
                                normalize_embeddings=True, convert_to_numpy=True,
                                show_progress_bar=False)
-        self._report(len(batch))
+        self._report(len(batch), start)
         return [PredictionResult(text, vec.astype("float32"), self.model_id())
                 for text, vec in zip(batch, vectors)]
 
@@ -93,19 +94,25 @@ class EmbedHandler(ModelHandler[str, PredictionResult, "SentenceTransformer"]):
     def get_metrics_namespace(self) -> str:
         return "twinq_embed"
 
-    def _report(self, n: int) -> None:
-        """Progress lines every ~5 s: texts embedded in this process, rate and ETA."""
+    def _report(self, n: int, batch_start: float) -> None:
+        """Progress lines every ~5 s: texts embedded in this process, rate and ETA.
+
+        The clock starts when the first batch starts: started when it ended, a corpus embedded
+        in one batch divided its size by nothing and printed 385000000000/s.
+        """
         now = time.perf_counter()
-        if not self._started:
-            self._started = now
+        self._started = self._started or batch_start
         self._done += n
         if now - self._last_log < 5:
             return
         self._last_log = now
-        rate = self._done / max(now - self._started, 1e-9)
-        if self._progress_total:
+        elapsed = now - self._started
+        if elapsed <= 0:  # a clock too coarse to time this batch: no rate, no ETA
+            log.info("embedded %d texts", self._done)
+        elif self._progress_total:
+            rate = self._done / elapsed
             left = max(self._progress_total - self._done, 0)
             log.info("embedded %d/~%d texts (%.0f/s, ETA %.0fs)", self._done, self._progress_total,
-                     rate, left / max(rate, 1e-9))
+                     rate, left / rate)
         else:
-            log.info("embedded %d texts (%.0f/s)", self._done, rate)
+            log.info("embedded %d texts (%.0f/s)", self._done, self._done / elapsed)

@@ -262,3 +262,45 @@ def test_search_prints_stored_text_literally(quick_snapshot, capsys) -> None:
     out = capsys.readouterr().out
     for text in MARKUP_TEXTS:
         assert text in out, out
+
+
+class _SlowModel:
+    """Encodes in a known time, so that the progress rate can be checked."""
+
+    def encode(self, texts, **kwargs):  # noqa: ANN001, ANN003, ANN201
+        import time
+
+        import numpy as np
+
+        time.sleep(0.05)
+        return np.zeros((len(texts), 4), dtype=np.float32)
+
+
+def test_embed_progress_rate_counts_the_first_batch(caplog) -> None:
+    """One batch of 385 texts in 0.05 s is about 7,700/s, not 385000000000/s."""
+    handler = EmbedHandler("unused", progress_total=385)
+    with caplog.at_level("INFO", logger="pipelines.embed_handler"):
+        handler.run_inference([f"q{i}" for i in range(385)], _SlowModel())
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("embedded")]
+    rate = int(line.split("(")[1].split("/s")[0])
+    assert line.startswith("embedded 385/~385 texts") and 0 < rate <= 385 / 0.05, line
+
+
+def test_importing_beam_through_twinq_prints_no_apitools_notice() -> None:
+    """Beam logs "apitools not found ..." on the root logger at import; twinq drops exactly it."""
+    import logging
+    import subprocess
+    import sys
+
+    from pipelines.index_transforms import _ApitoolsNotice
+
+    code = "import logging; logging.basicConfig(); import pipelines.index_transforms"
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[2], timeout=120).stderr
+    assert "apitools" not in err, err
+    notice = _ApitoolsNotice()
+    record = logging.LogRecord("root", logging.WARNING, __file__, 1, "apitools not found, and x",
+                               None, None)
+    assert not notice.filter(record)
+    record = logging.LogRecord("root", logging.WARNING, __file__, 1, "something else", None, None)
+    assert notice.filter(record)
