@@ -24,7 +24,7 @@ from typing import Any
 from shared import snapshot as snap
 from shared.constants import SNAPSHOT_FORMAT_VERSION
 from shared.corpus import expand_paths, read_columns, resolve_fields
-from shared.errors import BadInput
+from shared.errors import BadInput, SnapshotCorrupt, SnapshotInvalid
 from shared.index_choice import parse_bytes
 from shared.models import resolve_model
 
@@ -90,17 +90,27 @@ def _check_inputs(opts: BuildOptions) -> list[str]:
 
 
 def _previous_data_files(opts: BuildOptions, model_name: str) -> tuple[str | None, list[str]]:
-    """Shard Parquet files of the snapshot to reuse vectors from, if its model is ours."""
+    """Shard Parquet files of the snapshot to reuse vectors from, if its model is ours.
+
+    A corrupt published snapshot (CURRENT or its manifest) under the build's own root only
+    turns reuse off, so that a fresh build can replace it; one named by --reuse-from is an error.
+    """
     if opts.reuse_from is None:
         return None, []
     root = opts.root if opts.reuse_from == "auto" else Path(opts.reuse_from)
-    version = snap.current_version(root) if root.exists() else None
-    if version is None:
+    try:
+        version = snap.current_version(root) if root.exists() else None
+        path = snap.version_dir(root, version) if version else None
+        manifest = snap.read_manifest(path) if path else None
+    except SnapshotInvalid as exc:
+        if opts.reuse_from != "auto":
+            raise SnapshotCorrupt(f"--reuse-from {root}: {exc}") from exc
+        log.warning("not reusing vectors: the published snapshot is unusable (%s)", exc)
+        return None, []
+    if version is None or path is None or manifest is None:
         if opts.reuse_from != "auto":
             raise BadInput(f"--reuse-from {root}: no published snapshot there")
         return None, []
-    path = snap.version_dir(root, version)
-    manifest = snap.read_manifest(path)
     if manifest["model"]["name"] != model_name:
         log.info("not reusing %s: built with %s, not %s", version, manifest["model"]["name"], model_name)
         return None, []

@@ -148,13 +148,22 @@ class SplitReusable(beam.DoFn):
 
 
 def read_previous_embeddings(data_file: str) -> Iterator[tuple[str, bytes]]:
-    """(text_key, float32 vector bytes) pairs from one shard of the previous snapshot."""
+    """(text_key, float32 vector bytes) pairs from one shard of the previous snapshot.
+
+    Raises:
+        SnapshotCorrupt: the shard cannot be read (one line; the build exits 2).
+    """
     import pyarrow.parquet as pq
 
+    from shared.errors import SnapshotCorrupt, one_line
     from shared.snapshot import embeddings_of
 
-    table = pq.read_table(data_file, columns=["text_key", "embedding"])
-    vectors = embeddings_of(table).astype("<f4", copy=False)
+    try:
+        table = pq.read_table(data_file, columns=["text_key", "embedding"])
+        vectors = embeddings_of(table).astype("<f4", copy=False)
+    except Exception as exc:  # pyarrow raises assorted types
+        raise SnapshotCorrupt(f"cannot reuse vectors from {data_file}: {one_line(exc)} "
+                              "(build with --reuse-from none)") from exc
     yield from zip(table.column("text_key").to_pylist(), map(bytes, vectors))
 
 

@@ -304,3 +304,21 @@ def test_importing_beam_through_twinq_prints_no_apitools_notice() -> None:
     assert not notice.filter(record)
     record = logging.LogRecord("root", logging.WARNING, __file__, 1, "something else", None, None)
     assert notice.filter(record)
+
+
+def test_a_corrupt_published_snapshot_turns_reuse_off_and_a_new_build_replaces_it(
+        tmp_path: Path, tiny_bi_encoder_path: str, caplog, capsys) -> None:
+    root = tmp_path / "root"
+    corpus = str(_write_jsonl(tmp_path / "c.jsonl", _corpus(12)))
+    options = dict(corpus=[corpus], root=root, shards=1, model=tiny_bi_encoder_path, canary=0)
+    first = build_snapshot(BuildOptions(**options, publish=True))
+    manifest = json.loads((first.path / snap.MANIFEST).read_text())
+    (first.path / snap.MANIFEST).write_text(json.dumps({**manifest, "created_at": "soon"}))
+    argv = ["index", "build", "--corpus", corpus, "--root", str(root), "--model",
+            tiny_bi_encoder_path, "--shards", "1", "--canary", "0"]
+    assert twinq(argv + ["--reuse-from", str(root)]) == 2  # named explicitly: an error
+    assert "corrupt manifest: created_at" in capsys.readouterr().err
+    with caplog.at_level("WARNING", logger="pipelines.index"):
+        second = build_snapshot(BuildOptions(**options, publish=True))
+    assert "not reusing vectors" in caplog.text and second.manifest["corpus"]["rows_reused"] == 0
+    assert snap.load_snapshot(root).version == second.version
