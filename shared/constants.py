@@ -18,7 +18,9 @@ HEARTBEAT_PREFIX = "twinq:worker:"
 """Hash per worker with its state, refreshed every heartbeat, expiring after `HEARTBEAT_TTL_S`."""
 
 DONE_PREFIX = "twinq:done:"
-"""Idempotency marker per request id, so a redelivered request is not answered twice."""
+"""Idempotency marker per request id, `<mode>:<request digest>:<worker>`: a redelivered request
+is not answered twice, and a different one reusing the id is told so (see
+`shared.protocol.marker_mode`)."""
 
 CACHE_PREFIX = "twinq:cache:"
 """Query-cache entries, keyed by snapshot version, settings and normalised query."""

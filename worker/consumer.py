@@ -5,8 +5,8 @@ the visibility timeout (their worker died) are taken over with XAUTOCLAIM, and a
 delivered more than `max_deliveries` times is dead-lettered with an `internal` reply. Replies
 are written once per request (`shared.protocol.push_replies`): a redelivered request that
 was already answered is ACKed without a second reply, a retryable error leaves the id free
-for the retry, and a different request reusing an answered id is told so. As in rq, `run()` is a list of named
-steps in try/finally, and exceptions are sorted only at the loop boundary.
+for the retry, and a different request reusing an answered id is told so. As in rq, `run()`
+is a list of named steps in try/finally, and exceptions are sorted only at the loop boundary.
 """
 
 from __future__ import annotations

@@ -13,10 +13,10 @@ from hypothesis import strategies as st
 from shared.config import Settings, load_settings
 from shared.constants import MAX_RECALL_K, MAX_TOP_K
 from shared.errors import ProtocolError
-from shared.protocol import (ID_CONFLICT_MESSAGE, MAX_JSON_DEPTH, MAX_NUMBER_DIGITS, ErrorCode, Outgoing,
-                             QueryRequest, Written, conflict_reply, decode_reply, encode_reply,
-                             encode_request, entry_digest, error_reply, marker_mode, ok_reply,
-                             parse_marker, parse_request, payload_limit, push_replies,
+from shared.protocol import (ID_CONFLICT_MESSAGE, MAX_JSON_DEPTH, MAX_NUMBER_DIGITS, ErrorCode,
+                             Outgoing, QueryRequest, Written, conflict_reply, decode_reply,
+                             encode_reply, encode_request, entry_digest, error_reply, marker_mode,
+                             ok_reply, parse_marker, parse_request, payload_limit, push_replies,
                              reply_address)
 from shared.search import Hit
 from shared.text import normalize_text
@@ -218,7 +218,8 @@ def _deep(depth: int, kind: str) -> str:
 
 
 @PROPERTY
-@given(depth=st.one_of(st.integers(MAX_JSON_DEPTH, 60), st.integers(1000, 6000)), kind=st.sampled_from(["array", "object", "strings"]),
+@given(depth=st.one_of(st.integers(MAX_JSON_DEPTH, 60), st.integers(1000, 4000)),
+       kind=st.sampled_from(["array", "object", "strings"]),
        where=st.sampled_from(["top_k", "before_id", "after_id", "unknown"]),
        reply_to=st.booleans())
 def test_payload_past_a_parser_limit_is_a_bad_request_with_an_address(
