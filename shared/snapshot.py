@@ -261,6 +261,7 @@ def _open_shard(path: Path, entry: dict[str, Any], dim: int, *, mmap: bool, chec
         flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
         index = faiss.read_index(str(index_path), flags)
         table = pq.read_table(data_path, columns=SERVE_COLUMNS, memory_map=True)
+        table.validate(full=True)  # UTF-8 too: a served row is decoded at query time
         apply_search_params(index, entry.get("search_params") or "")
     except Exception as exc:  # faiss and pyarrow raise assorted types
         raise SnapshotCorrupt(f"{path.name}/{entry['name']}: cannot load: {one_line(exc)}") from exc

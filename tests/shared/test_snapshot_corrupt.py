@@ -292,6 +292,10 @@ def test_worker_refuses_counts_and_logs_once_per_version(
     assert len(errors) == 1 and "refused snapshot" in errors[0].getMessage(), caplog.text
     assert not errors[0].exc_info and "\n" not in errors[0].getMessage()
     assert _failures(engine) == 4 and engine.version == v1
+    assert engine.swap_pending() is None
+    from prometheus_client import generate_latest
+
+    assert b"twinq_snapshot_age_seconds" in generate_latest(engine.metrics.registry)
     snap.publish(root, v1)
     assert engine.check_for_update() is None and engine.version == v1
 
@@ -299,3 +303,22 @@ def test_worker_refuses_counts_and_logs_once_per_version(
 def test_errors_are_twinq_errors_for_the_cli() -> None:
     """SnapshotCorrupt is bad input to the CLI (exit 2) and an invalid snapshot to a worker."""
     assert issubclass(SnapshotCorrupt, BadInput) and issubclass(SnapshotCorrupt, SnapshotInvalid)
+
+
+def test_a_shard_with_text_that_is_not_utf8_is_refused_at_load(quick_snapshot: Any) -> None:
+    """Checksums that match do not make the bytes valid: a served row is decoded per query."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root, version = quick_snapshot(TEXTS, shards=1)
+    folder = snap.version_dir(root, version)
+    manifest = json.loads((folder / snap.MANIFEST).read_text())
+    data = folder / manifest["shards"][0]["data_file"]
+    table = pq.read_table(data)
+    raw = pa.array([b"\xff\xfe"] * table.num_rows, type=pa.binary()).view(pa.string())
+    pq.write_table(table.set_column(table.schema.get_field_index("text"), "text", raw), data)
+    manifest["shards"][0]["sha256"]["data"] = snap.sha256_file(data)
+    (folder / snap.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(SnapshotCorrupt, match="Invalid UTF8") as caught:
+        snap.load_snapshot(root)
+    assert_one_line(caught.value)
