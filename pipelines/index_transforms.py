@@ -73,8 +73,8 @@ class ReadAndClean(beam.DoFn):
             text = normalize_text(record.text)
             if not text:
                 self._rejected.inc()
-                yield beam.pvalue.TaggedOutput(
-                    REJECTED, Rejected(path, record.line, "empty text after cleaning", record.id).to_json())
+                reject = Rejected(path, record.line, "empty text after cleaning", record.id)
+                yield beam.pvalue.TaggedOutput(REJECTED, reject.to_json())
                 continue
             yield (record.id, text, json.dumps(record.metadata, ensure_ascii=False, default=str),
                    file_no, record.line)

@@ -203,8 +203,9 @@ def _read_text(path: Path, label: str) -> str | None:
     except FileNotFoundError:
         return None
     except UnicodeDecodeError as exc:
-        raise SnapshotCorrupt(f"{label}: not UTF-8 text (byte {exc.object[exc.start:exc.start + 1]!r}"
-                              f" at offset {exc.start})") from exc
+        byte = exc.object[exc.start:exc.start + 1]
+        raise SnapshotCorrupt(f"{label}: not UTF-8 text (byte {byte!r} at offset "
+                              f"{exc.start})") from exc
     except OSError as exc:
         raise SnapshotCorrupt(f"{label}: unreadable: {one_line(exc.strerror or exc)}") from exc
 
