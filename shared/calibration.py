@@ -1,81 +1,265 @@
-"""Platt calibration: turn a reranker's raw score into a duplicate probability.
+"""The twin decision: turn what the worker knows about a hit into a calibrated probability.
 
-A cross-encoder's score ranks well but is not a probability: after fine-tuning it is usually
-over-confident, and a model trained elsewhere has its own scale. Platt scaling fits
-``p = sigmoid(a * raw + b)`` on held-out (dev) pairs by logistic regression. Two parameters
-cannot overfit a few thousand pairs, and with ``a > 0`` the map keeps the ranking (monotone).
+A cross-encoder's logit ranks well but is not a probability. Fitted only on labelled pairs it is
+over-confident exactly where it matters: a question with no twin in the corpus still has a
+nearest neighbour, and "what is the capital of France?" scored 0.988 against an FAQ entry.
+So the decision model is fitted on what serving looks like (`pipelines.decision_set`): queries
+whose twin is in the corpus, the same queries with their twins removed (the top hit is then a
+near miss), and out-of-domain questions. Its inputs are the hit's features as the worker sees
+them (`hit_features`): the rerank logit, the recall cosine and the margins to the best other
+candidate.
 
-The query worker reads ``a`` and ``b`` from the reranker's ``training.json`` and applies
-`apply_platt` to exactly what ``CrossEncoder.predict`` returns for that model by default.
+The model is a logistic regression on standardised features (a handful of parameters cannot
+overfit a few hundred dev queries) whose weights are kept non-negative: a higher logit, cosine
+or margin never lowers the probability, so the map is monotone and a feature that would need a
+negative weight (a collinear one) is dropped and the rest refitted. It is stored as JSON
+parameters in the reranker's ``training.json`` (no pickle):
+
+    {"method": "logistic", "features": ["rerank", "recall"], "mean": [..], "scale": [..],
+     "weights": [..], "bias": -1.2, "min_probability": 0.71}
+
+``min_probability`` is the threshold under which the worker says "no twin" (the 95%-precision
+point on dev). Platt scaling is the one-feature case: ``features == ["rerank"]``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+FEATURES: tuple[str, ...] = ("rerank", "recall", "rerank_margin", "recall_margin")
+"""Every feature `hit_features` computes, in column order.
 
-@dataclass(frozen=True)
-class Platt:
-    """``duplicate_probability = sigmoid(a * raw_score + b)``."""
+- ``rerank``: the hit's cross-encoder logit.
+- ``recall``: the hit's bi-encoder cosine.
+- ``rerank_margin``: its logit minus the best logit among the other reranked candidates
+  (positive only for the best-scored hit: how clearly it wins).
+- ``recall_margin``: the same for the cosine.
+"""
 
-    a: float = 1.0
-    b: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"method": "platt", "a": self.a, "b": self.b}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Platt:
-        if data.get("method", "platt") != "platt":
-            raise ValueError(f"unknown calibration method {data.get('method')!r}; expected 'platt'")
-        return cls(float(data["a"]), float(data["b"]))
-
-    def __call__(self, raw: Sequence[float] | np.ndarray | float) -> np.ndarray:
-        return apply_platt(raw, self.a, self.b)
+METHOD = "logistic"
+TARGET_PRECISION = 0.95
+"""Precision of the answered top hits that the default `min_probability` aims at on dev."""
 
 
-def apply_platt(raw: Sequence[float] | np.ndarray | float, a: float, b: float) -> np.ndarray:
-    """sigmoid(a * raw + b), computed without overflow."""
-    z = a * np.asarray(raw, dtype=np.float64) + b
-    return np.where(z >= 0, 1.0 / (1.0 + np.exp(-np.abs(z))), np.exp(-np.abs(z)) / (1.0 + np.exp(-np.abs(z))))
-
-
-def fit_platt(raw: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray,
-              iterations: int = 100, l2: float = 1e-6) -> Platt:
-    """Fit Platt scaling by Newton's method on the log-loss, with Platt's smoothed targets.
-
-    Platt's targets ``(N+ + 1)/(N+ + 2)`` and ``1/(N- + 2)`` instead of 1 and 0 keep the fit
-    finite on separable data (a fine-tuned reranker often separates its dev set).
+def hit_features(rerank: Sequence[float] | np.ndarray, recall: Sequence[float] | np.ndarray
+                 ) -> np.ndarray:
+    """All of `FEATURES` for each reranked candidate of one query.
 
     Args:
-        raw: Raw reranker scores of the dev pairs.
-        labels: 1 duplicate, 0 not.
-        iterations: Newton steps; it converges in well under 20. Defaults to 100.
-        l2: Ridge on ``a`` and ``b`` to keep the Hessian invertible. Defaults to 1e-6.
+        rerank: Logits of the reranked candidates, in any order.
+        recall: Their cosines, in the same order.
 
     Returns:
-        The fitted `Platt` map; identity-like ``Platt(1, 0)`` when one class is missing.
+        float64 array of shape (len(rerank), len(FEATURES)); margins are 0 for a single
+        candidate (nothing to beat).
     """
-    x = np.asarray(raw, dtype=np.float64)
+    r = np.asarray(rerank, dtype=np.float64)
+    c = np.asarray(recall, dtype=np.float64)
+    if r.shape != c.shape:
+        raise ValueError("rerank and recall scores must have the same length")
+    return np.stack([r, c, _margins(r), _margins(c)], axis=1) if r.size else np.zeros((0, 4))
+
+
+def _margins(values: np.ndarray) -> np.ndarray:
+    """Each value minus the largest of the others."""
+    if values.size < 2:
+        return np.zeros_like(values)
+    order = np.argsort(-values, kind="mergesort")
+    best, second = values[order[0]], values[order[1]]
+    others_best = np.full_like(values, best)
+    others_best[order[0]] = second
+    return values - others_best
+
+
+def sigmoid(z: np.ndarray | float) -> np.ndarray:
+    """A logistic function that never overflows."""
+    z = np.asarray(z, dtype=np.float64)
+    e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """``p = sigmoid(bias + sum(weights * (x - mean) / scale))`` over the named features.
+
+    Attributes:
+        features: Names from `FEATURES`, in the order of the other vectors.
+        mean: Standardisation offsets (dev means).
+        scale: Standardisation scales (dev standard deviations, 1 where constant).
+        weights: Non-negative weights on the standardised features.
+        bias: The intercept.
+        min_probability: The default "no twin" threshold, or None (a pair calibration).
+        info: What the fit saw and scored on dev, for training.json readers; not used to predict.
+    """
+
+    features: tuple[str, ...]
+    mean: tuple[float, ...]
+    scale: tuple[float, ...]
+    weights: tuple[float, ...]
+    bias: float
+    min_probability: float | None = None
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+    def columns(self) -> list[int]:
+        """Where this model's features sit among `FEATURES`."""
+        return [FEATURES.index(f) for f in self.features]
+
+    def predict(self, all_features: np.ndarray) -> np.ndarray:
+        """Probabilities from rows of all `FEATURES` (as `hit_features` returns them)."""
+        x = np.asarray(all_features, dtype=np.float64)[:, self.columns()]
+        z = self.bias + ((x - np.array(self.mean)) / np.array(self.scale)) @ np.array(self.weights)
+        return sigmoid(z)
+
+    def predict_logits(self, logits: Sequence[float] | np.ndarray) -> np.ndarray:
+        """Probabilities for pairs scored alone, from their logits (a ``["rerank"]`` model)."""
+        if self.features != ("rerank",):
+            raise ValueError(f"a pair calibration uses the logit only, not {list(self.features)}")
+        x = np.asarray(logits, dtype=np.float64)
+        return sigmoid(self.bias + self.weights[0] * (x - self.mean[0]) / self.scale[0])
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "method": METHOD, "features": list(self.features), "mean": list(self.mean),
+            "scale": list(self.scale), "weights": list(self.weights), "bias": self.bias}
+        if self.min_probability is not None:
+            data["min_probability"] = self.min_probability
+        return {**data, **({"info": dict(self.info)} if self.info else {})}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Calibration:
+        """Parse and check every field.
+
+        Raises:
+            ValueError: a one-line reason naming the bad field (an unknown method, an unknown
+                feature, lengths that disagree, a non-finite number, a scale that is not
+                positive, a threshold outside 0..1).
+        """
+        if not isinstance(data, dict):
+            raise ValueError("must be a JSON object")
+        if data.get("method") != METHOD:
+            raise ValueError(f"method must be {METHOD!r}, got {data.get('method')!r}")
+        features = data.get("features")
+        if (not isinstance(features, list) or not features
+                or any(f not in FEATURES for f in features) or len(set(features)) != len(features)):
+            raise ValueError(f"features must be distinct names from {list(FEATURES)}, "
+                             f"got {features!r}")
+        vectors = {k: _numbers(data.get(k), k, len(features)) for k in ("mean", "scale", "weights")}
+        if any(s <= 0 for s in vectors["scale"]):
+            raise ValueError("scale must be positive")
+        threshold = data.get("min_probability")
+        if threshold is not None:
+            threshold = _number(threshold, "min_probability")
+            if not 0.0 <= threshold <= 1.0:
+                raise ValueError(f"min_probability must be in 0..1, got {threshold}")
+        info = data.get("info", {})
+        return cls(tuple(features), vectors["mean"], vectors["scale"], vectors["weights"],
+                   _number(data.get("bias"), "bias"), threshold,
+                   info if isinstance(info, dict) else {})
+
+
+def _number(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _numbers(value: Any, name: str, length: int) -> tuple[float, ...]:
+    if not isinstance(value, list) or len(value) != length:
+        raise ValueError(f"{name} must be a list of {length} numbers")
+    return tuple(_number(v, f"{name}[{i}]") for i, v in enumerate(value))
+
+
+def fit_logistic(all_features: np.ndarray, labels: Sequence[int] | np.ndarray,
+                 features: Sequence[str] = FEATURES, *, l2: float = 1.0,
+                 iterations: int = 100) -> Calibration:
+    """Fit the decision model by Newton's method, keeping every weight non-negative.
+
+    Platt's smoothed targets ``(N+ + 1)/(N+ + 2)`` and ``1/(N- + 2)`` keep the fit finite on
+    separable data; `l2` (on the standardised weights, not the bias) keeps it stable when
+    features are collinear. A feature whose weight comes out negative is dropped and the rest
+    refitted (an active set), so the probability never falls as a score rises.
+
+    Args:
+        all_features: Rows of all `FEATURES` (`hit_features`).
+        labels: 1 when the hit is a twin, 0 when not.
+        features: The features to use. Defaults to all of them.
+        l2: Ridge strength. Defaults to 1.0.
+        iterations: Newton steps at most. Defaults to 100.
+
+    Returns:
+        The fitted `Calibration` (without `min_probability`; see `threshold_for_precision`);
+        with one class only, a constant model at that class's smoothed rate.
+    """
+    x_all = np.asarray(all_features, dtype=np.float64)[:, [FEATURES.index(f) for f in features]]
     y = np.asarray(labels, dtype=np.float64)
     pos, neg = float(np.sum(y == 1)), float(np.sum(y == 0))
-    if pos == 0 or neg == 0:
-        return Platt()
-    t = np.where(y == 1, (pos + 1) / (pos + 2), 1 / (neg + 2))
-    a, b = 1.0, math.log((neg + 1) / (pos + 1)) * -1.0
-    features = np.stack([x, np.ones_like(x)], axis=1)
-    w = np.array([a, b])
+    target = np.where(y == 1, (pos + 1) / (pos + 2), 1 / (neg + 2))
+    mean = x_all.mean(axis=0) if len(y) else np.zeros(len(features))
+    scale = x_all.std(axis=0) if len(y) else np.ones(len(features))
+    scale = np.where(scale > 1e-12, scale, 1.0)
+    z = (x_all - mean) / scale
+    active = list(range(len(features))) if pos and neg else []
+    while True:
+        w, b = _newton(z[:, active], target, l2, iterations)
+        if np.all(w >= 0):
+            break
+        active = [a for a, weight in zip(active, w) if weight >= 0]
+    weights = np.zeros(len(features))
+    weights[active] = w
+    kept = [i for i in range(len(features)) if i in active] or [0]
+    return Calibration(tuple(features[i] for i in kept), tuple(float(mean[i]) for i in kept),
+                       tuple(float(scale[i]) for i in kept), tuple(float(weights[i]) for i in kept),
+                       float(b))
+
+
+def _newton(z: np.ndarray, target: np.ndarray, l2: float, iterations: int
+            ) -> tuple[np.ndarray, float]:
+    """Weights and bias of a ridge logistic regression on standardised columns `z`."""
+    n, d = z.shape
+    mean_t = float(np.clip(target.mean(), 1e-6, 1 - 1e-6)) if n else 0.5
+    theta = np.zeros(d + 1)
+    theta[-1] = math.log(mean_t / (1 - mean_t))
+    design = np.hstack([z, np.ones((n, 1))])
+    ridge = np.diag([l2] * d + [1e-9])
     for _ in range(iterations):
-        p = apply_platt(x, w[0], w[1])
-        grad = features.T @ (p - t) + l2 * w
-        hess = features.T @ (features * (p * (1 - p))[:, None]) + l2 * np.eye(2)
+        p = sigmoid(design @ theta)
+        grad = design.T @ (p - target) + ridge @ theta
+        hess = design.T @ (design * (p * (1 - p))[:, None]) + ridge
         step = np.linalg.solve(hess, grad)
-        w = w - step
+        theta -= step
         if np.max(np.abs(step)) < 1e-10:
             break
-    return Platt(float(w[0]), float(w[1]))
+    return theta[:-1], float(theta[-1])
+
+
+def threshold_for_precision(probabilities: Sequence[float] | np.ndarray,
+                            labels: Sequence[int] | np.ndarray,
+                            target: float = TARGET_PRECISION, min_answered: int = 10
+                            ) -> tuple[float, float, float]:
+    """The lowest threshold whose answered set (p >= t) reaches `target` precision.
+
+    Thresholds are the observed probabilities; a threshold must keep at least `min_answered`
+    answers, so that a lucky handful at the very top does not set it. When no threshold
+    reaches the target, the one with the best precision is returned.
+
+    Returns:
+        (threshold, precision, coverage) with coverage the share of queries answered.
+    """
+    p = np.asarray(probabilities, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.float64)
+    if p.size == 0:
+        return 1.0, 0.0, 0.0
+    order = np.argsort(-p, kind="mergesort")
+    hits = np.cumsum(y[order])
+    answered = np.arange(1, p.size + 1)
+    precision = hits / answered
+    # Only the last of tied probabilities is a real cut.
+    cut = np.append(p[order][1:] != p[order][:-1], True) & (answered >= min(min_answered, p.size))
+    ok = np.flatnonzero(cut & (precision >= target))
+    i = int(ok[-1]) if ok.size else int(np.flatnonzero(cut)[np.argmax(precision[cut])])
+    return float(p[order][i]), float(precision[i]), float(answered[i] / p.size)

@@ -1,18 +1,19 @@
-"""Rerank recall candidates with a cross-encoder, fuse the two scores, and calibrate.
+"""Rerank recall candidates with a cross-encoder, fuse the two scores, and decide.
 
 Reranking is the main cost on a CPU (architecture.md section 6), so a whole batch of queries is
 scored in ONE `CrossEncoder.predict` call, with the pairs sorted by length to cut padding. The
 measured lesson (anchors.md) is that rerank alone can lower quality where the bi-encoder was
 trained on the same task; fusing both scores is therefore first-class, and a reranker folder
-may carry its tuned fusion and calibration in `training.json`:
+carries its tuned fusion and its twin decision model in `training.json`:
 
-    {"fusion": {"method": "zscore", "weight": 0.5},
-     "calibration": {"method": "platt", "a": 1.3, "b": -0.2},
+    {"fusion": {"method": "zscore", "weight": 0.3},
+     "decision": {"method": "logistic", "features": ["rerank", "recall"], ...,
+                  "min_probability": 0.7},
+     "calibration": {"method": "logistic", "features": ["rerank"], ...},
      "threshold": 0.5}
 
-`rerank_score` is the cross-encoder's logit. The calibration is fitted (pipelines/train.py) on
-what `CrossEncoder.predict` returns by default, the sigmoid of that logit for a one-label model,
-so `calibrate` maps the logit onto that scale first (`model_activation`).
+`rerank_score` is the cross-encoder's logit; `calibrate` turns it, with the recall cosine and
+the margins, into `duplicate_probability` (`shared.calibration`).
 
 Example:
     >>> hits = [[Hit("q1", "reset my password", 0.9), Hit("q2", "change email", 0.7)]]
@@ -25,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, get_args
 
 import numpy as np
@@ -33,14 +35,17 @@ from shared.config import FusionMethod
 from shared.errors import ConfigError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Sequence
 
     from sentence_transformers import CrossEncoder
 
+    from shared.calibration import Calibration
     from shared.search import Hit
 
 TRAINING_FILE = "training.json"
 RRF_K = 60
+DEFAULT_FUSION_WEIGHT = 0.5
+"""The z-score weight when nothing tuned one: the equal mix that helped in the calibration run."""
 """The reciprocal-rank-fusion constant from Cormack et al. (2009); it damps the top ranks."""
 
 
@@ -118,7 +123,7 @@ def zscore(values: np.ndarray) -> np.ndarray:
 
 
 def fuse_scores(recall: Sequence[float], rerank: Sequence[float],
-                method: str = "zscore", weight: float = 0.5) -> np.ndarray:
+                method: str = "zscore", weight: float = DEFAULT_FUSION_WEIGHT) -> np.ndarray:
     """Fused score for one query's reranked candidates (same order in both arrays).
 
     zscore: ``w * z(rerank) + (1 - w) * z(recall)``; rrf: ``1/(60 + rank_recall) +
@@ -139,7 +144,7 @@ def fuse_scores(recall: Sequence[float], rerank: Sequence[float],
     raise ValueError(f"unknown fusion method {method!r}; expected 'zscore' or 'rrf'")
 
 
-def fuse(hits: list[Hit], method: FusionMethod, weight: float = 0.5) -> None:
+def fuse(hits: list[Hit], method: FusionMethod, weight: float = DEFAULT_FUSION_WEIGHT) -> None:
     """Set each hit's final `score` and sort the list in place, reranked hits first.
 
     - ``none``: the rerank score where there is one, else the recall score.
@@ -183,50 +188,49 @@ def fuse(hits: list[Hit], method: FusionMethod, weight: float = 0.5) -> None:
     hits[:] = sorted(reranked, key=lambda h: -h.score) + rest
 
 
-def sigmoid(x: float) -> float:
-    """A numerically safe logistic function."""
-    if x >= 0:
-        return 1.0 / (1.0 + math.exp(-x))
-    z = math.exp(x)
-    return z / (1.0 + z)
+def calibrate(hits: list[Hit], decision: Calibration | None) -> None:
+    """Fill each reranked hit's `duplicate_probability` from the decision model.
 
-
-def model_activation(model: CrossEncoder) -> Callable[[float], float]:
-    """The model's default `predict` activation (sigmoid for one label) as a float function.
-
-    twinq's calibration is fitted on what `CrossEncoder.predict` returns by default (see
-    `shared.calibration` and pipelines/train.py), while `rerank_score` is the logit; this maps
-    the one onto the other.
-    """
-    import torch
-
-    fn = getattr(model, "activation_fn", None) or torch.nn.Identity()
-    if isinstance(fn, torch.nn.Identity):
-        return float
-    if isinstance(fn, torch.nn.Sigmoid):
-        return sigmoid
-    return lambda x: float(fn(torch.tensor([x], dtype=torch.float32))[0])
-
-
-def calibrate(hits: list[Hit], calibration: dict[str, Any] | None,
-              activation: Callable[[float], float] = float) -> None:
-    """Fill `duplicate_probability = sigmoid(a*activation(rerank_score) + b)` (Platt).
-
-    Without a calibration, or for hits that were not reranked, it stays None: an uncalibrated
-    score is not a probability, and twinq never reports a fake one.
+    The model was fitted on the top hit of serving-like dev queries (`shared.calibration`), so
+    the first hit's probability is the calibrated one; lower hits get the same map of their own
+    features (their margin is negative: another candidate scores higher). Without a decision
+    model, or for hits that were not reranked, it stays None: an uncalibrated score is not a
+    probability, and twinq never reports a fake one.
 
     Args:
-        hits: Hits with `rerank_score` filled where reranked.
-        calibration: ``{"method": "platt", "a", "b"}`` or None.
-        activation: Maps a logit to the scale the calibration was fitted on (see
-            `model_activation`). Defaults to the identity.
+        hits: One query's hits with `rerank_score` filled where reranked.
+        decision: The reranker's decision model, or None.
     """
+    from shared.calibration import hit_features
+
+    reranked = [h for h in hits if h.rerank_score is not None]
     for hit in hits:
-        if calibration is None or hit.rerank_score is None:
-            hit.duplicate_probability = None
-        else:
-            x = activation(hit.rerank_score)
-            hit.duplicate_probability = round(sigmoid(calibration["a"] * x + calibration["b"]), 6)
+        hit.duplicate_probability = None
+    if decision is None or not reranked:
+        return
+    features = hit_features([h.rerank_score or 0.0 for h in reranked],
+                            [h.recall_score for h in reranked])
+    for hit, p in zip(reranked, decision.predict(features)):
+        hit.duplicate_probability = round(float(p), 6)
+
+
+@dataclass(frozen=True)
+class RerankDefaults:
+    """What a reranker folder's ``training.json`` tunes for serving.
+
+    Attributes:
+        fusion: ``{"method", "weight"}`` or None (no file: no fusion).
+        decision: The twin decision model (top-hit probability and default threshold), or None.
+        calibration: The pair calibration (logit only), used by `twinq eval pairs`, or None.
+        threshold: The dev-accuracy threshold on the default predict output, or None.
+        path: The file read, or None when there was none.
+    """
+
+    fusion: dict[str, Any] | None = None
+    decision: Calibration | None = None
+    calibration: Calibration | None = None
+    threshold: float | None = None
+    path: Path | None = None
 
 
 def _number(value: Any, where: str) -> float:
@@ -235,23 +239,25 @@ def _number(value: Any, where: str) -> float:
     return float(value)
 
 
-def load_rerank_defaults(model_dir: str | Path | None) -> dict[str, Any]:
-    """Read the tuned fusion, calibration and threshold from a reranker folder's training.json.
+def load_rerank_defaults(model_dir: str | Path | None) -> RerankDefaults:
+    """Read the tuned fusion, decision model, pair calibration and threshold of a reranker.
 
     Args:
         model_dir: The reranker's folder (a hub name or None has no file).
 
     Returns:
-        ``{"fusion": {"method", "weight"} | None, "calibration": {"method", "a", "b"} | None,
-        "threshold": float | None}``; all None when there is no file.
+        The defaults; all None when the folder has no training.json (a cross-encoder not
+        trained by twinq: it reranks, but reports no probability).
 
     Raises:
-        ConfigError: when the file exists but is malformed, naming the bad key. A broken file
+        ConfigError: when the file exists but is malformed, or lacks the decision model that
+            every twinq-trained reranker carries, naming the file and the bad key. A broken file
             is not ignored: it would silently change every score the worker reports.
     """
-    defaults: dict[str, Any] = {"fusion": None, "calibration": None, "threshold": None}
+    from shared.calibration import Calibration
+
     if model_dir is None or not (Path(model_dir) / TRAINING_FILE).is_file():
-        return defaults
+        return RerankDefaults()
     path = Path(model_dir) / TRAINING_FILE
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -264,17 +270,25 @@ def load_rerank_defaults(model_dir: str | Path | None) -> dict[str, Any]:
         method = fusion.get("method") if isinstance(fusion, dict) else None
         if method not in get_args(FusionMethod):
             raise ConfigError(f"{path}: fusion.method must be one of {get_args(FusionMethod)}")
-        weight = _number(fusion.get("weight", 0.5), f"{path}: fusion.weight")
+        weight = _number(fusion.get("weight", DEFAULT_FUSION_WEIGHT), f"{path}: fusion.weight")
         if not 0.0 <= weight <= 1.0:
             raise ConfigError(f"{path}: fusion.weight must be in 0..1, got {weight}")
-        defaults["fusion"] = {"method": method, "weight": weight}
-    calibration = data.get("calibration")
-    if calibration is not None:
-        if not isinstance(calibration, dict) or calibration.get("method") != "platt":
-            raise ConfigError(f"{path}: calibration.method must be 'platt'")
-        defaults["calibration"] = {
-            "method": "platt", "a": _number(calibration.get("a"), f"{path}: calibration.a"),
-            "b": _number(calibration.get("b"), f"{path}: calibration.b")}
-    if data.get("threshold") is not None:
-        defaults["threshold"] = _number(data["threshold"], f"{path}: threshold")
-    return defaults
+        fusion = {"method": method, "weight": weight}
+    models: dict[str, Calibration | None] = {}
+    for key in ("decision", "calibration"):
+        if data.get(key) is None:
+            if key == "decision":
+                raise ConfigError(f"{path}: no decision model (key 'decision'); train the reranker "
+                                  "again with `twinq train reranker` to get one")
+            models[key] = None
+            continue
+        try:
+            models[key] = Calibration.from_dict(data[key])
+        except ValueError as exc:
+            raise ConfigError(f"{path}: {key}: {exc}") from exc
+    if models["decision"] is not None and models["decision"].min_probability is None:
+        raise ConfigError(f"{path}: decision: min_probability is missing")
+    threshold = data.get("threshold")
+    return RerankDefaults(fusion, models["decision"], models["calibration"],
+                          None if threshold is None else _number(threshold, f"{path}: threshold"),
+                          path)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from shared.errors import ConfigError
-from shared.rerank import (calibrate, fuse, load_rerank_defaults, model_activation, rerank,
-                           score_pairs, sigmoid)
+from shared.calibration import Calibration, hit_features, sigmoid
+from shared.rerank import RerankDefaults, calibrate, fuse, load_rerank_defaults, rerank, score_pairs
 from shared.search import Hit
 
 
@@ -129,49 +129,82 @@ def test_fuse_refuses_bad_options(method: str, weight: float) -> None:
         fuse(hits(0.1), method, weight)  # type: ignore[arg-type]
 
 
-def test_calibrate_applies_platt_to_reranked_hits_only() -> None:
-    hs = _reranked([0.9, 0.8], [2.0, None])
-    calibrate(hs, {"method": "platt", "a": 2.0, "b": -1.0})
-    assert hs[0].duplicate_probability == pytest.approx(sigmoid(3.0), abs=1e-6)
-    assert hs[1].duplicate_probability is None
+DECISION = Calibration(("rerank", "rerank_margin"), (0.0, 0.0), (1.0, 1.0), (2.0, 1.0), -1.0,
+                       min_probability=0.7)
+
+
+def test_calibrate_applies_the_decision_model_to_reranked_hits_only() -> None:
+    hs = _reranked([0.9, 0.8, 0.7], [2.0, 1.5, None])
+    calibrate(hs, DECISION)
+    # Features: logit and its margin over the best other reranked logit (2.0 vs 1.5).
+    assert hs[0].duplicate_probability == pytest.approx(float(sigmoid(-1 + 2 * 2.0 + 0.5)), abs=1e-6)
+    assert hs[1].duplicate_probability == pytest.approx(float(sigmoid(-1 + 2 * 1.5 - 0.5)), abs=1e-6)
+    assert hs[2].duplicate_probability is None
     calibrate(hs, None)
-    assert hs[0].duplicate_probability is None
-
-
-def test_calibrate_maps_logits_to_the_fitted_scale(tiny_cross_encoder_path: str) -> None:
-    from shared.models import load_cross_encoder
-
-    activation = model_activation(load_cross_encoder(tiny_cross_encoder_path))
-    hs = _reranked([0.9], [0.0])
-    calibrate(hs, {"method": "platt", "a": 4.0, "b": 0.0}, activation)
-    assert hs[0].duplicate_probability == pytest.approx(sigmoid(4.0 * 0.5), abs=1e-6)
+    assert all(h.duplicate_probability is None for h in hs)
 
 
 def test_sigmoid_is_safe_at_extremes() -> None:
-    assert sigmoid(-1000) == 0.0 and sigmoid(1000) == 1.0 and sigmoid(0) == 0.5
+    assert float(sigmoid(-1000)) == 0.0 and float(sigmoid(1000)) == 1.0
+    assert float(sigmoid(0)) == 0.5
+
+
+TRAINING = {"base": "x", "fusion": {"method": "zscore", "weight": 0.3, "tuned": True},
+            "decision": DECISION.to_dict(),
+            "calibration": {"method": "logistic", "features": ["rerank"], "mean": [0.5],
+                            "scale": [2.0], "weights": [1.5], "bias": -0.5},
+            "threshold": 0.42}
 
 
 def test_load_rerank_defaults_reads_training_json(tmp_path: Path) -> None:
-    assert load_rerank_defaults(tmp_path) == {"fusion": None, "calibration": None,
-                                              "threshold": None}
-    assert load_rerank_defaults(None)["calibration"] is None
-    (tmp_path / "training.json").write_text(json.dumps({
-        "base": "x", "fusion": {"method": "zscore", "weight": 0.3, "tuned": True},
-        "calibration": {"method": "platt", "a": 1.5, "b": -0.5}, "threshold": 0.42}))
-    assert load_rerank_defaults(tmp_path) == {
-        "fusion": {"method": "zscore", "weight": 0.3},
-        "calibration": {"method": "platt", "a": 1.5, "b": -0.5}, "threshold": 0.42}
+    assert load_rerank_defaults(tmp_path) == RerankDefaults()
+    assert load_rerank_defaults(None).decision is None
+    (tmp_path / "training.json").write_text(json.dumps(TRAINING))
+    defaults = load_rerank_defaults(tmp_path)
+    assert defaults.fusion == {"method": "zscore", "weight": 0.3}
+    assert defaults.decision == DECISION and defaults.decision.min_probability == 0.7
+    assert defaults.calibration is not None
+    assert defaults.calibration.predict_logits([0.5])[0] == pytest.approx(float(sigmoid(-0.5)))
+    assert defaults.threshold == 0.42 and defaults.path == tmp_path / "training.json"
+
+
+def _without(key: str) -> dict[str, Any]:
+    return {k: v for k, v in TRAINING.items() if k != key}
 
 
 @pytest.mark.parametrize("content, words", [
     ("{nope", "unreadable"),
-    ('{"fusion": {"method": "max"}}', "fusion.method"),
-    ('{"fusion": {"method": "zscore", "weight": 2}}', "fusion.weight"),
-    ('{"calibration": {"method": "isotonic"}}', "calibration.method"),
-    ('{"calibration": {"method": "platt", "a": "1", "b": 0}}', "calibration.a"),
+    ("[1, 2]", "JSON object"),
+    (json.dumps({**TRAINING, "fusion": {"method": "max"}}), "fusion.method"),
+    (json.dumps({**TRAINING, "fusion": {"method": "zscore", "weight": 2}}), "fusion.weight"),
+    (json.dumps(_without("decision")), "no decision model"),
+    (json.dumps({**TRAINING, "decision": {**DECISION.to_dict(), "method": "isotonic"}}),
+     "decision: method"),
+    (json.dumps({**TRAINING, "decision": {**DECISION.to_dict(), "features": ["mood"]}}),
+     "decision: features"),
+    (json.dumps({**TRAINING, "decision": {**DECISION.to_dict(), "weights": [1.0]}}),
+     "decision: weights"),
+    (json.dumps({**TRAINING, "decision": {**DECISION.to_dict(), "bias": "1"}}), "decision: bias"),
+    (json.dumps({**TRAINING, "decision": {**DECISION.to_dict(), "scale": [0.0, 1.0]}}),
+     "decision: scale"),
+    (json.dumps({**TRAINING, "decision": {**DECISION.to_dict(), "min_probability": 1.5}}),
+     "decision: min_probability"),
+    (json.dumps({**TRAINING, "decision": {k: v for k, v in DECISION.to_dict().items()
+                                          if k != "min_probability"}}), "min_probability"),
+    (json.dumps({**TRAINING, "decision": "logistic"}), "decision: must be"),
+    (json.dumps({**TRAINING, "calibration": {"method": "platt", "a": 1, "b": 0}}),
+     "calibration: method"),
 ])
 def test_load_rerank_defaults_refuses_malformed_files(tmp_path: Path, content: str,
                                                       words: str) -> None:
     (tmp_path / "training.json").write_text(content)
-    with pytest.raises(ConfigError, match=words.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=words.replace(".", r"\.")) as info:
         load_rerank_defaults(tmp_path)
+    assert "\n" not in str(info.value) and str(tmp_path) in str(info.value)
+
+
+def test_hit_features_margins_are_against_the_best_other_candidate() -> None:
+    f = hit_features([1.0, 3.0, 2.0], [0.5, 0.9, 0.7])
+    assert f[:, 2].tolist() == [-2.0, 1.0, -1.0]
+    assert f[:, 3] == pytest.approx([-0.4, 0.2, -0.2])
+    assert hit_features([1.0], [0.5])[0].tolist() == [1.0, 0.5, 0.0, 0.0]
