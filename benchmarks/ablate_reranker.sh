@@ -45,6 +45,11 @@ EXTRA[all-margin0.1]="${EXTRA[all-grouped]} --margin 0.1"
 # (pipelines/denoise.py). Not measured yet (about an hour on an AVX2-only 2-core CPU), so it is
 # not among the default ROWS: ROWS=all-denoised runs it.
 EXTRA[all-denoised]="${EXTRA[all-grouped]} --denoise-with $A/all-margin0.1"
+# Session 8 (issue 18): every row now trains with one easy negative per positive pair (a random
+# corpus question or an out-of-domain one) and fits the twin decision on serving-like dev
+# queries; `final-easy0` turns the easy negatives off to measure what they cost in ranking.
+EXTRA[final-easy]="${EXTRA[final-grouped]}"
+EXTRA[final-easy0]="${EXTRA[final-grouped]} --easy-negatives 0"
 mkdir -p $A
 for row in $ROWS; do
   out=$A/$row
@@ -54,6 +59,10 @@ for row in $ROWS; do
   [ -f $out/retrieval/report.json ] || $TWINQ eval retrieval --root runs/quora-snap \
       --queries $B/queries.jsonl --qrels $B/qrels/test.tsv --reranker $out --recall-k 100 \
       --rerank-depth 20 --out $out/retrieval > /dev/null
+  # The twin decision (rows trained before session 8 have no decision model).
+  [ -f $out/decide/report.json ] || ! grep -q '"decision"' $out/training.json || $TWINQ eval decide \
+      --root runs/quora-snap --queries $B/queries.jsonl --qrels $B/qrels/test.tsv --reranker $out \
+      --out $out/decide > /dev/null
 done
 # Symmetric scoring at inference: the base model, both orders averaged (no training), if trained.
 [ ! -d $A/base ] || [ -f $A/base/pairs-symmetric/report.json ] || $TWINQ eval pairs --model $A/base --symmetric \

@@ -1,4 +1,5 @@
-"""`twinq eval pairs` and `twinq eval retrieval` (see pipelines.evaluate)."""
+"""`twinq eval pairs`, `twinq eval retrieval` (pipelines.evaluate) and `twinq eval decide`
+(pipelines.evaluate_decision)."""
 
 from __future__ import annotations
 
@@ -72,3 +73,32 @@ def retrieval_command(
                                 max_queries=max_queries,
                                 out=str(out) if out else None)
     Console().print(retrieval_table(report))
+
+
+@eval_app.command("decide")
+def decide_command(
+    root: str = typer.Option(..., "--root", help="Snapshot root holding the corpus."),
+    queries: Path = typer.Option(..., "--queries", help="BEIR queries.jsonl."),
+    qrels: Path = typer.Option(..., "--qrels", help="BEIR qrels TSV (with header)."),
+    reranker: str = typer.Option(..., "--reranker", help="Reranker trained by twinq."),
+    removed_share: float = typer.Option(0.5, "--removed-share", min=0.0, max=1.0,
+                                        help="Share of queries whose twins are removed."),
+    unrelated: str = typer.Option("none", "--unrelated", help="File of out-of-domain questions "
+                                  "added as no-twin queries ('none': none)."),
+    seed: int = typer.Option(13, help="Seed for which queries lose their twins."),
+    max_queries: Optional[int] = typer.Option(None, "--max-queries", help="First N queries only."),
+    out: Optional[Path] = typer.Option(None, "--out", help="report.json, report.md, decision.png."),
+) -> None:
+    """Answer or abstain: precision/coverage, ECE, Brier and AUROC of the top-1 probability.
+
+    Example: twinq eval decide --root runs/quora-snap --queries q.jsonl --qrels test.tsv --reranker runs/ce
+    """
+    from rich.console import Console
+    from rich.text import Text
+
+    from pipelines.evaluate_decision import decision_table, evaluate_decision
+
+    report = evaluate_decision(root, str(queries), str(qrels), reranker,
+                               removed_share=removed_share, unrelated=unrelated, seed=seed,
+                               max_queries=max_queries, out=str(out) if out else None)
+    Console().print(Text(decision_table(report)))

@@ -35,6 +35,11 @@ def reranker_command(
         "in-memory index over the training questions). Must hold no evaluation questions."),
     negatives: int = typer.Option(1, help="Mined hard negatives per positive-only pair."),
     random_negatives: int = typer.Option(0, help="Random negatives per positive-only pair."),
+    easy_negatives: int = typer.Option(1, help="Unrelated negatives per positive pair, taking "
+                                       "turns: a random corpus question, an out-of-domain one."),
+    unrelated: Optional[str] = typer.Option(None, "--unrelated", help="Out-of-domain questions, "
+                                            "one per line (default: the bundled list; 'none': "
+                                            "off). Half train, half calibrate the decision."),
     margin: float = typer.Option(0.05, help="False-negative margin for mining."),
     bands: str = typer.Option("1-5,6-20,21-50", help="Rank bands mined negatives are drawn from."),
     denoise_with: Optional[str] = typer.Option(None, "--denoise-with", help="A trained twinq "
@@ -43,8 +48,11 @@ def reranker_command(
                                             "--denoise-with drops a mined negative."),
     bi_encoder: Optional[str] = typer.Option(None, "--bi-encoder", help="Bi-encoder for mining; "
                                              "default bundled MiniLM (use recall's model)."),
-    fusion_root: Optional[str] = typer.Option(None, "--fusion-root", help="Snapshot ROOT holding "
-                                              "the dev questions: tune the fusion weight on it."),
+    fusion_root: Optional[str] = typer.Option(None, "--fusion-root", help="Snapshot ROOT the "
+                                              "reranker will serve, holding the dev questions: "
+                                              "fusion and the twin decision are fitted on it "
+                                              "(default: the pairs' own questions)."),
+    fusion_queries: int = typer.Option(1000, help="Serving-like dev queries at most."),
     max_pairs: Optional[int] = typer.Option(None, help="Cap on --pairs training pairs (before "
                                             "negatives); --labelled pairs are not capped."),
     max_dev_pairs: int = typer.Option(2000, help="Cap on dev pairs."),
@@ -75,11 +83,14 @@ def reranker_command(
         max_pairs=max_pairs, max_dev_pairs=max_dev_pairs, epochs=epochs, lr=lr,
         batch_size=batch_size, max_length=max_length, swap=swap, negatives=negatives,
         random_negatives=random_negatives, margin=margin, bands=bands, bi_encoder=bi_encoder, hard_negatives=hard_negatives,
-        fusion_root=fusion_root, seed=seed, threads=threads, max_steps=max_steps,
+        fusion_root=fusion_root, fusion_queries=fusion_queries, easy_negatives=easy_negatives,
+        unrelated=unrelated, seed=seed, threads=threads, max_steps=max_steps,
         group_by_length=group_by_length, loss=loss, denoise_with=denoise_with,
         denoise_threshold=denoise_threshold)
     report = train_reranker(settings)
-    m = report["dev_metrics"]
+    m, d = report["dev_metrics"], report["decision_dev"]
     Console().print(f"[bold]wrote {out}[/]: dev accuracy {100 * m['accuracy']:.2f}, F1 "
-                    f"{100 * m['f1']:.2f}, AP {100 * m['ap']:.2f}; threshold "
-                    f"{report['threshold']:.4f}; fusion weight {report['fusion']['weight']}")
+                    f"{100 * m['f1']:.2f}, AP {100 * m['ap']:.2f}; fusion weight "
+                    f"{report['fusion']['weight']}; twin decision on {d['queries']} dev queries: "
+                    f"ECE {d['ece']:.3f}, min_probability {report['decision']['min_probability']:.3f}"
+                    f" answers {100 * d['coverage']:.0f}% at precision {100 * (d['precision'] or 0):.1f}%")

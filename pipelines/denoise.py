@@ -8,22 +8,26 @@ scores close to the twin; a cross-encoder reads both questions together and catc
 RocketQA's "denoised hard negatives" (Qu et al. 2021): mine with the bi-encoder, then let a
 cross-encoder veto the negatives it is confident are positives.
 
-The teacher is a twinq reranker, so its ``training.json`` calibration turns scores into
+The teacher is a twinq reranker, so its ``training.json`` pair calibration turns logits into
 duplicate probabilities and the threshold reads as one.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from pipelines.mining import MiningResult
 from shared.errors import BadInput
 
+if TYPE_CHECKING:
+    from shared.calibration import Calibration
+
 log = logging.getLogger(__name__)
 
 
-def teacher_calibration(teacher: str, threshold: float) -> dict[str, float | str]:
-    """The teacher's Platt calibration, checked with the threshold before any mining starts.
+def teacher_calibration(teacher: str, threshold: float) -> Calibration:
+    """The teacher's pair calibration, checked with the threshold before any mining starts.
 
     Raises:
         BadInput: the teacher has no calibration, or the threshold is not in (0, 1).
@@ -32,7 +36,7 @@ def teacher_calibration(teacher: str, threshold: float) -> dict[str, float | str
 
     if not 0.0 < threshold < 1.0:
         raise BadInput(f"--denoise-threshold must lie in (0, 1), got {threshold}")
-    calibration = load_rerank_defaults(teacher)["calibration"]
+    calibration = load_rerank_defaults(teacher).calibration
     if calibration is None:
         raise BadInput(f"--denoise-with {teacher}: no calibration in its training.json; give a "
                        "reranker trained by `twinq train reranker`")
@@ -58,13 +62,12 @@ def drop_likely_twins(mined: MiningResult, teacher: str, threshold: float = 0.5,
     Raises:
         BadInput: the teacher has no calibration, or the threshold is not in (0, 1).
     """
-    from pipelines.evaluate import score_pairs
-    from shared.calibration import Platt
     from shared.models import load_cross_encoder
+    from shared.rerank import score_pairs
 
     calibration = teacher_calibration(teacher, threshold)
     pairs = [(anchor.q1, text) for anchor, texts in mined.groups for text in texts]
-    probability = Platt.from_dict(calibration)(
+    probability = calibration.predict_logits(
         score_pairs(load_cross_encoder(teacher), pairs, batch_size=batch_size))
     groups, i = [], 0
     for anchor, texts in mined.groups:

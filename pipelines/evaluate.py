@@ -42,20 +42,6 @@ def read_training_json(model_dir: str) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def score_pairs(model: CrossEncoder, pairs: Sequence[tuple[str, str]], *, symmetric: bool = False,
-                batch_size: int = 64) -> np.ndarray:
-    """Default-activation scores; with `symmetric`, the mean of (a, b) and (b, a)."""
-    if not pairs:
-        return np.zeros(0)
-    scores = np.asarray(model.predict(list(pairs), batch_size=batch_size, show_progress_bar=False),
-                        dtype=np.float64)
-    if symmetric:
-        back = model.predict([(b, a) for a, b in pairs], batch_size=batch_size,
-                             show_progress_bar=False)
-        scores = (scores + np.asarray(back, dtype=np.float64)) / 2
-    return scores
-
-
 # ---- pairs ------------------------------------------------------------------------------------
 
 def evaluate_pairs(model_dir: str, pairs_path: Sequence[str], *, symmetric: bool = False,
@@ -63,7 +49,8 @@ def evaluate_pairs(model_dir: str, pairs_path: Sequence[str], *, symmetric: bool
     """Accuracy, F1, AP and ROC-AUC at the stored threshold and at the best one.
 
     Args:
-        model_dir: A cross-encoder folder; its training.json supplies threshold and calibration.
+        model_dir: A cross-encoder folder; its training.json supplies the threshold and the pair
+            calibration (``ece``; ``ece_raw`` is the sigmoid of the logit).
         pairs_path: Labelled pair files (any format `read_pairs` accepts).
         symmetric: Score both orders and average. Defaults to False.
         out: Write report.json, report.md and pr_curve.png here. Defaults to None.
@@ -72,8 +59,9 @@ def evaluate_pairs(model_dir: str, pairs_path: Sequence[str], *, symmetric: bool
     Raises:
         BadInput: the file holds no labelled pairs.
     """
-    from shared.calibration import Platt
+    from shared.calibration import sigmoid
     from shared.models import load_cross_encoder
+    from shared.rerank import load_rerank_defaults, score_pairs
 
     data = read_pairs(list(pairs_path))
     pairs = [p for p in data.pairs if p.label is not None]
@@ -82,7 +70,9 @@ def evaluate_pairs(model_dir: str, pairs_path: Sequence[str], *, symmetric: bool
     meta = read_training_json(model_dir)
     model = load_cross_encoder(model_dir, max_length=max_length or meta.get("settings", {}).get("max_length"))
     start = time.perf_counter()
-    raw = score_pairs(model, [(p.q1, p.q2) for p in pairs], symmetric=symmetric)
+    logits = score_pairs(model, [(p.q1, p.q2) for p in pairs], batch_size=64,
+                         symmetric=symmetric).astype(np.float64)
+    raw = sigmoid(logits)  # CrossEncoder.predict's default output, the threshold's scale
     seconds = time.perf_counter() - start
     labels = [int(p.label) for p in pairs]  # type: ignore[arg-type]
     threshold = float(meta.get("threshold", 0.5))
@@ -90,9 +80,10 @@ def evaluate_pairs(model_dir: str, pairs_path: Sequence[str], *, symmetric: bool
                               "rejected": data.rejected, "symmetric": symmetric,
                               "pairs_per_s": len(pairs) * (2 if symmetric else 1) / seconds}
     report.update(pair_metrics(labels, raw, threshold))
-    if "calibration" in meta:
-        report["ece"] = expected_calibration_error(labels, Platt.from_dict(meta["calibration"])(raw))
-    report["ece_raw"] = expected_calibration_error(labels, np.clip(raw, 0, 1))
+    calibration = load_rerank_defaults(model_dir).calibration
+    if calibration is not None:
+        report["ece"] = expected_calibration_error(labels, calibration.predict_logits(logits))
+    report["ece_raw"] = expected_calibration_error(labels, raw)
     if out:
         _write_pair_report(Path(out), report, labels, raw)
     return report
@@ -156,8 +147,18 @@ def load_beir(queries_path: str, qrels_path: str) -> tuple[dict[str, str], dict[
 
 
 def recall_candidates(snapshot: Any, bi_encoder: Any, queries: dict[str, str], k: int,
-                      batch_size: int = 64) -> tuple[dict[str, Candidates], float]:
-    """Embed and search every query once; drop each query's own id (BEIR Quora rule).
+                      batch_size: int = 64, *, exclude: dict[str, set[str]] | None = None
+                      ) -> tuple[dict[str, Candidates], float]:
+    """Embed and search every query once, dropping the documents it must not find.
+
+    Args:
+        snapshot: A loaded snapshot.
+        bi_encoder: The bi-encoder it was built with.
+        queries: Query id -> text.
+        k: Candidates kept per query.
+        batch_size: Encoding batch size. Defaults to 64.
+        exclude: Document ids removed per query (a serving-like query whose twins are not in
+            the corpus). Defaults to each query's own id (BEIR's Quora rule).
 
     Returns:
         Candidates per query id, and the seconds spent embedding and searching.
@@ -165,15 +166,17 @@ def recall_candidates(snapshot: Any, bi_encoder: Any, queries: dict[str, str], k
     from shared.search import search_shards
 
     qids = list(queries)
+    removed = {q: (exclude or {}).get(q, {q}) for q in qids}
     start = time.perf_counter()
     vectors = bi_encoder.encode([queries[q] for q in qids], batch_size=batch_size,
                                 normalize_embeddings=True, convert_to_numpy=True,
                                 show_progress_bar=False)
-    hits = search_shards(snapshot, np.asarray(vectors, dtype=np.float32), k + 1)
+    depth = k + max((len(r) for r in removed.values()), default=1)
+    hits = search_shards(snapshot, np.asarray(vectors, dtype=np.float32), depth)
     seconds = time.perf_counter() - start
     out = {}
     for qid, row in zip(qids, hits):
-        kept = [h for h in row if qid not in (h.ids or [h.id])][:k]
+        kept = [h for h in row if not removed[qid] & set(h.ids or [h.id])][:k]
         out[qid] = Candidates([list(h.ids or [h.id]) for h in kept], [h.text for h in kept],
                               np.array([h.recall_score for h in kept], dtype=np.float64))
     return out, seconds

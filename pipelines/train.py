@@ -6,13 +6,17 @@ positive-only data (optionally vetted by a trained reranker, `pipelines.denoise`
 (or, with ``loss="listwise"``, a softmax over each anchor's twin and its mined near misses; see
 `TrainSettings.loss`) in length-grouped batches (much less padding than random ones;
 `pipelines.batching`), evaluating dev and keeping the best checkpoint -> score dev with the
-saved model -> pick the threshold, fit Platt calibration and tune the fusion weight on dev ->
-write the model and ``training.json``.
+saved model -> pick the threshold -> search the dev questions in the corpus the reranker will
+serve, tune the fusion weight and fit the twin decision on those serving-like queries
+(`pipelines.decision_set`) -> write the model and ``training.json``.
+
+Besides the mined near misses, every positive pair gets an easy negative (`easy_negatives`): a
+random corpus question or an out-of-domain one, so that the raw score of an unrelated pair is low.
 
 ``training.json`` is the contract with the query worker: ``base``, ``threshold``, ``fusion``
-(``{"method": "zscore", "weight"}``), ``calibration`` (``{"method": "platt", "a", "b"}``, applied
-to the default ``CrossEncoder.predict`` output: sigmoid of the logit for ``num_labels=1``),
-``settings``, ``data`` (sha256 fingerprints) and ``dev_metrics``.
+(``{"method": "zscore", "weight"}``), ``decision`` (the twin decision model with its default
+``min_probability``; `shared.calibration`), ``calibration`` (the pair calibration of the logit),
+``settings``, ``data`` (sizes and sources), ``dev_metrics`` (pairs) and ``decision_dev``.
 """
 
 from __future__ import annotations
@@ -27,11 +31,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from pipelines.decision_set import fit_serving, read_unrelated, split_unrelated
 from pipelines.denoise import drop_likely_twins, teacher_calibration
 from pipelines.metrics import best_threshold, pair_metrics
 from pipelines.mining import mine_hard_negatives
-from pipelines.splits import is_positive, question_disjoint_split
-from shared.calibration import fit_platt
+from pipelines.splits import build_clusters, is_positive, question_disjoint_split, question_key
 from shared.errors import BadInput
 from shared.models import resolve_model, set_threads
 from shared.pairs import LabelledPair, read_pairs
@@ -41,9 +45,6 @@ if TYPE_CHECKING:
     from sentence_transformers import CrossEncoder
 
 log = logging.getLogger(__name__)
-
-DEFAULT_FUSION_WEIGHT = 0.5
-"""Equal z-score mix: what the calibration run found to help when no dev retrieval is given."""
 
 
 @dataclass
@@ -74,9 +75,19 @@ class TrainSettings:
     """A trained twinq reranker that vets the mined training negatives (`pipelines.denoise`)."""
     denoise_threshold: float = 0.5
     """Mined negatives the teacher gives a higher duplicate probability are dropped."""
+    easy_negatives: int = 1
+    """Per positive pair, this many unrelated negatives besides the mined near misses, taking
+    turns between a random corpus question of another cluster and an out-of-domain question
+    (`unrelated`), so that an unrelated pair gets a low raw score."""
+    unrelated: str | None = None
+    """Out-of-domain questions (a text file, one per line); None is the bundled list, "none"
+    turns them off. Half train, the other half calibrates (`pipelines.decision_set`)."""
     bi_encoder: str | None = None
     fusion_root: str | None = None
+    """The snapshot the reranker will serve: dev questions are searched in it to tune fusion
+    and fit the twin decision. None searches the pairs' own questions."""
     fusion_queries: int = 1000
+    """In-domain serving-like dev queries at most (half answerable, half with twins removed)."""
     warmup_ratio: float = 0.1
     eval_times: int = 4
     seed: int = 0
@@ -190,6 +201,38 @@ def _with_negatives(pairs: list[LabelledPair], settings: TrainSettings, bi_encod
     return labelled + mined.negatives, mined.stats, mined.groups
 
 
+def easy_negatives(pairs: Sequence[LabelledPair], unrelated: Sequence[str], per_anchor: int,
+                   seed: int) -> tuple[list[LabelledPair], dict[str, int]]:
+    """(anchor, unrelated question, 0) for every positive pair, `per_anchor` times.
+
+    Mined negatives are all near misses, so the reranker never learns what an unrelated pair
+    looks like, and its raw score for one is arbitrary (an off-topic question once scored
+    0.988 against an FAQ entry). These take turns: a random question of another duplicate
+    cluster from the pairs themselves, then an out-of-domain one from `unrelated`.
+    """
+    rng = random.Random(seed)
+    clusters = build_clusters([p for p in pairs if is_positive(p)])
+    questions = list(dict.fromkeys(t for p in pairs for t in (p.q1, p.q2)))
+    out: list[LabelledPair] = []
+    stats = {"in_corpus": 0, "out_of_domain": 0}
+    turn = 0
+    for anchor in (p for p in pairs if is_positive(p)):
+        own = clusters.get(question_key(anchor.q1))
+        for _ in range(per_anchor):
+            turn += 1
+            if unrelated and turn % 2 == 0:
+                out.append(LabelledPair(anchor.q1, unrelated[rng.randrange(len(unrelated))], 0))
+                stats["out_of_domain"] += 1
+                continue
+            for _try in range(20):
+                text = questions[rng.randrange(len(questions))]
+                if clusters.get(question_key(text), -1) != own:
+                    out.append(LabelledPair(anchor.q1, text, 0))
+                    stats["in_corpus"] += 1
+                    break
+    return out, stats
+
+
 def prepare_data(settings: TrainSettings) -> PreparedData:
     """Read, split, cap and complete train and dev pairs with negatives.
 
@@ -248,6 +291,12 @@ def prepare_data(settings: TrainSettings) -> PreparedData:
     train, data["train_mining"], mined_groups = _with_negatives(train, settings, bi_encoder,
                                                                 snapshot, settings.denoise_with)
     dev, data["dev_mining"], _ = _with_negatives(dev, settings, bi_encoder)
+    if settings.easy_negatives > 0:
+        unrelated_train, _ = split_unrelated(read_unrelated(settings.unrelated))
+        easy, data["easy_negatives"] = easy_negatives(train, unrelated_train,
+                                                      settings.easy_negatives, settings.seed)
+        train = train + easy
+        labelled = labelled + easy  # the listwise loss trains labelled pairs with BCE
     groups: list[Group] = []
     if listwise:
         groups = [(a, negs[:settings.negatives]) for a, negs in mined_groups
@@ -405,26 +454,21 @@ TRAIN_SAMPLE = 1000
 """Training pairs re-scored after training, to report train metrics beside dev (overfitting)."""
 
 
-def calibrate(model_dir: str, dev: list[LabelledPair], settings: TrainSettings,
-              train: list[LabelledPair] | None = None) -> dict[str, Any]:
-    """Score dev with the saved model's default predict output; pick threshold and Platt map.
+def pair_report(model_dir: str, dev: list[LabelledPair], settings: TrainSettings,
+                train: list[LabelledPair] | None = None) -> dict[str, Any]:
+    """Score dev pairs with the saved model's default predict output; pick the threshold.
 
     Also scores a fixed sample of the training pairs at the dev threshold (train metrics).
     """
-    from pipelines.metrics import expected_calibration_error
     from shared.models import load_cross_encoder
 
     model = load_cross_encoder(model_dir, max_length=settings.max_length)
     labels = [int(p.label or 0) for p in dev]
     raw = model.predict([(p.q1, p.q2) for p in dev], batch_size=64, show_progress_bar=False)
     threshold, _ = best_threshold(labels, raw, "accuracy")
-    platt = fit_platt(raw, labels)
-    metrics = pair_metrics(labels, raw, threshold)
-    metrics["ece_calibrated"] = expected_calibration_error(labels, platt(raw))
-    metrics["ece_raw"] = expected_calibration_error(labels, raw)
-    result = {"threshold": threshold, "calibration": platt.to_dict(), "dev_metrics": metrics,
+    result = {"threshold": float(threshold), "dev_metrics": pair_metrics(labels, raw, threshold),
               "raw_score": f"CrossEncoder.predict default activation "
-                           f"({type(model.activation_fn).__name__})"}
+                           f"({type(model.activation_fn).__name__}); rerank_score is its logit"}
     if train:
         sample = _sample(train, TRAIN_SAMPLE, settings.seed + 2)
         train_raw = model.predict([(p.q1, p.q2) for p in sample], batch_size=64,
@@ -457,26 +501,24 @@ def train_reranker(settings: TrainSettings) -> dict[str, Any]:
     seen = scored_pairs(train, groups, labelled, settings)
     settings.timings_s["examples_per_s"] = round(seen / max(settings.timings_s["train"], 1e-9), 1)
     t2 = time.perf_counter()
-    result = calibrate(str(out), dev, settings, train)
-    fusion = {"method": "zscore", "weight": DEFAULT_FUSION_WEIGHT, "tuned": False}
-    if settings.fusion_root:
-        from pipelines.evaluate import tune_fusion_on_pairs
-
-        from shared.errors import TwinqError
-
-        try:
-            fusion = tune_fusion_on_pairs(str(out), settings.fusion_root, dev,
-                                          queries=settings.fusion_queries, seed=settings.seed)
-        except TwinqError as exc:  # a missing snapshot must not throw away a trained model
-            log.warning("fusion weight not tuned (%s); keeping %.2f", exc, DEFAULT_FUSION_WEIGHT)
-            fusion["error"] = str(exc)
+    result = pair_report(str(out), dev, settings, train)
+    _, unrelated_held_out = split_unrelated(read_unrelated(settings.unrelated))
+    corpus = [p for p in train if is_positive(p)] + dev  # not the easy negatives' texts
+    serving = fit_serving(str(out), dev, corpus, root=settings.fusion_root,
+                          bi_encoder=settings.bi_encoder, unrelated=unrelated_held_out,
+                          limit=settings.fusion_queries, seed=settings.seed,
+                          max_length=settings.max_length)
     settings.timings_s["calibrate"] = round(time.perf_counter() - t2, 1)
     report = {"base": resolve_model(settings.base)[1], "threshold": result["threshold"],
-              "fusion": fusion, "calibration": result["calibration"],
-              "raw_score": result["raw_score"], "settings": asdict(settings), "data": data,
-              "dev_metrics": result["dev_metrics"],
-              "train_metrics": result.get("train_metrics", {}), "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                                time.gmtime())}
+              "fusion": serving.fusion, "decision": serving.decision.to_dict(),
+              "calibration": serving.calibration.to_dict(), "raw_score": result["raw_score"],
+              "settings": asdict(settings), "data": data, "dev_metrics": result["dev_metrics"],
+              "decision_dev": serving.dev, "train_metrics": result.get("train_metrics", {}),
+              "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     (out / "training.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    log.info("wrote %s: dev %s", out, {k: round(v, 4) for k, v in result["dev_metrics"].items()})
+    log.info("wrote %s: dev pairs %s; twin decision on %d serving-like dev queries: ECE %.3f, "
+             "min_probability %.3f answers %.0f%% at precision %.3f", out,
+             {k: round(float(v), 4) for k, v in result["dev_metrics"].items()},
+             serving.dev["queries"], serving.dev["ece"], serving.decision.min_probability or 1.0,
+             100 * serving.dev["coverage"], serving.dev["precision"] or 0.0)
     return report
