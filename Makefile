@@ -3,7 +3,7 @@ PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo serve test reliability bench venv clean
+.PHONY: demo serve ask test reliability bench venv clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -n "$(PY)" || (echo "need Python 3.11+ (python3.11 or python3)"; exit 1)
@@ -19,6 +19,9 @@ demo: venv            ## build, train, serve and ask: the whole lifecycle, offli
 
 serve: venv           ## the demo, left running with its status page
 	$(VENV)/bin/twinq demo --serve
+
+ask: venv            ## make ask Q="how do I get a refund?" [URL=redis://...] (a worker must run)
+	$(VENV)/bin/twinq ask $(if $(URL),--redis-url '$(URL)') "$(Q)"
 
 test:                 ## the same command CI runs
 	bash .ci/run

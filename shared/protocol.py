@@ -472,13 +472,15 @@ class ErrorReply:
 
 def _reply(request_id: str, *, ok: bool, results: list[dict[str, Any]], snapshot: str | None,
            models: dict[str, Any] | None, timings_ms: dict[str, float] | None,
-           error: dict[str, Any] | None, worker_id: str, no_twin: bool | None) -> dict[str, Any]:
+           error: dict[str, Any] | None, worker_id: str, no_twin: bool | None,
+           min_probability: float | None = None) -> dict[str, Any]:
     reply: dict[str, Any] = {
         "id": request_id, "ok": ok, "results": results, "snapshot": snapshot, "models": models,
         "timings_ms": timings_ms, "error": error, "worker": worker_id,
     }
     if no_twin is not None:
         reply["no_twin"] = no_twin
+        reply["min_probability"] = min_probability
     return reply
 
 
@@ -488,9 +490,9 @@ def models_info(bi_encoder: str, cross_encoder: str | None, backend: str) -> dic
 
 
 def ok_reply(request: QueryRequest, hits: list[Hit], *, snapshot: str, models: dict[str, Any],
-             timings_ms: dict[str, float], worker_id: str, no_twin: bool | None = None
-             ) -> dict[str, Any]:
-    """A successful reply: hits ranked from 1, `no_twin` present only if the request asked.
+             timings_ms: dict[str, float], worker_id: str, no_twin: bool | None = None,
+             min_probability: float | None = None) -> dict[str, Any]:
+    """A successful reply: hits ranked from 1, and the twin decision when one was made.
 
     Args:
         request: The request answered.
@@ -499,14 +501,16 @@ def ok_reply(request: QueryRequest, hits: list[Hit], *, snapshot: str, models: d
         models: From `models_info`.
         timings_ms: Milliseconds per stage; missing stages are reported as 0.
         worker_id: The answering worker.
-        no_twin: Whether no hit reached `min_probability`; required when the request set it.
+        no_twin: True when the top hit's duplicate probability is below `min_probability`;
+            None when no decision was made (no reranking, or a reranker without a decision
+            model). Required when the request set `min_probability`.
+        min_probability: The threshold applied, reported beside `no_twin`.
     """
     if request.min_probability is not None and no_twin is None:
         raise ValueError("no_twin is required when the request sets min_probability")
     return _reply(request.id, ok=True, results=[h.to_dict(i + 1) for i, h in enumerate(hits)],
                   snapshot=snapshot, models=models, timings_ms=full_timings(timings_ms), error=None,
-                  worker_id=worker_id,
-                  no_twin=no_twin if request.min_probability is not None else None)
+                  worker_id=worker_id, no_twin=no_twin, min_probability=min_probability)
 
 
 def error_reply(request_id: str, code: ErrorCode, message: str, retryable: bool | None = None,

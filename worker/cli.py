@@ -157,19 +157,36 @@ def _send(call: Any, url_hint: str) -> Any:
         raise TwinqError(f"cannot reach Redis ({redact(url_hint)}): {exc}") from exc
 
 
+def clip(text: str, width: int) -> str:
+    """`text` cut to at most `width` characters at a word boundary, with "…" when cut."""
+    if len(text) <= width:
+        return text
+    head = text[: width - 1]
+    cut = head.rsplit(None, 1)[0] if " " in head.strip() else head
+    return cut.rstrip(" ,;:.") + "…"
+
+
 def _print_reply(reply: dict[str, Any]) -> None:
+    """The answer (or "no twin found"), the hits and the timings. Stored questions and answers
+    are printed literally (rich `Text`): a "[/]" in a question is text, not markup."""
     from rich.console import Console
     from rich.panel import Panel
     from rich.table import Table
+    from rich.text import Text
 
     console = Console()
     results = reply["results"]
-    if reply.get("no_twin"):
-        console.print("[yellow]No twin: no match reaches the requested probability.[/yellow]")
     answer = results[0]["metadata"].get("answer") if results else None
-    if answer and not reply.get("no_twin"):
-        console.print(Panel(str(answer), title=f"Answer — matched: {results[0]['text']}",
-                            border_style="green"))
+    if reply.get("no_twin"):
+        best = results[0]["duplicate_probability"] if results else None
+        console.print(Text.assemble(
+            ("no twin found", "bold yellow"),
+            f": no stored question reaches duplicate probability {reply['min_probability']:.2f}"
+            + (f" (the closest has {best:.2f}; shown below, not an answer)" if best is not None
+               else "")))
+    elif answer:
+        console.print(Panel(Text(str(answer)), border_style="green",
+                            title=Text(f"Answer — matched: {clip(results[0]['text'], 70)}")))
     table = Table(show_lines=False)
     for column in ("rank", "matched question", "recall", "rerank", "p(dup)", "answer"):
         table.add_column(column, overflow="fold")
@@ -178,15 +195,15 @@ def _print_reply(reply: dict[str, Any]) -> None:
         return "–" if value is None else f"{value:.3f}"
 
     for hit in results:
-        table.add_row(str(hit["rank"]), hit["text"], num(hit["recall_score"]),
+        table.add_row(str(hit["rank"]), Text(hit["text"]), num(hit["recall_score"]),
                       num(hit["rerank_score"]), num(hit["duplicate_probability"]),
-                      str(hit["metadata"].get("answer", ""))[:80])
+                      Text(clip(str(hit["metadata"].get("answer", "")), 80)))
     console.print(table)
     t = reply["timings_ms"]
-    console.print(f"[dim]snapshot {reply['snapshot']} · {reply['models']['bi_encoder']} · "
-                  f"reranker {reply['models']['cross_encoder'] or 'off'} · "
-                  f"{t['total']:.0f} ms (queue {t['queue']:.0f}, embed {t['embed']:.0f}, "
-                  f"search {t['search']:.0f}, rerank {t['rerank']:.0f})[/dim]")
+    console.print(Text(f"snapshot {reply['snapshot']} · {reply['models']['bi_encoder']} · "
+                       f"reranker {reply['models']['cross_encoder'] or 'off'} · "
+                       f"{t['total']:.0f} ms (queue {t['queue']:.0f}, embed {t['embed']:.0f}, "
+                       f"search {t['search']:.0f}, rerank {t['rerank']:.0f})", style="dim"))
 
 
 def ask_command(
@@ -197,8 +214,9 @@ def ask_command(
     rerank: bool = typer.Option(True, "--rerank/--no-rerank", help="Rerank with the worker's "
                                 "cross-encoder."),
     min_probability: float | None = typer.Option(None, "--min-probability", min=0.0, max=1.0,
-                                                 help="Say 'no twin' below this calibrated "
-                                                 "duplicate probability."),
+                                                 help="Say 'no twin found' below this calibrated "
+                                                 "duplicate probability (default: the "
+                                                 "reranker's, from its dev set)."),
     json_out: bool = typer.Option(False, "--json", help="Print the raw reply as JSON."),
     redis_url: str | None = _REDIS,
     timeout: float = typer.Option(30.0, "--timeout", min=0.1, help="Seconds to wait."),

@@ -1,14 +1,17 @@
 """`twinq demo`: the whole lifecycle on the bundled FAQ, offline, in one command.
 
     1. build a snapshot of the demo corpus with the Beam pipeline   (twinq index build)
+       and keep the last two versions                                (twinq index gc --keep 2)
     2. train a small reranker on the demo pairs, unless cached       (twinq train reranker)
     3. start an embedded Redis and a worker                          (twinq worker)
     4. ask the sample questions through the queue                    (TwinqClient)
-    5. print a table per question, with the stored answer of the top hit
+    5. print a table per question, with the stored answer of the top hit, or "no twin found"
+       for the questions the FAQ does not answer
     6. shut everything down: worker first (SIGTERM, it drains), then Redis
 
 Each step runs the real command in a child process, exactly as a user would, so the demo
-exercises the same code paths as a deployment.
+exercises the same code paths as a deployment. Its full output goes to a log file; the terminal
+shows a progress bar with an ETA, read from the step's own progress lines.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -44,6 +48,11 @@ TRAIN_FAST = ["--epochs", "1", "--max-length", "32", "--lr", "1e-4", "--batch-si
               "--max-steps", "30"]
 
 
+TRAINING_VERSION = "2"
+"""Part of the cached reranker's key: bump it when `twinq train reranker` changes what it writes
+(2: easy negatives and the twin decision model)."""
+
+
 def demo_dir() -> Path:
     return Path(str(files("pipelines") / "demo"))
 
@@ -52,29 +61,62 @@ def _twinq(*args: str) -> list[str]:
     return [sys.executable, "-m", "shared.cli", *args]
 
 
+PROGRESS = re.compile(r"(?:train|embedded)\D{0,40}?(\d+)/~?(\d+)")
+"""A step's progress line: the trainer's tqdm bar ("train: 40%|...| 12/30") or the index
+build's "embedded 128/~385 texts"."""
+
+
+def _progress(log_file: Path) -> tuple[int, int] | None:
+    """(done, total) from the last progress line in the log so far, if any."""
+    try:
+        with log_file.open("rb") as fh:
+            fh.seek(max(0, log_file.stat().st_size - 4096))
+            tail = fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    found = PROGRESS.findall(tail.replace("\r", "\n"))
+    return (int(found[-1][0]), int(found[-1][1])) if found else None
+
+
 def _run(step: str, argv: list[str], log_file: Path) -> None:
-    """Run one lifecycle step; on failure show the tail of its log and stop the demo."""
-    console.print(f"[bold]{step}[/bold]")
+    """Run one lifecycle step with a progress bar; on failure show the tail of its log and stop
+    the demo."""
+    from rich.progress import (BarColumn, Progress, SpinnerColumn, TaskProgressColumn,
+                               TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+
     start = time.perf_counter()
-    with log_file.open("w") as log:
-        code = subprocess.call(argv, stdout=log, stderr=subprocess.STDOUT)
+    columns = (SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
+               TaskProgressColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    with log_file.open("w") as log, Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(step, total=None)
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        while process.poll() is None:
+            time.sleep(0.5)
+            seen = _progress(log_file)
+            if seen is not None and seen[1] > 0:
+                bar.update(task, completed=min(seen), total=seen[1])
+        code = process.returncode
     if code != 0:
         tail = "\n".join(log_file.read_text(errors="replace").splitlines()[-15:])
         raise TwinqError(f"{step} failed (exit {code}); log {log_file}:\n{tail}")
-    console.print(f"  done in {time.perf_counter() - start:.0f}s")
+    console.print(f"[bold]{step}[/bold]: done in {time.perf_counter() - start:.0f}s "
+                  f"(log {log_file})")
 
 
 def _reranker(work: Path, root: Path, fast: bool, logs: Path) -> Path:
     """Train the demo reranker once per pairs file and mode; later runs reuse the cache."""
     pairs = demo_dir() / "pairs.tsv"
-    digest = hashlib.sha256(pairs.read_bytes() + (b"fast" if fast else b"full")).hexdigest()[:12]
+    recipe = TRAIN_FAST if fast else TRAIN_FULL
+    unrelated = Path(str(files("pipelines") / "unrelated" / "questions.txt"))  # data, not code
+    digest = hashlib.sha256(pairs.read_bytes() + unrelated.read_bytes()
+                            + " ".join([TRAINING_VERSION, *recipe]).encode()).hexdigest()[:12]
     out = work / f"reranker-{digest}"
     if (out / "training.json").is_file():
         console.print(f"[bold]2. reranker[/bold]: cached at {out}")
         return out
     _run("2. training the demo reranker on pipelines/demo/pairs.tsv (cached for next time)",
          _twinq("train", "reranker", "--pairs", str(pairs), "--out", str(out),
-                "--fusion-root", str(root), *(TRAIN_FAST if fast else TRAIN_FULL)),
+                "--fusion-root", str(root), *recipe),
          logs / "train.log")
     return out
 
@@ -112,23 +154,48 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 def _show(question: dict[str, Any], reply: dict[str, Any], group_of: dict[str, str]) -> bool:
+    """Print one question's hits and its answer (or "no twin found"); True when twinq did the
+    right thing: the expected twin first and answered, or no answer for a question without one.
+    Stored texts are printed literally (rich `Text`), never as markup."""
+    from rich.text import Text
+
     results = reply.get("results") or []
     top_group = group_of.get(results[0]["id"]) if results else None
-    ok = top_group == question["group"]
-    table = Table(title=f"[bold]{question['query']}[/bold]", title_justify="left")
-    for column, justify in (("rank", "right"), ("matched question", "left"),
-                            ("recall", "right"), ("rerank", "right"), ("score", "right")):
+    expected = question.get("group")
+    abstained = bool(reply.get("no_twin"))
+    ok = abstained if expected is None else (top_group == expected and not abstained)
+    title = question["query"] + ("" if expected else f"   [{question.get('kind', 'no twin')}]")
+    table = Table(title=Text(title, style="bold"), title_justify="left")
+    for column, justify in (("rank", "right"), ("matched question", "left"), ("recall", "right"),
+                            ("rerank", "right"), ("p(twin)", "right")):
         table.add_column(column, justify=justify)
     for hit in results[:3]:
-        rerank = "-" if hit["rerank_score"] is None else f"{hit['rerank_score']:.3f}"
-        table.add_row(str(hit["rank"]), hit["text"], f"{hit['recall_score']:.3f}", rerank,
-                      f"{hit['score']:.3f}")
+        rerank = "-" if hit["rerank_score"] is None else f"{hit['rerank_score']:.2f}"
+        p = hit["duplicate_probability"]
+        table.add_row(str(hit["rank"]), Text(hit["text"]), f"{hit['recall_score']:.3f}", rerank,
+                      "-" if p is None else f"{p:.3f}")
     console.print(table)
-    if results:
-        answer = results[0]["metadata"].get("answer", "")
-        console.print(f"  [green]answer:[/green] {answer}" if ok else
-                      f"  [red]top hit is from group {top_group}, expected {question['group']}[/red]")
+    if abstained:
+        mark = ("green", "as expected") if ok else ("red", f"expected group {expected}")
+        console.print(Text.assemble(("  no twin found", "bold yellow"), (f" ({mark[1]})", mark[0])))
+    elif ok:
+        console.print(Text.assemble(("  answer: ", "green"),
+                                    str(results[0]["metadata"].get("answer", ""))))
+    else:
+        wrong = (f"answered from group {top_group}, but this question has no twin" if expected
+                 is None else f"top hit is from group {top_group}, expected {expected}")
+        console.print(Text("  " + wrong, style="red"))
     return ok
+
+
+def _twinq_path() -> str:
+    """How to call twinq from a fresh shell in this folder: the venv's script, relative when
+    it lies below the working directory."""
+    script = Path(sys.executable).with_name("twinq")
+    try:
+        return "./" + str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)
 
 
 def demo_command(
@@ -148,6 +215,8 @@ def demo_command(
     _run("1. building a snapshot of pipelines/demo/faq.jsonl with Beam",
          _twinq("index", "build", "--corpus", str(corpus), "--root", str(root), "--shards", "2",
                 "--publish"), logs / "index.log")
+    _run("   keeping the last two snapshot versions", _twinq("index", "gc", "--root", str(root),
+                                                           "--keep", "2"), logs / "gc.log")
     reranker = _reranker(work, root, fast, logs)
     rows = [json.loads(line) for line in corpus.read_text().splitlines()]
     group_of = {row["id"]: row["group"] for row in rows}
@@ -166,17 +235,23 @@ def demo_command(
         console.print(f"[bold]4. asking {len(questions)} sample questions through the queue[/bold]")
         with TwinqClient(redis.url) as client:
             replies = [client.ask(q["query"], timeout_s=60) for q in questions]
-        correct = sum(_show(q, r, group_of) for q, r in zip(questions, replies))
-        console.print(f"\n[bold]{correct}/{len(questions)}[/bold] sample questions found their twin "
-                      f"at rank 1 (snapshot {replies[0]['snapshot']}, "
-                      f"{time.perf_counter() - started:.0f}s in all)")
+        ok = [_show(q, r, group_of) for q, r in zip(questions, replies)]
+        twins = [o for o, q in zip(ok, questions) if q.get("group")]
+        none = [o for o, q in zip(ok, questions) if not q.get("group")]
+        correct = sum(ok)
+        console.print(f"\n[bold]{sum(twins)}/{len(twins)}[/bold] sample questions found their twin "
+                      f"at rank 1 and were answered; [bold]{sum(none)}/{len(none)}[/bold] questions "
+                      f"the FAQ does not answer got \"no twin found\" (snapshot "
+                      f"{replies[0]['snapshot']}, {time.perf_counter() - started:.0f}s in all)")
         if report:
             report.write_text(json.dumps({"questions": questions, "replies": replies,
                                           "correct": correct, "worker_pid": process.pid,
                                           "redis_url": redis.url, "status_port": port}, indent=1))
         if serve:
             console.print(f"\nstatus page: http://127.0.0.1:{port}/   (metrics at /metrics)\n"
-                          f"ask: twinq ask --redis-url {redis.url} \"how do I get a refund?\"\n"
+                          f"ask: {_twinq_path()} ask --redis-url {redis.url} "
+                          "\"how do I get a refund?\"\n"
+                          f"  (or: make ask URL={redis.url} Q=\"how do I get a refund?\")\n"
                           "Ctrl-C stops the worker and Redis.")
             try:
                 while process.poll() is None:

@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from shared.constants import CACHE_PREFIX
-from shared.errors import SnapshotInvalid, SnapshotNotFound, TwinqError
+from shared.errors import ConfigError, SnapshotInvalid, SnapshotNotFound, TwinqError
 from shared.models import load_bi_encoder, load_cross_encoder, resolve_model
 from shared.protocol import (ErrorCode, decode_reply, encode_reply, error_reply, full_timings,
                              models_info, ok_reply)
-from shared.rerank import calibrate, fuse, load_rerank_defaults, model_activation, rerank
+from shared.rerank import DEFAULT_FUSION_WEIGHT, calibrate, fuse, load_rerank_defaults, rerank
 from shared.search import search_shards
 from shared.snapshot import age_seconds, current_version, load_snapshot
 from worker.metrics import prefixed
@@ -90,7 +90,9 @@ class Engine:
         source, self.cross_encoder_name = (resolve_model(settings.reranker) if settings.reranker
                                            else (None, None))
         self.defaults = load_rerank_defaults(source)
-        self._activation: Callable[[float], float] = float
+        if settings.min_probability is not None and self.defaults.decision is None:
+            raise ConfigError("min_probability needs a reranker with a decision model (a "
+                              "training.json written by `twinq train reranker`)")
         self._served: Served | None = None
         self._pending: Served | None = None
         self._failed: dict[str, float] = {}
@@ -110,16 +112,23 @@ class Engine:
             self.cross_encoder = load_cross_encoder(self.settings.reranker,
                                                     backend=self.settings.backend)
             self._observe_load("cross_encoder", time.perf_counter() - start)
-        self._activation = model_activation(self.cross_encoder) if self.cross_encoder else float
         if self.cross_encoder is None:
             self.log.info("reranking is off (no --reranker): replies carry recall scores only, "
                           "rerank_score null")
         else:
-            self.log.info("reranking with %s, depth %d%s, fusion %s, calibration %s",
-                          self.cross_encoder_name, self.settings.rerank_depth,
+            self.log.info("reranking with %s, depth %d%s, fusion %s", self.cross_encoder_name,
+                          self.settings.rerank_depth,
                           ", both orders" if self.settings.rerank_symmetric else "",
-                          self._fusion(None, None),
-                          "on" if self.defaults["calibration"] else "off")
+                          self._fusion(None, None))
+            if self.defaults.decision is None:
+                self.log.warning("reranker %s has no decision model (no training.json from "
+                                 "`twinq train reranker`): duplicate_probability is null and "
+                                 "no_twin is not decided", self.cross_encoder_name)
+            else:
+                self.log.info("twin decision: no_twin below duplicate probability %.3f (%s)",
+                              self._threshold(None),
+                              "settings" if self.settings.min_probability is not None
+                              else f"95%-precision point on dev, {self.defaults.path}")
         self.check_for_update()
         self.swap_pending()
         if watch:
@@ -275,11 +284,22 @@ class Engine:
     def _fusion(self, method: str | None, weight: float | None) -> tuple[str, float]:
         """The request's choice, else the settings' (when set, "none" included), else the
         reranker's training.json, else no fusion and weight 0.5."""
-        tuned = self.defaults["fusion"] or {}
+        tuned = self.defaults.fusion or {}
         method = method or self.settings.fusion or tuned.get("method", "none")
-        weight = next(w for w in (weight, self.settings.fusion_weight, tuned.get("weight"), 0.5)
-                      if w is not None)
+        weight = next(w for w in (weight, self.settings.fusion_weight, tuned.get("weight"),
+                                  DEFAULT_FUSION_WEIGHT) if w is not None)
         return str(method), float(weight)
+
+    def _threshold(self, request: QueryRequest | None) -> float | None:
+        """The request's min_probability, else the settings', else the decision model's
+        default; None when there is no decision model (nothing to decide with)."""
+        if self.defaults.decision is None:
+            return None
+        for value in (request and request.min_probability, self.settings.min_probability,
+                      self.defaults.decision.min_probability):
+            if value is not None:
+                return float(value)
+        return None
 
     def _depth(self, request: QueryRequest) -> int:
         depth = self.settings.rerank_depth if request.rerank_depth is None else request.rerank_depth
@@ -293,8 +313,8 @@ class Engine:
         parts = [self.version, self._served.bi_encoder_name, self.cross_encoder_name,
                  request.top_k, request.recall_k, reranks, self._depth(request) if reranks else 0,
                  reranks and self.settings.rerank_symmetric,
-                 self._fusion(request.fusion, request.fusion_weight), request.min_probability,
-                 request.query]
+                 self._fusion(request.fusion, request.fusion_weight),
+                 reranks and self._threshold(request), request.query]
         digest = hashlib.sha256(json.dumps(parts).encode("utf-8")).hexdigest()[:40]
         return CACHE_PREFIX + digest
 
@@ -340,22 +360,23 @@ class Engine:
     def _finish(self, served: Served, request: QueryRequest, hits: list[Hit],
                 stage_ms: dict[str, float], queue_ms: float, busy_ms: float) -> dict[str, Any]:
         fuse(hits, *self._fusion(request.fusion, request.fusion_weight))
-        calibrate(hits, self.defaults["calibration"], self._activation)
+        if request.min_probability is not None and self.defaults.decision is None:
+            return error_reply(request.id, ErrorCode.BAD_REQUEST,
+                               "min_probability needs a reranker with a decision model; this "
+                               "worker has none", worker_id=self.worker_id,
+                               snapshot=served.snapshot.version)
+        calibrate(hits, self.defaults.decision)
         top = hits[: request.top_k]
+        threshold = self._threshold(request)
         no_twin = None
-        if request.min_probability is not None:
-            if self.cross_encoder is None or self.defaults["calibration"] is None:
-                return error_reply(request.id, ErrorCode.BAD_REQUEST,
-                                   "min_probability needs a calibrated reranker (training.json "
-                                   "with calibration); this worker has none",
-                                   worker_id=self.worker_id, snapshot=served.snapshot.version)
-            no_twin = not any((h.duplicate_probability or 0.0) >= request.min_probability
-                              for h in top)
+        if threshold is not None and (not top or top[0].duplicate_probability is not None):
+            no_twin = not top or (top[0].duplicate_probability or 0.0) < threshold
         timings = {**stage_ms, "queue": queue_ms, "total": queue_ms + busy_ms}
         models = models_info(served.bi_encoder_name, self.cross_encoder_name,
                              self.settings.backend)
         return ok_reply(request, top, snapshot=served.snapshot.version, models=models,
-                        timings_ms=timings, worker_id=self.worker_id, no_twin=no_twin)
+                        timings_ms=timings, worker_id=self.worker_id, no_twin=no_twin,
+                        min_probability=threshold if no_twin is not None else None)
 
     def status(self) -> dict[str, Any]:
         """What the status page shows about the served snapshot."""
