@@ -96,6 +96,7 @@ class Engine:
         self._served: Served | None = None
         self._pending: Served | None = None
         self._failed: dict[str, float] = {}
+        self._logged: set[tuple[str, str]] = set()
         self._warned_missing = False
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -203,9 +204,8 @@ class Engine:
         A bad version is retried every `RETRY_FAILED_VERSION_S` (its files may be repaired) and
         a bad CURRENT is read at every poll: each retry counts in
         `twinq_reloads_total{result="failure"}` (at most once per retry period), but the same
-        error is logged only the first time. `_failed` maps a version to when it last counted,
-        and the version and error joined by a newline to when that error was logged. An error
-        that is not twinq's own is a bug: it is logged with its traceback, once.
+        error is logged only the first time (`_logged`). An error that is not twinq's own is a
+        bug: it is logged with its traceback, once.
         """
         now = time.monotonic()
         last = self._failed.get(version)
@@ -213,11 +213,10 @@ class Engine:
             self._failed[version] = now
             if self.metrics:
                 self.metrics.reloads.labels(result="failure").inc()
-        logged = f"{version}\n{exc}"
-        if logged in self._failed:
+        if (version, str(exc)) in self._logged:
             self.log.debug("snapshot %s still refused: %s", version, exc)
             return
-        self._failed[logged] = now
+        self._logged.add((version, str(exc)))
         self.log.error("refused snapshot %s: %s; still serving %s", version, exc,
                        self.version or "nothing",
                        exc_info=not isinstance(exc, (TwinqError, OSError)))

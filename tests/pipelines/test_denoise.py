@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from pipelines.denoise import drop_likely_twins
-from pipelines.evaluate import score_pairs
 from pipelines.mining import MiningResult
-from shared.calibration import Platt
+from shared.calibration import Calibration
+from shared.rerank import score_pairs
 from shared.errors import BadInput
 from shared.models import load_cross_encoder
 from shared.pairs import LabelledPair
@@ -22,7 +22,9 @@ def _teacher(tmp_path: Path, source: str, calibration: dict | None) -> str:
     out = tmp_path / "teacher"
     shutil.copytree(source, out)
     if calibration is not None:
-        (out / "training.json").write_text(json.dumps({"calibration": calibration}))
+        decision = {**calibration, "min_probability": 0.5}
+        (out / "training.json").write_text(json.dumps({"calibration": calibration,
+                                                       "decision": decision}))
     return str(out)
 
 
@@ -35,11 +37,14 @@ def _mined() -> MiningResult:
 
 def test_denoise_drops_exactly_the_negatives_above_the_threshold(
         tmp_path: Path, tiny_cross_encoder_path: str) -> None:
-    calibration = {"method": "platt", "a": 40.0, "b": -20.0}  # spreads the tiny model's scores
+    # A steep map of the logit spreads the tiny model's close scores over (0, 1).
+    calibration = {"method": "logistic", "features": ["rerank"], "mean": [0.0], "scale": [1.0],
+                   "weights": [40.0], "bias": 0.0}
     teacher = _teacher(tmp_path, tiny_cross_encoder_path, calibration)
     mined = _mined()
     pairs = [(a.q1, t) for a, texts in mined.groups for t in texts]
-    p = Platt.from_dict(calibration)(score_pairs(load_cross_encoder(teacher), pairs))
+    p = Calibration.from_dict(calibration).predict_logits(
+        score_pairs(load_cross_encoder(teacher), pairs))
     threshold = float(np.median(p))
     assert 0 < threshold < 1 and len(set(np.round(p, 9))) > 2  # the check can tell cases apart
 

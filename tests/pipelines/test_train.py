@@ -54,9 +54,20 @@ def test_train_reranker_cli_writes_loadable_model(tmp_path: Path, tiny_cross_enc
     meta = json.loads((out / "training.json").read_text())
     assert meta["base"] == str(Path(tiny_cross_encoder_path).resolve())
     assert isinstance(meta["threshold"], float)
-    assert meta["fusion"]["method"] == "zscore" and meta["fusion"]["weight"] == 0.5
-    assert meta["calibration"]["method"] == "platt"
-    assert {"a", "b"} <= set(meta["calibration"])
+    assert meta["fusion"]["method"] == "zscore" and 0.0 <= meta["fusion"]["weight"] <= 1.0
+    assert meta["fusion"]["tuned"] is True and "rule" in meta["fusion"]
+    # The twin decision: fitted on serving-like dev queries of all three kinds, and loadable.
+    from shared.rerank import load_rerank_defaults
+
+    defaults = load_rerank_defaults(out)
+    assert defaults.decision is not None and 0.0 <= defaults.decision.min_probability <= 1.0
+    assert defaults.calibration is not None and defaults.calibration.features == ("rerank",)
+    kinds = meta["decision_dev"]["kinds"]
+    assert kinds["answerable"] > 0 and kinds["answerable"] == kinds["twin_removed"]
+    assert kinds["unrelated"] > 0
+    assert (out / "decision_dev.json").is_file()
+    assert meta["data"]["easy_negatives"]["in_corpus"] > 0
+    assert meta["data"]["easy_negatives"]["out_of_domain"] > 0
     assert len(meta["data"]["train_sources"][0]["sha256"]) == 64
     assert meta["settings"]["swap"] is True and "accuracy" in meta["dev_metrics"]
     assert meta["data"]["train_pairs"] > 0 and not (out / "checkpoints").exists()
@@ -140,7 +151,7 @@ def test_listwise_groups_hold_the_twin_and_mined_negatives_outside_its_cluster(
     labelled.write_text("".join(f"Can I eat {t} food?\tIs {t} tasty?\t0\n" for t in TOPICS))
     settings = TrainSettings(pairs=[str(pairs)], labelled=[str(labelled)], out=str(tmp_path / "o"),
                              dev_fraction=0.3, bi_encoder=tiny_bi_encoder_path, loss="listwise",
-                             negatives=2, margin=0.0)
+                             negatives=2, margin=0.0, easy_negatives=0)
     train, _, data, groups, human = prepare_data(settings)
     assert groups and data["listwise_groups"]["kept"] == len(groups)
     clusters = build_clusters(train)
@@ -218,10 +229,12 @@ def test_a_teacher_vets_the_training_negatives_only(tmp_path: Path, tiny_bi_enco
     labelled.write_text("".join(f"Can I eat {t} food?\tIs {t} tasty?\t0\n" for t in TOPICS))
     teacher = tmp_path / "teacher"  # calls every pair a twin: probability sigmoid(10)
     shutil.copytree(tiny_cross_encoder_path, teacher)
+    always = {"method": "logistic", "features": ["rerank"], "mean": [0.0], "scale": [1.0],
+              "weights": [0.0], "bias": 10.0}
     (teacher / "training.json").write_text(json.dumps(
-        {"calibration": {"method": "platt", "a": 0.0, "b": 10.0}}))
+        {"calibration": always, "decision": {**always, "min_probability": 0.5}}))
     common = dict(pairs=[str(pairs)], labelled=[str(labelled)], dev_fraction=0.3,
-                  bi_encoder=tiny_bi_encoder_path)
+                  bi_encoder=tiny_bi_encoder_path, easy_negatives=0)
     plain = prepare_data(TrainSettings(**common, out=str(tmp_path / "a")))
     vetted = prepare_data(TrainSettings(**common, out=str(tmp_path / "b"),
                                         denoise_with=str(teacher)))
@@ -229,3 +242,22 @@ def test_a_teacher_vets_the_training_negatives_only(tmp_path: Path, tiny_bi_enco
     assert mined > 0 and vetted.data["train_mining"]["denoised"] == mined
     assert [p for p in vetted.train if p.label == 0] == plain.labelled  # only the human 0s left
     assert vetted.dev == plain.dev and "denoised" not in vetted.data["dev_mining"]
+
+
+def test_easy_negatives_take_turns_and_never_pick_the_anchors_cluster() -> None:
+    from pipelines.splits import build_clusters, question_key
+    from pipelines.train import easy_negatives
+
+    pairs = [LabelledPair(f"How do I learn {t}?", f"What is the best way to learn {t}?", None)
+             for t in TOPICS] + [LabelledPair("Is chess hard?", "Is chess easy?", 0)]
+    unrelated = ["What is the capital of Peru?", "How tall is Everest?"]
+    negatives, stats = easy_negatives(pairs, unrelated, per_anchor=2, seed=0)
+    assert stats == {"in_corpus": len(TOPICS), "out_of_domain": len(TOPICS)}
+    assert all(n.label == 0 for n in negatives) and len(negatives) == 2 * len(TOPICS)
+    clusters = build_clusters([p for p in pairs if p.label is None])
+    for n in negatives:
+        if n.q2 not in unrelated:
+            assert clusters[question_key(n.q1)] != clusters.get(question_key(n.q2), -1)
+    assert easy_negatives(pairs, unrelated, per_anchor=2, seed=0)[0] == negatives  # seeded
+    only_corpus, stats = easy_negatives(pairs, [], per_anchor=1, seed=0)
+    assert stats["out_of_domain"] == 0 and len(only_corpus) == len(TOPICS)

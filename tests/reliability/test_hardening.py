@@ -34,7 +34,8 @@ def test_parse_request_refuses_deep_nesting_as_bad_request() -> None:
     with pytest.raises(ProtocolError) as info:
         parse_request(_fields(deep), SETTINGS)
     assert info.value.code == "bad_request" and "nested too deeply" in info.value.message
-    assert reply_address(_fields(deep), SETTINGS) is None  # no address: dead-lettered
+    # The id and reply key are still recovered, so the client gets its bad_request.
+    assert reply_address(_fields(deep), SETTINGS) == ("d1", "twinq:reply:d1")
 
 
 @pytest.mark.parametrize("payload, words", [

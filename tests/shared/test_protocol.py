@@ -140,13 +140,16 @@ def test_ok_reply_has_exactly_the_contract_keys() -> None:
     assert decode_reply(encode_reply(reply)) == reply
 
 
-def test_ok_reply_carries_no_twin_only_when_asked() -> None:
+def test_ok_reply_carries_the_twin_decision_only_when_one_was_made() -> None:
     req = parse_request(fields({"id": "a", "query": "q", "min_probability": 0.8}), SETTINGS)
     reply = ok_reply(req, [], snapshot="v", models={}, timings_ms={}, worker_id="w",
-                     no_twin=True)
-    assert reply["no_twin"] is True and set(reply) == REPLY_KEYS | {"no_twin"}
-    with pytest.raises(ValueError):
+                     no_twin=True, min_probability=0.8)
+    assert reply["no_twin"] is True and reply["min_probability"] == 0.8
+    assert set(reply) == REPLY_KEYS | {"no_twin", "min_probability"}
+    with pytest.raises(ValueError):  # the request asked: a decision is required
         ok_reply(req, [], snapshot="v", models={}, timings_ms={}, worker_id="w")
+    plain = parse_request(fields({"id": "b", "query": "q"}), SETTINGS)
+    assert set(ok_reply(plain, [], snapshot="v", models={}, timings_ms={}, worker_id="w")) == REPLY_KEYS
 
 
 @pytest.mark.parametrize("code, retryable", [

@@ -1,4 +1,4 @@
-"""The engine: one embed/search/rerank call per batch, knobs, calibration and hot reload."""
+"""The engine: one embed/search/rerank call per batch, knobs, the twin decision and hot reload."""
 
 from __future__ import annotations
 
@@ -133,29 +133,92 @@ def test_engine_without_reranker_never_fakes_rerank_scores(
     assert all(h["rerank_score"] is None for h in reply["results"])
 
 
-def test_engine_min_probability_uses_calibration_and_sets_no_twin(
+DECISION = {"method": "logistic", "features": ["rerank", "recall"], "mean": [0.0, 0.5],
+            "scale": [1.0, 0.2], "weights": [1.0, 1.0], "bias": 0.0}
+
+
+def _reranker_with(tmp_path: Path, source: str, **training: Any) -> str:
+    reranker = tmp_path / "reranker"
+    shutil.copytree(source, reranker)
+    (reranker / "training.json").write_text(json.dumps(
+        {"fusion": {"method": "zscore", "weight": 0.5}, **training}))
+    return str(reranker)
+
+
+def test_engine_decides_no_twin_from_the_top_hit_with_the_default_threshold(
         quick_snapshot: Any, tiny_bi_encoder: Any, tiny_cross_encoder_path: str,
         make_settings: Any, tmp_path: Path) -> None:
-    reranker = tmp_path / "reranker"
-    shutil.copytree(tiny_cross_encoder_path, reranker)
-    (reranker / "training.json").write_text(json.dumps(
-        {"calibration": {"method": "platt", "a": 1.0, "b": 0.0}}))
+    reranker = _reranker_with(tmp_path, tiny_cross_encoder_path,
+                              decision={**DECISION, "min_probability": 0.999999})
     root, _ = quick_snapshot(TEXTS)
-    engine = Engine(make_settings(root, reranker=str(reranker)), bi_encoder=tiny_bi_encoder)
+    engine = Engine(make_settings(root, reranker=reranker), bi_encoder=tiny_bi_encoder)
     engine.start(watch=False)
-    low, high = engine.answer_batch([request(engine.settings, id="lo", min_probability=0.0),
-                                     request(engine.settings, id="hi", min_probability=1.0)])
-    assert low["no_twin"] is False and high["no_twin"] is True
-    assert all(0.0 < h["duplicate_probability"] < 1.0 for h in low["results"])
+    default, low, high = engine.answer_batch([
+        request(engine.settings, id="d"), request(engine.settings, id="lo", min_probability=0.0),
+        request(engine.settings, id="hi", min_probability=1.0)])
+    # No request asked: the decision model's own threshold decides, and is reported.
+    assert default["no_twin"] is True and default["min_probability"] == 0.999999
+    assert low["no_twin"] is False and low["min_probability"] == 0.0
+    assert high["no_twin"] is True
+    top = low["results"][0]
+    assert 0.0 < top["duplicate_probability"] < 1.0
+    assert top["duplicate_probability"] == max(h["duplicate_probability"]
+                                               for h in low["results"] if h["rerank_score"] is not None)
 
 
-def test_engine_min_probability_without_calibration_is_a_bad_request(
-        quick_snapshot: Any, tiny_bi_encoder: Any, make_settings: Any) -> None:
+def test_engine_settings_threshold_overrides_the_reranker_default(
+        quick_snapshot: Any, tiny_bi_encoder: Any, tiny_cross_encoder_path: str,
+        make_settings: Any, tmp_path: Path) -> None:
+    reranker = _reranker_with(tmp_path, tiny_cross_encoder_path,
+                              decision={**DECISION, "min_probability": 0.999999})
     root, _ = quick_snapshot(TEXTS)
-    engine = Engine(make_settings(root), bi_encoder=tiny_bi_encoder)
+    engine = Engine(make_settings(root, reranker=reranker, min_probability=0.0),
+                    bi_encoder=tiny_bi_encoder)
     engine.start(watch=False)
-    [reply] = engine.answer_batch([request(engine.settings, min_probability=0.5)])
-    assert reply["error"]["code"] == "bad_request" and "calibrated" in reply["error"]["message"]
+    [reply] = engine.answer_batch([request(engine.settings)])
+    assert reply["no_twin"] is False and reply["min_probability"] == 0.0
+    [recall_only] = engine.answer_batch([request(engine.settings, rerank=False)])
+    assert "no_twin" not in recall_only  # nothing reranked: nothing to decide with
+
+
+def test_engine_reranker_without_decision_model_gives_null_probabilities_and_says_why(
+        quick_snapshot: Any, tiny_bi_encoder: Any, tiny_cross_encoder_path: str,
+        make_settings: Any, caplog: pytest.LogCaptureFixture) -> None:
+    root, _ = quick_snapshot(TEXTS)
+    engine = Engine(make_settings(root, reranker=tiny_cross_encoder_path),
+                    bi_encoder=tiny_bi_encoder)
+    with caplog.at_level("INFO"):
+        engine.start(watch=False)
+    assert caplog.text.count("has no decision model") == 1
+    [reply] = engine.answer_batch([request(engine.settings)])
+    assert "no_twin" not in reply
+    assert all(h["duplicate_probability"] is None for h in reply["results"])
+    [asked] = engine.answer_batch([request(engine.settings, min_probability=0.5)])
+    assert asked["error"]["code"] == "bad_request" and "decision model" in asked["error"]["message"]
+
+
+@pytest.mark.parametrize("training, words", [
+    ({}, "no decision model"),
+    ({"decision": {**DECISION, "min_probability": 0.5, "method": "isotonic"}}, "method"),
+    ({"decision": {**DECISION}}, "min_probability"),
+])
+def test_engine_refuses_a_broken_decision_model_at_start(
+        tiny_cross_encoder_path: str, make_settings: Any, tmp_path: Path,
+        training: dict[str, Any], words: str) -> None:
+    from shared.errors import ConfigError
+
+    reranker = _reranker_with(tmp_path, tiny_cross_encoder_path, **training)
+    with pytest.raises(ConfigError, match=words) as info:
+        Engine(make_settings(str(tmp_path), reranker=reranker))
+    assert "training.json" in str(info.value)
+
+
+def test_engine_refuses_a_settings_threshold_without_a_decision_model(
+        tiny_cross_encoder_path: str, make_settings: Any, tmp_path: Path) -> None:
+    from shared.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="min_probability"):
+        Engine(make_settings(str(tmp_path), reranker=tiny_cross_encoder_path, min_probability=0.5))
 
 
 def test_engine_without_snapshot_answers_not_ready(tmp_path: Path, tiny_bi_encoder: Any,
