@@ -33,7 +33,7 @@ def reranker_command(
     hard_negatives: Optional[str] = typer.Option(
         None, "--hard-negatives", help="Snapshot ROOT to mine negatives from (default: an "
         "in-memory index over the training questions). Must hold no evaluation questions."),
-    negatives: int = typer.Option(1, help="Mined hard negatives per positive-only pair."),
+    negatives: int = typer.Option(1, help="Mined hard negatives per positive pair."),
     random_negatives: int = typer.Option(0, help="Random negatives per positive-only pair."),
     easy_negatives: int = typer.Option(1, help="Unrelated negatives per positive pair, taking "
                                        "turns: a random corpus question, an out-of-domain one."),

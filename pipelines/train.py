@@ -185,10 +185,14 @@ def random_anchor_side(pairs: list[LabelledPair], seed: int) -> list[LabelledPai
 def _with_negatives(pairs: list[LabelledPair], settings: TrainSettings, bi_encoder: Any,
                     snapshot: Any = None, teacher: str | None = None
                     ) -> tuple[list[LabelledPair], dict[str, int], list[Group]]:
-    """Keep labelled pairs as they are; add mined negatives for positive-only (label None) pairs,
-    vetted by `teacher` when one is given."""
-    unlabelled = [p for p in pairs if p.label is None]
-    if not unlabelled or settings.negatives + settings.random_negatives == 0:
+    """Keep labelled pairs as they are; add mined negatives for every positive pair (label 1 or
+    None), vetted by `teacher` when one is given.
+
+    Labelled positives are anchors too: a labelled file's own negatives are only those someone
+    wrote down (the demo's are mostly designated near-miss groups and other topics), so without
+    mining the reranker never sees the other questions of the same topic and scores them all
+    as twins."""
+    if not any(is_positive(p) for p in pairs) or settings.negatives + settings.random_negatives == 0:
         return [LabelledPair(p.q1, p.q2, 1 if p.label is None else p.label) for p in pairs], {}, []
     mined = mine_hard_negatives(pairs, bi_encoder, snapshot=snapshot,
                                 num_negatives=settings.negatives,
