@@ -280,7 +280,8 @@ def prepare_data(settings: TrainSettings) -> PreparedData:
     train = (_sample([p for p in train if p not in kept], settings.max_pairs, settings.seed)
              + [p for p in train if p in kept])
     dev = _sample(dev, settings.max_dev_pairs, settings.seed + 1)
-    needs_bi = any(p.label is None for p in train + dev)
+    needs_bi = (settings.negatives + settings.random_negatives > 0
+                and any(is_positive(p) for p in train + dev))
     bi_encoder = load_bi_encoder(settings.bi_encoder) if needs_bi else None
     snapshot = None
     if settings.hard_negatives:
