@@ -1,4 +1,8 @@
-"""How the demo's 16 sample questions rank with recall only, rerank only and fused scores.
+"""How the demo's sample questions rank (recall only, rerank only, fused) and are decided.
+
+The questions with a twin are ranked three ways; then every question is decided as the worker
+does (`shared.rerank.calibrate` on the fused list, the reranker's own `min_probability`):
+paraphrases should be answered from their twin, questions with no twin refused.
 
 Reads a demo work folder (snapshot + cached reranker) left by `make demo` / `twinq demo`:
 
@@ -24,7 +28,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from shared.models import load_bi_encoder, load_cross_encoder
-    from shared.rerank import fuse, load_rerank_defaults, rerank
+    from shared.rerank import calibrate, fuse, load_rerank_defaults, rerank
     from shared.search import search_shards
     from shared.snapshot import load_snapshot
 
@@ -37,24 +41,42 @@ def main() -> None:
     vectors = load_bi_encoder(snapshot.manifest["model"]["name"]).encode(texts, normalize_embeddings=True)
     hits = [h[: args.depth] for h in search_shards(snapshot, np.asarray(vectors), 50)]
     rerank(texts, hits, load_cross_encoder(str(reranker)), depth=args.depth)
-    tuned = load_rerank_defaults(str(reranker))["fusion"] or {"method": "zscore", "weight": 0.5}
+    defaults = load_rerank_defaults(str(reranker))
+    tuned = defaults.fusion or {"method": "zscore", "weight": 0.5}
+    twins = [(q, h) for q, h in zip(questions, hits) if q.get("group")]
 
     def correct(method: str, weight: float, key: str = "score") -> int:
         total = 0
-        for question, candidates in zip(questions, hits):
+        for question, candidates in twins:
             ranked = copy.deepcopy(candidates)
             fuse(ranked, method, weight)
             best = max(ranked, key=lambda h: getattr(h, key))
             total += group_of[best.id] == question["group"]
         return total
 
-    n = len(questions)
+    n = len(twins)
     print(f"reranker {reranker}")
     print("| ranking | twin at rank 1 |\n|---|---|")
     print(f"| recall only | {correct('none', 0.0, 'recall_score')}/{n} |")
     print(f"| rerank only (top {args.depth}) | {correct('none', 0.0)}/{n} |")
     print(f"| fused, {tuned['method']} weight {tuned['weight']} (from training.json) | "
           f"{correct(tuned['method'], float(tuned['weight']))}/{n} |")
+    if defaults.decision is None:
+        return
+    threshold = float(defaults.decision.min_probability or 1.0)
+    print(f"\nTwin decision at min_probability {threshold:.3f} (from training.json):\n"
+          "| question | kind | top hit p | decision | right? |\n|---|---|---|---|---|")
+    for question, candidates in zip(questions, hits):
+        ranked = copy.deepcopy(candidates)
+        fuse(ranked, tuned["method"], float(tuned["weight"]))
+        calibrate(ranked, defaults.decision)
+        p = ranked[0].duplicate_probability or 0.0
+        answered = p >= threshold
+        kind = question.get("kind") or "paraphrase"
+        right = (answered and group_of[ranked[0].id] == question["group"]) if question.get(
+            "group") else not answered
+        print(f"| {question['query'][:60]} | {kind} | {p:.3f} | "
+              f"{'answer' if answered else 'no twin'} | {'yes' if right else 'NO'} |")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ from shared import snapshot as snap
 from shared.config import Settings, load_settings
 from shared.errors import BadInput
 
-index_app = typer.Typer(help="Build and manage versioned snapshots.", no_args_is_help=True)
+index_app = typer.Typer(help="Build and manage versioned snapshots.", no_args_is_help=True,
+                        rich_markup_mode=None)
 console = Console(markup=False, emoji=False, highlight=False)
 """Everything printed here is data (corpus text, ids, versions, manifest fields): printed
 literally, so that a question containing `[/]` cannot crash the table, `[bold]` cannot vanish,

@@ -9,7 +9,8 @@ from typing import Optional
 
 import typer
 
-eval_app = typer.Typer(help="Evaluate the reranker on pairs, or the whole retrieval path.",
+eval_app = typer.Typer(rich_markup_mode=None,
+                       help="Evaluate the reranker on pairs, or the whole retrieval path.",
                        no_args_is_help=True, add_completion=False)
 
 

@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-train_app = typer.Typer(help="Train models: the cross-encoder reranker.", no_args_is_help=True,
+train_app = typer.Typer(rich_markup_mode=None,
+                        help="Train models: the cross-encoder reranker.", no_args_is_help=True,
                         add_completion=False)
 
 

@@ -338,7 +338,12 @@ def progress_callback() -> Any:
                 shown = {k: f"{v:.3g}" for k, v in logs.items()
                          if k in ("loss", "eval_dev_average_precision", "learning_rate")}
                 self.bar.set_postfix(shown)
-                log.info("step %d: %s", state.global_step, logs)
+                # Plain numbers, and none of the evaluator's throughput keys: it runs outside the
+                # trainer's loop, so they read 0.0 and say nothing.
+                kept = {k: round(float(v), 4) for k, v in logs.items()
+                        if isinstance(v, (int, float)) and not k.endswith(("_per_second",
+                                                                             "_runtime"))}
+                tqdm.write(f"step {state.global_step}: {kept}")
 
         def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
             if self.bar is not None:
@@ -428,15 +433,20 @@ def fit(train: list[LabelledPair], dev: list[LabelledPair], settings: TrainSetti
     args = CrossEncoderTrainingArguments(
         output_dir=str(Path(settings.out) / "checkpoints"), num_train_epochs=settings.epochs,
         max_steps=settings.max_steps, per_device_train_batch_size=settings.batch_size,
-        learning_rate=settings.lr, warmup_ratio=settings.warmup_ratio, seed=settings.seed,
+        # transformers 5 takes the warm-up share as a float `warmup_steps` (`warmup_ratio` is
+        # deprecated there).
+        learning_rate=settings.lr, warmup_steps=settings.warmup_ratio, seed=settings.seed,
         eval_strategy="steps", eval_steps=eval_steps, save_strategy="steps", save_steps=eval_steps,
         save_total_limit=2, load_best_model_at_end=True,
         metric_for_best_model="eval_dev_average_precision", greater_is_better=True,
         logging_steps=max(1, min(50, eval_steps)), report_to="none", disable_tqdm=True,
         use_cpu=True, dataloader_num_workers=0, **_batching(settings))
+    from transformers import PrinterCallback
+
     trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=dataset, loss=loss,
                                   evaluator=evaluator,
                                   callbacks=[progress_callback()])
+    trainer.remove_callback(PrinterCallback)  # our bar's step lines say it once, in order
     trainer.train()
     return trainer.model
 

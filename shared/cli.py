@@ -27,7 +27,7 @@ def _unavailable(name: str, exc: ImportError) -> Any:
     def fail() -> None:
         raise TwinqError(f"command {name!r} is unavailable: {exc}")
 
-    app = typer.Typer()
+    app = typer.Typer(rich_markup_mode=None)
     app.command(name, help=f"(unavailable: {exc})")(fail)
     return typer.main.get_command(app)
 
@@ -50,12 +50,13 @@ class LazyGroup(TyperGroup):
             group = typer.main.get_group(target)
             group.name = name
             return group
-        app = typer.Typer()
+        app = typer.Typer(rich_markup_mode=None)
         app.command(name)(target)
         return typer.main.get_command(app)
 
 
 app = typer.Typer(cls=LazyGroup, no_args_is_help=True, add_completion=False,
+                  rich_markup_mode=None,  # plain click help: no <bool> beside flags
                   pretty_exceptions_enable=False,
                   help="twinq: find a new question's twins among already-answered questions.")
 

@@ -142,3 +142,51 @@ def test_serve_with_embedded_redis_is_found_by_ask(quick_snapshot: Any, tmp_path
         thread.join(timeout=30)
     assert codes == [0]
     assert not (tmp_path / "run" / "twinq" / "redis-url").exists()
+
+
+def _reply(text: str, answer: str, **decision: Any) -> dict[str, Any]:
+    hit = {"rank": 1, "id": "a", "text": text, "score": 1.0, "recall_score": 0.9,
+           "rerank_score": 2.0, "duplicate_probability": 0.2, "metadata": {"answer": answer},
+           "ids": ["a"]}
+    return {"id": "r", "ok": True, "results": [hit], "snapshot": "v", "worker": "w",
+            "models": {"bi_encoder": "m", "cross_encoder": "c", "backend": "torch"},
+            "timings_ms": {k: 1.0 for k in ("queue", "embed", "search", "rerank", "total")},
+            "error": None, **decision}
+
+
+def test_ask_prints_stored_text_literally(capsys: pytest.CaptureFixture[str]) -> None:
+    from worker.cli import _print_reply
+
+    _print_reply(_reply("why [/] and [bold]this[/bold]?", "see [link=http://x]here[/link]",
+                        no_twin=False, min_probability=0.1))
+    out = capsys.readouterr().out
+    assert "[/]" in out and "[bold]this[/bold]" in out and "[link=http://x]here[/link]" in out
+
+
+def test_ask_says_no_twin_found_instead_of_an_answer(capsys: pytest.CaptureFixture[str]) -> None:
+    from worker.cli import _print_reply
+
+    _print_reply(_reply("Can I use the app in French?", "Settings > Language.", no_twin=True,
+                        min_probability=0.6))
+    out = capsys.readouterr().out
+    assert "no twin found" in out and "0.60" in out and "Answer" not in out
+
+
+@pytest.mark.parametrize("text, width, expected", [
+    ("short answer", 80, "short answer"),
+    ("one two three four", 12, "one two…"),
+    ("abcdefghijklmnop", 8, "abcdefg…"),
+])
+def test_clip_cuts_at_a_word_and_marks_it(text: str, width: int, expected: str) -> None:
+    from worker.cli import clip
+
+    assert clip(text, width) == expected and len(clip(text, width)) <= width
+
+
+def test_help_shows_no_type_beside_flags() -> None:
+    from typer.testing import CliRunner
+
+    from pipelines.cli_train import train_app
+
+    result = CliRunner().invoke(train_app, ["reranker", "--help"])
+    assert result.exit_code == 0 and "<bool>" not in result.output and "--no-swap" in result.output

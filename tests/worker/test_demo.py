@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 
 # The default (not --fast) demo: its 30-step fast reranker cannot fix the near-miss questions that
-# recall alone gets wrong (14/16), and this test checks what a newcomer sees. Training is seeded
-# end to end (tests/pipelines/test_train.py checks that the same seed gives the same weights), so
-# the strict 16/16 is a stable assertion, not a lucky one.
+# recall alone gets wrong, and this test checks what a newcomer sees: every paraphrase answered
+# from its twin with probability >= 0.5, every question the FAQ does not answer refused with "no
+# twin found", and off-topic ones below 0.3. Training is seeded end to end
+# (tests/pipelines/test_train.py checks that the same seed gives the same weights), so the strict
+# assertion is stable, not lucky.
 pytestmark = pytest.mark.slow
 
 
@@ -41,14 +43,21 @@ def test_demo_answers_every_sample_question_and_leaves_nothing_running(tmp_path:
     data = json.loads(report.read_text())
     corpus = Path(__file__).resolve().parents[2] / "pipelines" / "demo" / "faq.jsonl"
     group_of = {row["id"]: row["group"] for row in map(json.loads, corpus.read_text().splitlines())}
-    wrong = [(q["query"], q["group"], group_of[r["results"][0]["id"]])
-             for q, r in zip(data["questions"], data["replies"])
-             if group_of[r["results"][0]["id"]] != q["group"]]
+    wrong = []
+    for q, r in zip(data["questions"], data["replies"]):
+        assert r["ok"] and r["models"]["cross_encoder"]
+        assert all(hit["rerank_score"] is not None for hit in r["results"][:3])
+        top = r["results"][0]
+        if q["group"] is not None:  # a paraphrase: its twin first, answered, p >= 0.5
+            if (group_of[top["id"]] != q["group"] or r["no_twin"]
+                    or top["duplicate_probability"] < 0.5):
+                wrong.append((q["query"], q["group"], group_of[top["id"]],
+                              top["duplicate_probability"], r["min_probability"]))
+            assert top["metadata"]["answer"]
+        elif not r["no_twin"] or (q["kind"] == "off-topic" and top["duplicate_probability"] >= 0.3):
+            wrong.append((q["query"], q["kind"], top["text"], top["duplicate_probability"]))
     assert not wrong, wrong
-    for reply in data["replies"]:
-        assert reply["ok"] and reply["models"]["cross_encoder"]
-        assert all(hit["rerank_score"] is not None for hit in reply["results"][:3])
-        assert reply["results"][0]["metadata"]["answer"]
+    assert sum(q["group"] is None for q in data["questions"]) >= 10
     assert "found their twin at rank 1" in result.stdout
     # Nothing keeps running: no worker, no Redis, no open port.
     redis_port = int(data["redis_url"].rsplit(":", 1)[1].split("/")[0])
