@@ -11,9 +11,10 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from shared.config import Settings, load_settings
+from shared.bounded_json import MAX_JSON_DEPTH, MAX_NUMBER_DIGITS
 from shared.constants import MAX_RECALL_K, MAX_TOP_K
 from shared.errors import ProtocolError
-from shared.protocol import (ID_CONFLICT_MESSAGE, MAX_JSON_DEPTH, MAX_NUMBER_DIGITS, ErrorCode,
+from shared.protocol import (ID_CONFLICT_MESSAGE, ErrorCode,
                              Outgoing, QueryRequest, Written, conflict_reply, decode_reply,
                              encode_reply, encode_request, entry_digest, error_reply, marker_mode,
                              ok_reply, parse_marker, parse_request, payload_limit, push_replies,
