@@ -51,9 +51,10 @@ TRAIN_FAST = ["--epochs", "1", "--max-length", "32", "--lr", "1e-4", "--batch-si
               "--max-steps", "30"]
 
 
-TRAINING_VERSION = "3"
+TRAINING_VERSION = "4"
 """Part of the cached reranker's key: bump it when `twinq train reranker` changes what it writes
-(3: easy negatives, mined near misses for labelled positives, the twin decision model)."""
+(4: easy negatives, mined near misses for labelled positives, the twin decision model,
+fusion falling back to recall only without a dev gain)."""
 
 
 def demo_dir() -> Path:

@@ -114,10 +114,11 @@ def test_tune_fusion_falls_back_to_recall_when_the_reranker_does_not_beat_it() -
     relevant = {q: {"a"} for q in kinds}
     ids = [["a"], ["b"], ["c"]]
     noise = np.random.default_rng(0)
-    # The reranker prefers a wrong candidate as often as the right one: no gain over recall.
+    # Recall already puts the twin first; a noisy reranker can only make it worse.
     logits = {q: list(noise.normal(0, 1, 3)) for q in kinds}
     weak = tune_fusion(_scored(kinds, relevant, ids, [0.9, 0.8, 0.7], logits))
     assert weak["weight"] == 0.0 and "recall alone" in weak["rule"]
+    assert weak["ndcg@10_by_weight"]["1.0"] < weak["ndcg@10_by_weight"]["0.0"]
     # Recall puts the twin last; the reranker puts it first every time.
     strong = tune_fusion(_scored(kinds, relevant, ids, [0.7, 0.9, 0.8],
                                  {q: [3.0, 0.0, 0.1] for q in kinds}))
