@@ -65,8 +65,8 @@ def _twinq(*args: str) -> list[str]:
     return [sys.executable, "-m", "shared.cli", *args]
 
 
-PROGRESS = re.compile(r"(?:train|embedded)\D{0,40}?(\d+)/~?(\d+)")
-"""A step's progress line: the trainer's tqdm bar ("train: 40%|...| 12/30") or the index
+PROGRESS = re.compile(r"\| *(\d+)/(\d+) \[|embedded (\d+)/~?(\d+) texts")
+"""A step's progress line: a tqdm bar ("train:  40%|####      | 12/30 [00:05<...") or the index
 build's "embedded 128/~385 texts"."""
 
 
@@ -78,8 +78,11 @@ def _progress(log_file: Path) -> tuple[int, int] | None:
             tail = fh.read().decode("utf-8", errors="replace")
     except OSError:
         return None
-    found = PROGRESS.findall(tail.replace("\r", "\n"))
-    return (int(found[-1][0]), int(found[-1][1])) if found else None
+    found = PROGRESS.findall(tail)
+    if not found:
+        return None
+    done, total = [int(x) for x in found[-1] if x][:2]
+    return done, total
 
 
 def _run(step: str, argv: list[str], log_file: Path) -> None:

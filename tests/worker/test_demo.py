@@ -67,3 +67,16 @@ def test_demo_answers_every_sample_question_and_leaves_nothing_running(tmp_path:
     redis_port = int(data["redis_url"].rsplit(":", 1)[1].split("/")[0])
     assert not _pid_alive(data["worker_pid"])
     assert not _port_open(redis_port) and not _port_open(data["status_port"])
+
+
+@pytest.mark.parametrize("log, expected", [
+    ("train:  60%|######    | 251/417 [03:05<01:32,  1.79step/s]\rtrain:  61%|######    | 255/417 [", (255, 417)),
+    ("INFO pipelines.embed_handler: embedded 128/~385 texts (300/s, ETA 1s)\n", (128, 385)),
+    ("loading the model\n", None),
+])
+def test_demo_reads_progress_from_a_steps_log(tmp_path: Path, log: str, expected: object) -> None:
+    from worker.demo import _progress
+
+    path = tmp_path / "step.log"
+    path.write_text(log)
+    assert _progress(path) == expected
