@@ -95,3 +95,29 @@ def reranker_command(
                     f"{report['fusion']['weight']}; twin decision on {d['queries']} dev queries: "
                     f"ECE {d['ece']:.3f}, min_probability {report['decision']['min_probability']:.3f}"
                     f" answers {100 * d['coverage']:.0f}% at precision {100 * (d['precision'] or 0):.1f}%")
+
+
+@train_app.command("decide")
+def decide_command(
+    reranker: Path = typer.Option(..., "--reranker", help="A reranker folder written by "
+                                  "`twinq train reranker`."),
+    fusion_root: Optional[str] = typer.Option(None, "--fusion-root", help="Snapshot ROOT it "
+                                              "will serve (default: the one it was trained "
+                                              "with)."),
+) -> None:
+    """Fit fusion and the twin decision again for a trained reranker, without training.
+
+    The same held-out pairs (from the settings in its training.json) are searched in the
+    snapshot; use it when the corpus the reranker serves has changed.
+
+    Example: twinq train decide --reranker runs/ce --fusion-root /srv/twinq
+    """
+    from rich.console import Console
+
+    from pipelines.train import refit_decision
+
+    report = refit_decision(str(reranker), fusion_root=fusion_root)
+    d = report["decision_dev"]
+    Console().print(f"[bold]updated {reranker / 'training.json'}[/]: fusion weight "
+                    f"{report['fusion']['weight']}; twin decision on {d['queries']} dev queries: "
+                    f"ECE {d['ece']:.3f}, min_probability {report['decision']['min_probability']:.3f}")

@@ -117,15 +117,20 @@ def corpus_keys(snapshot: Any) -> dict[str, set[str]]:
 
 
 def dev_queries(dev: Sequence[LabelledPair], by_key: dict[str, set[str]], *, limit: int,
-                seed: int) -> ServingQueries:
+                seed: int, cluster_pairs: Sequence[LabelledPair] | None = None
+                ) -> ServingQueries:
     """Answerable and twin-removed queries from held-out (dev) pairs.
+
+    Twins are the members of a question's duplicate cluster over `cluster_pairs` (all pairs
+    read, default `dev`): a dev side sampled down to `max_dev_pairs` has lost some of each
+    cluster's pairs, and a twin it no longer names would count as a wrong top hit.
 
     A dev question whose cluster has another member in the corpus is a candidate for both
     kinds; each gets one, at random, so the two kinds come from different questions. A
     question whose cluster has no other member in the corpus can only be twin-removed. The
     two kinds are kept equal in number, up to `limit` queries in all.
     """
-    clusters = build_clusters([p for p in dev if is_positive(p)])
+    clusters = build_clusters([p for p in (cluster_pairs or dev) if is_positive(p)])
     texts = {question_key(t): t for p in dev for t in (p.q1, p.q2)}
     members: dict[int, list[str]] = {}
     for key, cid in clusters.items():
@@ -332,6 +337,32 @@ def read_dev_rows(model_dir: str | Path) -> DecisionRows | None:
         raise BadInput(f"{path}: unreadable decision rows: {exc}") from exc
 
 
+PAIR_CALIBRATION_MIN = 20
+"""Held-out labelled pairs of each class needed to calibrate pairs on them."""
+
+
+def pair_calibration(model: CrossEncoder, dev: Sequence[LabelledPair], rows: DecisionRows
+                     ) -> Calibration:
+    """The logit-only calibration `twinq eval pairs` and `--denoise-with` use for a pair scored
+    alone.
+
+    Fitted on the held-out pairs that carry their own 0/1 label (human-labelled, like the pairs
+    it will be judged on) when there are enough of both classes; otherwise on the top hits of
+    the serving-like queries. Top hits are the wrong sample for pairs: a near miss that won
+    its query scores high and is no twin, which flattens the map for every pair.
+    """
+    from shared.rerank import score_pairs
+
+    labelled = [p for p in dev if p.label is not None]
+    labels = np.array([int(p.label or 0) for p in labelled])
+    if min(int(labels.sum()), int(len(labels) - labels.sum())) < PAIR_CALIBRATION_MIN:
+        return fit_logistic(rows.features, rows.labels, ("rerank",))
+    logits = score_pairs(model, [(p.q1, p.q2) for p in labelled], batch_size=64)
+    features = np.zeros((len(labelled), len(FEATURES)))
+    features[:, FEATURES.index("rerank")] = logits
+    return fit_logistic(features, labels, ("rerank",))
+
+
 class _MemoryShard:
     """A flat inner-product index over a few questions, shaped like a snapshot shard."""
 
@@ -385,8 +416,8 @@ def fit_serving(model_dir: str, dev: Sequence[LabelledPair], corpus_pairs: Seque
     Args:
         model_dir: The trained reranker.
         dev: Held-out pairs; their questions are the in-domain queries.
-        corpus_pairs: All pairs (train and dev): their questions form the corpus when no
-            snapshot `root` is given.
+        corpus_pairs: All pairs read (train and dev sides): their duplicate clusters name each
+            query's twins, and their questions form the corpus when no snapshot `root` is given.
         root: The snapshot the reranker will serve (searched with the dev questions), or None.
         bi_encoder: The bi-encoder for the in-memory corpus; a snapshot uses its own.
         unrelated: Out-of-domain questions never trained on (`split_unrelated`'s second half).
@@ -408,7 +439,8 @@ def fit_serving(model_dir: str, dev: Sequence[LabelledPair], corpus_pairs: Seque
         bi = load_bi_encoder(bi_encoder)
         snapshot = MemoryCorpus.build([t for p in corpus_pairs for t in (p.q1, p.q2)], bi,
                                       resolve_model(bi_encoder)[1])
-    queries = dev_queries(dev, corpus_keys(snapshot), limit=limit, seed=seed)
+    queries = dev_queries(dev, corpus_keys(snapshot), limit=limit, seed=seed,
+                          cluster_pairs=corpus_pairs)
     if not queries.texts:
         raise BadInput("no dev question has a twin in the corpus: cannot fit the twin decision "
                        f"({'snapshot ' + root if root else 'the pairs files'})")
@@ -420,7 +452,7 @@ def fit_serving(model_dir: str, dev: Sequence[LabelledPair], corpus_pairs: Seque
     fusion = tune_fusion(scored)
     rows = decision_rows(scored, fusion["weight"])
     decision = fit_decision(rows)
-    calibration = fit_logistic(rows.features, rows.labels, ("rerank",))
+    calibration = pair_calibration(model, dev, rows)
     write_dev_rows(model_dir, rows)
     report = decision_metrics(decision.predict(rows.features), rows, decision.min_probability or 1.0)
     report["corpus"] = f"snapshot {root}" if root else "the questions of the pairs files"

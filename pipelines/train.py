@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from pipelines.decision_set import fit_serving, read_unrelated, split_unrelated
+from pipelines.decision_set import ServingFit, fit_serving, read_unrelated, split_unrelated
 from pipelines.denoise import drop_likely_twins, teacher_calibration
 from pipelines.metrics import best_threshold, pair_metrics
 from pipelines.mining import mine_hard_negatives
@@ -169,6 +169,7 @@ class PreparedData(NamedTuple):
     data: dict[str, Any]
     groups: list[Group]
     labelled: list[LabelledPair]
+    split: SplitPairs | None = None
 
 
 def random_anchor_side(pairs: list[LabelledPair], seed: int) -> list[LabelledPair]:
@@ -237,6 +238,56 @@ def easy_negatives(pairs: Sequence[LabelledPair], unrelated: Sequence[str], per_
     return out, stats
 
 
+class SplitPairs(NamedTuple):
+    """Pairs as read and split, before any negative is added.
+
+    ``everything`` holds every pair read (train side and dev side, uncapped): the duplicate
+    clusters it forms say which stored questions are a dev query's twins, complete even where
+    `max_dev_pairs` sampled some of its pairs away. ``kept`` are the human-labelled pairs.
+    """
+
+    train: list[LabelledPair]
+    dev: list[LabelledPair]
+    everything: list[LabelledPair]
+    data: dict[str, Any]
+    kept: set[LabelledPair]
+
+
+def split_pairs(settings: TrainSettings) -> SplitPairs:
+    """Read the pair files, split them question-disjointly (or take --dev) and cap both sides.
+
+    Raises:
+        BadInput: no pairs, or --labelled pairs without 0/1 labels.
+    """
+    source = read_pairs(settings.pairs)
+    if not source.pairs:
+        raise BadInput(f"no pairs read from {settings.pairs}")
+    data: dict[str, Any] = {"train_sources": source.sources, "train_rejected": source.rejected}
+    extra = read_pairs(settings.labelled) if settings.labelled else None
+    if extra is not None:
+        if not extra.pairs or any(p.label is None for p in extra.pairs):
+            raise BadInput(f"--labelled needs pairs with 0/1 labels: {settings.labelled}")
+        data["labelled_sources"] = extra.sources
+    kept = set(extra.pairs) if extra is not None else set()
+    everything = list(source.pairs) + (list(extra.pairs) if extra is not None else [])
+    if settings.dev:
+        dev_source = read_pairs(settings.dev)
+        train, dev = everything, list(dev_source.pairs)
+        everything = everything + dev
+        data["dev_sources"] = dev_source.sources
+    else:
+        # One split over both sources, so a labelled question never sits on both sides.
+        split = question_disjoint_split(everything, settings.dev_fraction, settings.seed)
+        train, dev = split.train, split.dev
+        data["split"] = {"method": "question-disjoint clusters", "dev_fraction":
+                         settings.dev_fraction, "dropped_cross_pairs": split.dropped}
+    # --max-pairs caps the bulk source only: the human-labelled pairs are few and the most useful.
+    train = (_sample([p for p in train if p not in kept], settings.max_pairs, settings.seed)
+             + [p for p in train if p in kept])
+    dev = _sample(dev, settings.max_dev_pairs, settings.seed + 1)
+    return SplitPairs(train, dev, everything, data, kept)
+
+
 def prepare_data(settings: TrainSettings) -> PreparedData:
     """Read, split, cap and complete train and dev pairs with negatives.
 
@@ -255,31 +306,8 @@ def prepare_data(settings: TrainSettings) -> PreparedData:
     parse_bands(settings.bands)  # a typo fails now, not after the pairs are read
     if settings.denoise_with:  # likewise a teacher without calibration, before minutes of mining
         teacher_calibration(settings.denoise_with, settings.denoise_threshold)
-    source = read_pairs(settings.pairs)
-    if not source.pairs:
-        raise BadInput(f"no pairs read from {settings.pairs}")
-    data: dict[str, Any] = {"train_sources": source.sources, "train_rejected": source.rejected}
-    extra = read_pairs(settings.labelled) if settings.labelled else None
-    if extra is not None:
-        if not extra.pairs or any(p.label is None for p in extra.pairs):
-            raise BadInput(f"--labelled needs pairs with 0/1 labels: {settings.labelled}")
-        data["labelled_sources"] = extra.sources
-    kept = set(extra.pairs) if extra is not None else set()
-    everything = list(source.pairs) + (list(extra.pairs) if extra is not None else [])
-    if settings.dev:
-        dev_source = read_pairs(settings.dev)
-        train, dev = everything, list(dev_source.pairs)
-        data["dev_sources"] = dev_source.sources
-    else:
-        # One split over both sources, so a labelled question never sits on both sides.
-        split = question_disjoint_split(everything, settings.dev_fraction, settings.seed)
-        train, dev = split.train, split.dev
-        data["split"] = {"method": "question-disjoint clusters", "dev_fraction":
-                         settings.dev_fraction, "dropped_cross_pairs": split.dropped}
-    # --max-pairs caps the bulk source only: the human-labelled pairs are few and the most useful.
-    train = (_sample([p for p in train if p not in kept], settings.max_pairs, settings.seed)
-             + [p for p in train if p in kept])
-    dev = _sample(dev, settings.max_dev_pairs, settings.seed + 1)
+    split = split_pairs(settings)
+    train, dev, data, kept = split.train, split.dev, split.data, split.kept
     needs_bi = (settings.negatives + settings.random_negatives > 0
                 and any(is_positive(p) for p in train + dev))
     bi_encoder = load_bi_encoder(settings.bi_encoder) if needs_bi else None
@@ -316,7 +344,7 @@ def prepare_data(settings: TrainSettings) -> PreparedData:
             raise BadInput(f"{name} pairs need both labels 0 and 1, found {sorted(labels)}")
         data[f"{name}_pairs"] = len(side)
         data[f"{name}_positives"] = sum(1 for p in side if is_positive(p))
-    return PreparedData(train, dev, data, groups, labelled)
+    return PreparedData(train, dev, data, groups, labelled, split)
 
 
 def progress_callback() -> Any:
@@ -493,6 +521,46 @@ def pair_report(model_dir: str, dev: list[LabelledPair], settings: TrainSettings
     return result
 
 
+def serving_fit(model_dir: str, settings: TrainSettings, split: SplitPairs | None) -> ServingFit:
+    """Fusion, the twin decision and the pair calibration of a trained reranker, fitted on the
+    held-out side of `split` (`pipelines.decision_set.fit_serving`)."""
+    split = split or split_pairs(settings)
+    _, unrelated_held_out = split_unrelated(read_unrelated(settings.unrelated))
+    return fit_serving(model_dir, split.dev, split.everything, root=settings.fusion_root,
+                       bi_encoder=settings.bi_encoder, unrelated=unrelated_held_out,
+                       limit=settings.fusion_queries, seed=settings.seed,
+                       max_length=settings.max_length)
+
+
+def refit_decision(model_dir: str, *, fusion_root: str | None = None) -> dict[str, Any]:
+    """Fit fusion and the twin decision of a reranker trained by twinq again, without training.
+
+    The training pairs and split are read from the settings in its training.json, so the dev
+    side is the same held-out one; `fusion_root` points it at another snapshot (the corpus it
+    will now serve). training.json's ``fusion``, ``decision``, ``calibration`` and
+    ``decision_dev`` are replaced; everything else is kept.
+
+    Raises:
+        BadInput: no training.json with settings in `model_dir`.
+    """
+    path = Path(model_dir) / "training.json"
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+        stored = dict(report["settings"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BadInput(f"{path}: not a training.json written by twinq train reranker ({exc})") from exc
+    known = {f for f in TrainSettings.__dataclass_fields__}
+    settings = TrainSettings(**{k: v for k, v in stored.items() if k in known})
+    if fusion_root:
+        settings.fusion_root = fusion_root
+    serving = serving_fit(model_dir, settings, None)
+    report.update(fusion=serving.fusion, decision=serving.decision.to_dict(),
+                  calibration=serving.calibration.to_dict(), decision_dev=serving.dev)
+    report["settings"]["fusion_root"] = settings.fusion_root
+    path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    return report
+
+
 def train_reranker(settings: TrainSettings) -> dict[str, Any]:
     """Run the whole recipe and write ``settings.out`` (model + training.json).
 
@@ -506,7 +574,7 @@ def train_reranker(settings: TrainSettings) -> dict[str, Any]:
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    train, dev, data, groups, labelled = prepare_data(settings)
+    train, dev, data, groups, labelled, split = prepare_data(settings)
     settings.timings_s["data"] = round(time.perf_counter() - t0, 1)
     t1 = time.perf_counter()
     model = fit(train, dev, settings, groups, labelled)
@@ -517,12 +585,7 @@ def train_reranker(settings: TrainSettings) -> dict[str, Any]:
     settings.timings_s["examples_per_s"] = round(seen / max(settings.timings_s["train"], 1e-9), 1)
     t2 = time.perf_counter()
     result = pair_report(str(out), dev, settings, train)
-    _, unrelated_held_out = split_unrelated(read_unrelated(settings.unrelated))
-    corpus = [p for p in train if is_positive(p)] + dev  # not the easy negatives' texts
-    serving = fit_serving(str(out), dev, corpus, root=settings.fusion_root,
-                          bi_encoder=settings.bi_encoder, unrelated=unrelated_held_out,
-                          limit=settings.fusion_queries, seed=settings.seed,
-                          max_length=settings.max_length)
+    serving = serving_fit(str(out), settings, split)
     settings.timings_s["calibrate"] = round(time.perf_counter() - t2, 1)
     report = {"base": resolve_model(settings.base)[1], "threshold": result["threshold"],
               "fusion": serving.fusion, "decision": serving.decision.to_dict(),

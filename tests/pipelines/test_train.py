@@ -74,6 +74,14 @@ def test_train_reranker_cli_writes_loadable_model(tmp_path: Path, tiny_cross_enc
     model = load_cross_encoder(str(out))
     scores = model.predict([("How do I learn chess?", "Is chess hard?")])
     assert 0.0 <= float(scores[0]) <= 1.0
+    # The decision can be fitted again without training, on the same held-out pairs.
+    (out / "decision_dev.json").unlink()
+    again = CliRunner().invoke(train_app, ["decide", "--reranker", str(out)],
+                               catch_exceptions=False)
+    assert again.exit_code == 0, again.output
+    refit = json.loads((out / "training.json").read_text())
+    assert refit["decision"] == meta["decision"] and refit["created_at"] == meta["created_at"]
+    assert (out / "decision_dev.json").is_file()
 
 
 def test_labelled_pairs_are_kept_in_full_and_split_question_disjointly(
@@ -152,7 +160,7 @@ def test_listwise_groups_hold_the_twin_and_mined_negatives_outside_its_cluster(
     settings = TrainSettings(pairs=[str(pairs)], labelled=[str(labelled)], out=str(tmp_path / "o"),
                              dev_fraction=0.3, bi_encoder=tiny_bi_encoder_path, loss="listwise",
                              negatives=2, margin=0.0, easy_negatives=0)
-    train, _, data, groups, human = prepare_data(settings)
+    train, _, data, groups, human, _split = prepare_data(settings)
     assert groups and data["listwise_groups"]["kept"] == len(groups)
     clusters = build_clusters(train)
     given = {tuple(line.split("\t")) for line in _positive_lines()}
