@@ -89,7 +89,12 @@ def evaluate_pairs(model_dir: str, pairs_path: Sequence[str], *, symmetric: bool
     return report
 
 
-def _write_pair_report(out: Path, report: dict[str, Any], labels: list[int], raw: np.ndarray) -> None:
+def write_report_files(out: Path, report: dict[str, Any], markdown: str) -> Any:
+    """Write report.json and report.md into `out` (created), and return pyplot for the figure.
+
+    Every evaluator leaves the same three things: the numbers as JSON, the table as Markdown,
+    and a PNG; the Agg backend draws without a display.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,9 +102,14 @@ def _write_pair_report(out: Path, report: dict[str, Any], labels: list[int], raw
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(markdown)
+    return plt
+
+
+def _write_pair_report(out: Path, report: dict[str, Any], labels: list[int], raw: np.ndarray) -> None:
     rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in report.items() if isinstance(v, float))
-    (out / "report.md").write_text(f"# Pair evaluation: {report['model']}\n\n| metric | value |\n"
-                                   f"|---|---|\n{rows}\n")
+    plt = write_report_files(out, report, f"# Pair evaluation: {report['model']}\n\n"
+                                          f"| metric | value |\n|---|---|\n{rows}\n")
     precision, recall, _ = pr_curve(labels, raw)
     fig, ax = plt.subplots(figsize=(5, 4))
     ax.plot(recall, precision)
@@ -390,15 +400,8 @@ def retrieval_table(report: dict[str, Any]) -> str:
 
 
 def _write_retrieval_report(out: Path, report: dict[str, Any]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.md").write_text(f"# Retrieval: {report['queries']} queries, snapshot "
-                                   f"{report['snapshot']}\n\n{retrieval_table(report)}\n")
+    plt = write_report_files(out, report, f"# Retrieval: {report['queries']} queries, snapshot "
+                                          f"{report['snapshot']}\n\n{retrieval_table(report)}\n")
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for name, curve in report["recall_curve"].items():
         left.plot(range(1, len(curve) + 1), curve, label=name)

@@ -11,7 +11,6 @@ scores each variant on the same test rows: that is why the shipped features earn
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ import numpy as np
 
 from pipelines.decision_set import (DecisionRows, beir_queries, decision_metrics, decision_rows,
                                     fit_decision, read_dev_rows, read_unrelated, score_queries)
-from pipelines.evaluate import load_beir
+from pipelines.evaluate import load_beir, write_report_files
 from shared.calibration import FEATURES, sigmoid
 from shared.errors import BadInput
 
@@ -162,15 +161,8 @@ def decision_table(report: dict[str, Any]) -> str:
 
 def write_report(out: Path, report: dict[str, Any], p: np.ndarray, rows: DecisionRows) -> None:
     """report.json, report.md and decision.png (reliability diagram and coverage curve)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.md").write_text(f"# Twin decision: {report['reranker']} on snapshot "
-                                   f"{report['snapshot']}\n\n{decision_table(report)}\n")
+    plt = write_report_files(out, report, f"# Twin decision: {report['reranker']} on snapshot "
+                                          f"{report['snapshot']}\n\n{decision_table(report)}\n")
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     edges = np.linspace(0, 1, 11)
     bins = np.clip(np.digitize(p, edges[1:-1]), 0, 9)
