@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipelines.evaluate import Candidates, recall_candidates, rerank_candidates
+from pipelines.evaluate import (Candidates, argmax_weight, build_runs, recall_candidates,
+                                rerank_candidates, tune_weight)
 from pipelines.metrics import expected_calibration_error, paired_gain, per_query, roc_auc
 from pipelines.splits import build_clusters, is_positive, question_key
 from shared.calibration import FEATURES, Calibration, fit_logistic, hit_features, \
@@ -51,7 +52,6 @@ DECISION_FEATURES: tuple[str, ...] = FEATURES
 weight. docs/results.md §5 shows what each one adds."""
 DEV_ROWS_FILE = "decision_dev.json"
 """The dev rows (features, labels, kinds; no text) beside training.json, for ablations."""
-WEIGHT_GRID = tuple(round(w, 2) for w in np.linspace(0.0, 1.0, 11))
 
 
 def bundled_unrelated() -> Path:
@@ -208,15 +208,15 @@ def tune_fusion(scored: Scored, prior: float = DEFAULT_FUSION_WEIGHT) -> dict[st
     if not answerable:
         return {"method": "zscore", "weight": 0.0, "tuned": False,
                 "reason": "no answerable dev query"}
-    per = {w: per_query(fused_runs(scored, w, answerable), qrels) for w in WEIGHT_GRID}
-    curve = {w: float(v.mean()) for w, v in per.items()}
-    best = max(curve, key=lambda w: (curve[w], -w))
-    gain = paired_gain(per[0.0], per[best])
+    cands = {q: scored.cands[q] for q in answerable}
+    rerank = {q: scored.rerank[q] for q in answerable}
+    weight, curve = tune_weight(cands, rerank, qrels, prior=prior)
+    best = argmax_weight(curve)
+    gain = paired_gain(per_query(build_runs(cands, rerank, 0.0)["fused"], qrels),
+                       per_query(build_runs(cands, rerank, best)["fused"], qrels))
     if gain["gain"] <= 0.0:
         weight, rule = 0.0, "no fused ranking beats recall alone on dev"
     else:
-        tied = [w for w in WEIGHT_GRID if curve[best] - curve[w] <= paired_gain(per[w], per[best])["se"]]
-        weight = min(tied, key=lambda w: (abs(w - prior), -curve[w], w))
         rule = f"one standard error towards {prior}"
     return {"method": "zscore", "weight": float(weight), "tuned": True,
             "dev_queries": len(answerable), "rule": rule, "argmax_weight": float(best),
@@ -227,14 +227,6 @@ def tune_fusion(scored: Scored, prior: float = DEFAULT_FUSION_WEIGHT) -> dict[st
 def _fused_order(c: Candidates, logits: np.ndarray, weight: float) -> np.ndarray:
     n = len(logits)
     return np.argsort(-fuse_scores(c.recall[:n], logits, "zscore", weight), kind="mergesort")
-
-
-def fused_runs(scored: Scored, weight: float, qids: Sequence[str]) -> dict[str, list[str]]:
-    """Ranked document ids per query after z-score fusion at `weight`."""
-    from pipelines.evaluate import ranked_ids
-
-    return {q: ranked_ids(scored.cands[q], _fused_order(scored.cands[q], scored.rerank[q], weight))
-            for q in qids}
 
 
 @dataclass

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ import numpy as np
 from pipelines.metrics import (expected_calibration_error, fuse_scores, pair_metrics,
                                paired_gain, per_query, pr_curve, recall_at_k, retrieval_metrics)
 from shared.errors import BadInput
-from shared.pairs import LabelledPair, read_pairs
+from shared.pairs import read_pairs
 
 if TYPE_CHECKING:
     from sentence_transformers import CrossEncoder
@@ -262,52 +261,6 @@ def tune_weight(cands: dict[str, Candidates], rerank: dict[str, np.ndarray],
     tied = [w for w in grid if curve[best] - curve[w] <= paired_gain(per[w], per[best])["se"]]
     chosen = min(tied, key=lambda w: (abs(w - prior), -curve[w], w))
     return float(chosen), curve
-
-
-def tune_fusion_on_pairs(model_dir: str, root: str, dev: list[LabelledPair], *,
-                         queries: int = 1000, depth: int = 20, seed: int = 0) -> dict[str, Any]:
-    """Tune the fusion weight on dev clusters searched in a snapshot that contains them.
-
-    Every question of a dev cluster found in the snapshot is a query (up to `queries`); its
-    relevant documents are the other members found there (matched by normalised text). One
-    query per cluster left small dev sets (the demo's 8 clusters) too noisy to tune on.
-    """
-    from pipelines.splits import build_clusters, is_positive, question_key
-    from shared.models import load_bi_encoder, load_cross_encoder
-    from shared.snapshot import load_snapshot
-
-    snapshot = load_snapshot(root)
-    by_key: dict[str, str] = {}
-    for shard in snapshot.shards:
-        for doc_id, text in zip(shard.table.column("id").to_pylist(), shard.table.column("text").to_pylist()):
-            by_key.setdefault(question_key(text), doc_id)
-    clusters = build_clusters([p for p in dev if is_positive(p)])
-    members: dict[int, list[str]] = {}
-    for key, cid in clusters.items():
-        if key in by_key:
-            members.setdefault(cid, []).append(key)
-    groups = sorted(m for m in members.values() if len(m) >= 2)
-    random.Random(seed).shuffle(groups)
-    qtexts, qrels = {}, {}
-    for m in groups:
-        for key in m:
-            if len(qtexts) >= queries:
-                break
-            qid = by_key[key]
-            qtexts[qid] = key
-            qrels[qid] = {by_key[k]: 1.0 for k in m if k != key}
-    if not qtexts:
-        log.warning("no dev cluster found in %s; fusion weight stays at 0.5", root)
-        return {"method": "zscore", "weight": 0.5, "tuned": False}
-    bi = load_bi_encoder(snapshot.manifest["model"]["name"])
-    cands, _ = recall_candidates(snapshot, bi, qtexts, depth)
-    model = load_cross_encoder(model_dir)
-    rerank, _ = rerank_candidates(model, qtexts, cands, depth)
-    weight, curve = tune_weight(cands, rerank, qrels)
-    return {"method": "zscore", "weight": weight, "tuned": True, "dev_queries": len(qtexts),
-            "depth": depth, "rule": f"one standard error towards {FUSION_PRIOR}",
-            "argmax_weight": argmax_weight(curve),
-            "ndcg@10_by_weight": {str(k): v for k, v in curve.items()}}
 
 
 def evaluate_retrieval(root: str, queries_path: str, qrels_path: str, *,
