@@ -29,7 +29,7 @@ def real_vectors(threads: int) -> np.ndarray:
     path = CACHE / "quora-all-minilm-l6-v2-onnx-int8.npy"
     if path.is_file():
         return np.load(path)
-    from shared.models import load_bi_encoder, set_threads
+    from twinq.shared.models import load_bi_encoder, set_threads
 
     set_threads(threads)
     texts = quora_questions(70788)
@@ -74,12 +74,12 @@ def recall_at(ids: np.ndarray, truth: np.ndarray) -> float:
 
 
 def build(vectors: np.ndarray, key: str, seed: int, trained: dict[int, np.ndarray]):
-    """`shared.index_choice.build_index`, except that IVF indexes of one size share one coarse
+    """`twinq.shared.index_choice.build_index`, except that IVF indexes of one size share one coarse
     k-means (the slow part: 200k x 4096 x 384 at 1M) and PQ skips polysemous training, which
     only matters for Hamming-filtered search (polysemous_ht, unused here) and cost minutes."""
     import faiss
 
-    from shared.index_choice import build_index, train_size
+    from twinq.shared.index_choice import build_index, train_size
 
     nlist = int(key.split(",")[0][3:]) if key.startswith("IVF") else 0
     if not nlist or nlist not in trained and "PQ" not in key:
@@ -108,7 +108,7 @@ def bench_size(vectors: np.ndarray, queries: np.ndarray, args: argparse.Namespac
                skip_hnsw: bool) -> list[str]:
     import faiss
 
-    from shared.index_choice import apply_search_params, choose_index_key
+    from twinq.shared.index_choice import apply_search_params, choose_index_key
 
     n, dim = vectors.shape
     flat = faiss.IndexFlatIP(dim)

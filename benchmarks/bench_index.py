@@ -34,8 +34,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    from pipelines.index import BuildOptions, build_snapshot
-    from shared.models import load_bi_encoder
+    from twinq.pipelines.index import BuildOptions, build_snapshot
+    from twinq.shared.models import load_bi_encoder
 
     texts = quora_questions(args.rows)
     work = Path(tempfile.mkdtemp(prefix="twinq-bench-index-"))

@@ -97,7 +97,7 @@ def random_head_cross_encoder(seed: int) -> str:
     import torch
     from sentence_transformers import CrossEncoder
 
-    from shared.models import bundled_model_path
+    from twinq.shared.models import bundled_model_path
 
     folder = REPO / "runs" / "bench-onnx" / f"ce-random-{seed}"
     if not (folder / "config.json").is_file():
@@ -128,7 +128,7 @@ def compare_recipes(bi: dict[str, Any], texts: list[str], threads: int, repeats:
     """Quality and speed of each int8 recipe for the bi-encoder, against torch and onnx fp32."""
     import copy
 
-    from shared.onnx_backend import make_session
+    from twinq.shared.onnx_backend import make_session
 
     models = {"torch fp32": bi["torch fp32"], "onnx fp32": bi["onnx fp32"]}
     for name, path in recipe_variants(bi["onnx int8"].folder).items():
@@ -183,7 +183,7 @@ def main() -> None:
 
     import torch
 
-    from shared.models import load_bi_encoder, load_cross_encoder, set_threads
+    from twinq.shared.models import load_bi_encoder, load_cross_encoder, set_threads
 
     set_threads(args.threads)
     print(f"machine: {machine()}; torch {torch.__version__}, {args.threads} threads")

@@ -35,7 +35,7 @@ def train_steps(data: Dataset, sampler: object, steps: int, batch_size: int,
     from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
     from transformers import set_seed
 
-    from shared.models import resolve_model
+    from twinq.shared.models import resolve_model
 
     set_seed(0)
     model = CrossEncoder(resolve_model(None)[0], num_labels=1, max_length=max_length, device="cpu")
@@ -64,8 +64,8 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from pipelines.batching import LengthGroupedBatchSampler, grouped_batches, pair_lengths
-    from shared.models import resolve_model
+    from twinq.pipelines.batching import LengthGroupedBatchSampler, grouped_batches, pair_lengths
+    from twinq.shared.models import resolve_model
 
     pairs = quora_pairs(args.rows // 2)
     rows = [(a, b, 1.0) for a, b in pairs] + [(b, a, 1.0) for a, b in pairs]  # labels: no speed effect

@@ -36,11 +36,11 @@ RECALL_K, DEPTH = 50, 20
 
 
 def _snapshot(root: Path | None, rows: int, work: Path) -> Path:
-    from shared.snapshot import current_version
+    from twinq.shared.snapshot import current_version
 
     if root and current_version(root):
         return root
-    from pipelines.index import BuildOptions, build_snapshot
+    from twinq.pipelines.index import BuildOptions, build_snapshot
 
     corpus = work / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"_id": f"q{i}", "text": t}) + "\n"
@@ -55,7 +55,7 @@ def _random_head_reranker(work: Path) -> str:
     a trained one, for speed only."""
     from sentence_transformers import CrossEncoder
 
-    from shared.models import bundled_model_path
+    from twinq.shared.models import bundled_model_path
 
     out = work / "ce-random"
     CrossEncoder(str(bundled_model_path()), num_labels=1, max_length=128).save(str(out))
@@ -63,10 +63,10 @@ def _random_head_reranker(work: Path) -> str:
 
 
 def naive_loop(root: Path, reranker: str, queries: list[str], backend: str) -> tuple[list, list]:
-    from shared.models import load_bi_encoder, load_cross_encoder
-    from shared.rerank import score_pairs
-    from shared.search import search_shards
-    from shared.snapshot import load_snapshot
+    from twinq.shared.models import load_bi_encoder, load_cross_encoder
+    from twinq.shared.rerank import score_pairs
+    from twinq.shared.search import search_shards
+    from twinq.shared.snapshot import load_snapshot
 
     snapshot = load_snapshot(root)
     bi = load_bi_encoder(snapshot.manifest["model"]["name"], backend=backend)
@@ -88,7 +88,7 @@ def _wait_for_consumers(url: str, settings: Any, processes: list[subprocess.Pope
     the first batch of a process pays for lazy initialisation, which must not be timed."""
     import redis
 
-    from worker.client import TwinqClient
+    from twinq.worker.client import TwinqClient
 
     r = redis.Redis.from_url(url)
     for _ in range(1200):
@@ -114,7 +114,7 @@ def worker_run(root: Path, reranker: str, queries: list[str], backend: str, url:
                workers: int = 1, threads: int | None = None) -> tuple[list, list, float]:
     import redis
 
-    from shared.config import load_settings
+    from twinq.shared.config import load_settings
 
     tag = uuid.uuid4().hex[:8]
     env = {**os.environ, "TWINQ_STREAM": f"bench:{tag}", "TWINQ_GROUP": f"bench-{tag}",
@@ -123,7 +123,7 @@ def worker_run(root: Path, reranker: str, queries: list[str], backend: str, url:
         env["TWINQ_THREADS"] = str(threads)
     settings = load_settings(env=env)
     log = open(Path(tempfile.gettempdir()) / f"bench-worker-{tag}.log", "w")
-    processes = [subprocess.Popen([sys.executable, "-m", "shared.cli", "worker", "--root", str(root),
+    processes = [subprocess.Popen([sys.executable, "-m", "twinq.shared.cli", "worker", "--root", str(root),
                                    "--reranker", reranker, "--redis-url", url], env=env,
                                   stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
                  for _ in range(workers)]

@@ -39,9 +39,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipelines.splits import build_clusters, question_key  # noqa: E402
-from shared.pairs import LabelledPair, read_pairs  # noqa: E402
-from shared.text import normalize_text  # noqa: E402
+from twinq.pipelines.splits import build_clusters, question_key  # noqa: E402
+from twinq.shared.pairs import LabelledPair, read_pairs  # noqa: E402
+from twinq.shared.text import normalize_text  # noqa: E402
 
 log = logging.getLogger("build_quora_beir")
 
@@ -144,11 +144,11 @@ def write_snapshot(corpus_path: Path, root: Path, shards: int = 4, batch_size: i
     import numpy as np
     import pyarrow as pa
 
-    from shared import snapshot as snap
-    from shared.constants import DEFAULT_MODEL, SNAPSHOT_FORMAT_VERSION
-    from shared.models import load_bi_encoder
-    from shared.snapshot_schema import schema
-    from shared.text import stable_shard, text_key
+    from twinq.shared import snapshot as snap
+    from twinq.shared.constants import DEFAULT_MODEL, SNAPSHOT_FORMAT_VERSION
+    from twinq.shared.models import load_bi_encoder
+    from twinq.shared.snapshot_schema import schema
+    from twinq.shared.text import stable_shard, text_key
 
     docs = [json.loads(line) for line in corpus_path.read_text(encoding="utf-8").splitlines()]
     model = load_bi_encoder(None)
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = build(args.out, args.queries, args.seed)
     log.info("wrote %s: %s", args.out, counts)
     if args.snapshot_root:
-        from shared.models import set_threads
+        from twinq.shared.models import set_threads
 
         set_threads(args.threads)
         write_snapshot(args.out / "corpus.jsonl", args.snapshot_root, args.shards)

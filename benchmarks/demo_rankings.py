@@ -1,7 +1,7 @@
 """How the demo's sample questions rank (recall only, rerank only, fused) and are decided.
 
 The questions with a twin are ranked three ways; then every question is decided as the worker
-does (`shared.rerank.calibrate` on the fused list, the reranker's own `min_probability`):
+does (`twinq.shared.rerank.calibrate` on the fused list, the reranker's own `min_probability`):
 paraphrases should be answered from their twin, questions with no twin refused.
 
 Reads a demo work folder (snapshot + cached reranker) left by `make demo` / `twinq demo`:
@@ -27,10 +27,10 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=20)
     args = parser.parse_args()
 
-    from shared.models import load_bi_encoder, load_cross_encoder
-    from shared.rerank import calibrate, fuse, load_rerank_defaults, rerank
-    from shared.search import search_shards
-    from shared.snapshot import load_snapshot
+    from twinq.shared.models import load_bi_encoder, load_cross_encoder
+    from twinq.shared.rerank import calibrate, fuse, load_rerank_defaults, rerank
+    from twinq.shared.search import search_shards
+    from twinq.shared.snapshot import load_snapshot
 
     demo = REPO / "pipelines" / "demo"
     group_of = {r["id"]: r["group"] for r in map(json.loads, (demo / "faq.jsonl").read_text().splitlines())}

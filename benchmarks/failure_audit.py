@@ -32,10 +32,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.fusion_alternatives import DEPTH, reorder, rerank_scores  # noqa: E402
-from pipelines.evaluate import (Candidates, load_beir, ranked_ids,  # noqa: E402
+from twinq.pipelines.evaluate import (Candidates, load_beir, ranked_ids,  # noqa: E402
                                 read_training_json, recall_candidates)
-from pipelines.metrics import retrieval_metrics  # noqa: E402
-from shared.rerank import fuse_scores  # noqa: E402
+from twinq.pipelines.metrics import retrieval_metrics  # noqa: E402
+from twinq.shared.rerank import fuse_scores  # noqa: E402
 
 VERDICTS = ("twin", "not", "unsure")
 
@@ -86,8 +86,8 @@ def main() -> None:
     parser.add_argument("--verdicts", help="score again with the judged twins added")
     args = parser.parse_args()
 
-    from shared.models import load_bi_encoder, set_threads
-    from shared.snapshot import load_snapshot
+    from twinq.shared.models import load_bi_encoder, set_threads
+    from twinq.shared.snapshot import load_snapshot
 
     set_threads(2)
     queries, qrels = load_beir(f"{args.beir}/queries.jsonl", f"{args.beir}/qrels/test.tsv")

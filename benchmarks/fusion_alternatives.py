@@ -29,10 +29,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipelines.evaluate import (Candidates, load_beir, ranked_ids,  # noqa: E402
+from twinq.pipelines.evaluate import (Candidates, load_beir, ranked_ids,  # noqa: E402
                                 read_training_json, recall_candidates)
-from pipelines.metrics import paired_gain, per_query, retrieval_metrics  # noqa: E402
-from shared.rerank import fuse_scores, score_pairs, zscore  # noqa: E402
+from twinq.pipelines.metrics import paired_gain, per_query, retrieval_metrics  # noqa: E402
+from twinq.shared.rerank import fuse_scores, score_pairs, zscore  # noqa: E402
 
 DEPTH = 20
 
@@ -61,7 +61,7 @@ class Scorer:
 def rerank_scores(model_dir: str, queries: dict[str, str], cands: dict[str, Candidates],
                   cache: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Forward and swapped logits of the top DEPTH per query, cached on disk."""
-    from shared.models import load_cross_encoder
+    from twinq.shared.models import load_cross_encoder
 
     path = cache / f"{Path(model_dir).name}-{len(cands)}.npz"
     qids = list(cands)
@@ -119,8 +119,8 @@ def recall_feedback(snapshot, query_vectors: np.ndarray, cands: dict[str, Candid
     """Rocchio and neighbour agreement on the recall stage (no reranker)."""
     import pyarrow.parquet as pq
 
-    from shared.search import search_shards
-    from shared.snapshot import embeddings_of
+    from twinq.shared.search import search_shards
+    from twinq.shared.snapshot import embeddings_of
 
     vectors: dict[str, np.ndarray] = {}
     for shard in sorted(snapshot.path.glob("shard-*.parquet")):
@@ -162,8 +162,8 @@ def main() -> None:
                         help="skip the pseudo-relevance-feedback variants (recall stage only)")
     args = parser.parse_args()
 
-    from shared.models import load_bi_encoder, set_threads
-    from shared.snapshot import load_snapshot
+    from twinq.shared.models import load_bi_encoder, set_threads
+    from twinq.shared.snapshot import load_snapshot
 
     set_threads(args.threads)
     queries, qrels = load_beir(f"{args.beir}/queries.jsonl", f"{args.beir}/qrels/test.tsv")

@@ -10,9 +10,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from shared import snapshot as snap
-from shared.config import Settings, load_settings
-from shared.errors import BadInput
+from twinq.shared import snapshot as snap
+from twinq.shared.config import Settings, load_settings
+from twinq.shared.errors import BadInput
 
 index_app = typer.Typer(help="Build and manage versioned snapshots.", no_args_is_help=True,
                         rich_markup_mode=None)
@@ -55,8 +55,8 @@ def build_command(
 ) -> None:
     """Embed a corpus with Beam and write a new snapshot. Extra `--flags` go to Beam
     (e.g. `--direct_num_workers 2 --direct_running_mode multi_processing`, or `--runner FlinkRunner`)."""
-    from pipelines.build_metrics import push_build_metrics
-    from pipelines.index import BuildOptions, build_snapshot
+    from twinq.pipelines.build_metrics import push_build_metrics
+    from twinq.pipelines.index import BuildOptions, build_snapshot
 
     settings = _settings(config, root=str(root) if root else None, model=model, threads=threads,
                          backend=backend)
@@ -137,9 +137,9 @@ def search_command(
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Search the published snapshot in-process (no queue, no rerank)."""
-    from shared.models import load_bi_encoder
-    from shared.search import search_shards
-    from shared.text import normalize_text
+    from twinq.shared.models import load_bi_encoder
+    from twinq.shared.search import search_shards
+    from twinq.shared.text import normalize_text
 
     settings = _settings(config, root=root and str(root), model=model)
     snapshot = snap.load_snapshot(settings.root)

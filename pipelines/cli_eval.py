@@ -1,5 +1,5 @@
-"""`twinq eval pairs`, `twinq eval retrieval` (pipelines.evaluate) and `twinq eval decide`
-(pipelines.evaluate_decision)."""
+"""`twinq eval pairs`, `twinq eval retrieval` (twinq.pipelines.evaluate) and `twinq eval decide`
+(twinq.pipelines.evaluate_decision)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def pairs_command(
     from rich.console import Console
     from rich.table import Table
 
-    from pipelines.evaluate import evaluate_pairs
+    from twinq.pipelines.evaluate import evaluate_pairs
 
     report = evaluate_pairs(model, [str(p) for p in pairs], symmetric=symmetric,
                             out=str(out) if out else None)
@@ -66,7 +66,7 @@ def retrieval_command(
     """
     from rich.console import Console
 
-    from pipelines.evaluate import evaluate_retrieval, retrieval_table
+    from twinq.pipelines.evaluate import evaluate_retrieval, retrieval_table
 
     report = evaluate_retrieval(root, str(queries), str(qrels), reranker=reranker,
                                 recall_k=recall_k, rerank_depth=rerank_depth,
@@ -97,7 +97,7 @@ def decide_command(
     from rich.console import Console
     from rich.text import Text
 
-    from pipelines.evaluate_decision import decision_table, evaluate_decision
+    from twinq.pipelines.evaluate_decision import decision_table, evaluate_decision
 
     report = evaluate_decision(root, str(queries), str(qrels), reranker,
                                removed_share=removed_share, unrelated=unrelated, seed=seed,

@@ -1,4 +1,4 @@
-"""`twinq train reranker`: fine-tune the cross-encoder on question pairs (see pipelines.train)."""
+"""`twinq train reranker`: fine-tune the cross-encoder on question pairs (see twinq.pipelines.train)."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def reranker_command(
     """
     from rich.console import Console
 
-    from pipelines.train import TrainSettings, train_reranker
+    from twinq.pipelines.train import TrainSettings, train_reranker
 
     settings = TrainSettings(
         pairs=[str(p) for p in pairs], out=str(out), base=base,
@@ -114,7 +114,7 @@ def decide_command(
     """
     from rich.console import Console
 
-    from pipelines.train import refit_decision
+    from twinq.pipelines.train import refit_decision
 
     report = refit_decision(str(reranker), fusion_root=fusion_root)
     d = report["decision_dev"]

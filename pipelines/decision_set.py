@@ -13,7 +13,7 @@ queries searched in a real corpus, of three kinds:
 - ``unrelated``: an out-of-domain question (`read_unrelated`), which has no twin anywhere.
 
 Each query is recalled, reranked and fused exactly as the worker does it; its top hit's
-features (`shared.calibration.hit_features`) and whether that hit is a twin make one row.
+features (`twinq.shared.calibration.hit_features`) and whether that hit is a twin make one row.
 The training split never sees these questions: they come from dev clusters (or a test set,
 for `twinq eval decide`) and from the half of the unrelated list that training does not use.
 """
@@ -30,21 +30,21 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipelines.evaluate import (Candidates, argmax_weight, build_runs, recall_candidates,
+from twinq.pipelines.evaluate import (Candidates, argmax_weight, build_runs, recall_candidates,
                                 rerank_candidates, tune_weight)
-from pipelines.metrics import expected_calibration_error, paired_gain, per_query, roc_auc
-from pipelines.splits import build_clusters, is_positive, question_key
-from shared.calibration import FEATURES, Calibration, fit_logistic, hit_features, \
+from twinq.pipelines.metrics import expected_calibration_error, paired_gain, per_query, roc_auc
+from twinq.pipelines.splits import build_clusters, is_positive, question_key
+from twinq.shared.calibration import FEATURES, Calibration, fit_logistic, hit_features, \
     threshold_for_precision
-from shared.errors import BadInput
-from shared.rerank import DEFAULT_FUSION_WEIGHT, fuse_scores
+from twinq.shared.errors import BadInput
+from twinq.shared.rerank import DEFAULT_FUSION_WEIGHT, fuse_scores
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from sentence_transformers import CrossEncoder, SentenceTransformer
 
-    from shared.pairs import LabelledPair
+    from twinq.shared.pairs import LabelledPair
 
 KINDS = ("answerable", "twin_removed", "unrelated")
 DECISION_FEATURES: tuple[str, ...] = FEATURES
@@ -343,7 +343,7 @@ def pair_calibration(model: CrossEncoder, dev: Sequence[LabelledPair], rows: Dec
     the serving-like queries. Top hits are the wrong sample for pairs: a near miss that won
     its query scores high and is no twin, which flattens the map for every pair.
     """
-    from shared.rerank import score_pairs
+    from twinq.shared.rerank import score_pairs
 
     labelled = [p for p in dev if p.label is not None]
     labels = np.array([int(p.label or 0) for p in labelled])
@@ -421,8 +421,8 @@ def fit_serving(model_dir: str, dev: Sequence[LabelledPair], corpus_pairs: Seque
     Raises:
         BadInput: when no dev question yields an answerable and a twin-removed query.
     """
-    from shared.models import load_bi_encoder, load_cross_encoder, resolve_model
-    from shared.snapshot import load_snapshot
+    from twinq.shared.models import load_bi_encoder, load_cross_encoder, resolve_model
+    from twinq.shared.snapshot import load_snapshot
 
     if root:
         snapshot: Any = load_snapshot(root)

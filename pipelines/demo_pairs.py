@@ -4,7 +4,7 @@ Every two questions of a group are a duplicate pair. Near-miss groups (same word
 meaning) give the hard negatives a reranker must learn; pairs across random groups give easy
 ones. The output is deterministic, so `pipelines/demo/pairs.tsv` can be regenerated and checked.
 
-    python -m pipelines.demo_pairs > pipelines/demo/pairs.tsv
+    python -m twinq.pipelines.demo_pairs > pipelines/demo/pairs.tsv
 """
 
 from __future__ import annotations

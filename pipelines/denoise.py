@@ -17,11 +17,11 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from pipelines.mining import MiningResult
-from shared.errors import BadInput
+from twinq.pipelines.mining import MiningResult
+from twinq.shared.errors import BadInput
 
 if TYPE_CHECKING:
-    from shared.calibration import Calibration
+    from twinq.shared.calibration import Calibration
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def teacher_calibration(teacher: str, threshold: float) -> Calibration:
     Raises:
         BadInput: the teacher has no calibration, or the threshold is not in (0, 1).
     """
-    from shared.rerank import load_rerank_defaults
+    from twinq.shared.rerank import load_rerank_defaults
 
     if not 0.0 < threshold < 1.0:
         raise BadInput(f"--denoise-threshold must lie in (0, 1), got {threshold}")
@@ -49,7 +49,7 @@ def drop_likely_twins(mined: MiningResult, teacher: str, threshold: float = 0.5,
     `threshold`.
 
     Args:
-        mined: Groups from `pipelines.mining.mine_hard_negatives`.
+        mined: Groups from `twinq.pipelines.mining.mine_hard_negatives`.
         teacher: Folder of a reranker trained by twinq (it needs the calibration in its
             training.json).
         threshold: Negatives the teacher gives a higher probability are dropped. Defaults to 0.5.
@@ -62,8 +62,8 @@ def drop_likely_twins(mined: MiningResult, teacher: str, threshold: float = 0.5,
     Raises:
         BadInput: the teacher has no calibration, or the threshold is not in (0, 1).
     """
-    from shared.models import load_cross_encoder
-    from shared.rerank import score_pairs
+    from twinq.shared.models import load_cross_encoder
+    from twinq.shared.rerank import score_pairs
 
     calibration = teacher_calibration(teacher, threshold)
     pairs = [(anchor.q1, text) for anchor, texts in mined.groups for text in texts]

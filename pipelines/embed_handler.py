@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
-from shared.models import load_bi_encoder, resolve_model, set_threads
+from twinq.shared.models import load_bi_encoder, resolve_model, set_threads
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -49,7 +49,7 @@ class EmbedHandler(ModelHandler[str, PredictionResult, "SentenceTransformer"]):
         Args:
             model: A local path, hub name, or None for the bundled all-MiniLM-L6-v2.
             threads: Torch threads per SDK process. Defaults to torch's choice.
-            backend: "torch", or "onnx" for onnxruntime int8 (see `shared.models`). Defaults
+            backend: "torch", or "onnx" for onnxruntime int8 (see `twinq.shared.models`). Defaults
                 to "torch".
             min_batch_size: Smallest batch Beam forms (but for a bundle's last). Defaults to
                 `BATCH_SIZE`: a fixed size, as an offline job wants.

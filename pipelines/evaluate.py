@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipelines.metrics import (expected_calibration_error, fuse_scores, pair_metrics,
+from twinq.pipelines.metrics import (expected_calibration_error, fuse_scores, pair_metrics,
                                paired_gain, per_query, pr_curve, recall_at_k, retrieval_metrics)
-from shared.errors import BadInput
-from shared.pairs import read_pairs
+from twinq.shared.errors import BadInput
+from twinq.shared.pairs import read_pairs
 
 if TYPE_CHECKING:
     from sentence_transformers import CrossEncoder
@@ -58,9 +58,9 @@ def evaluate_pairs(model_dir: str, pairs_path: Sequence[str], *, symmetric: bool
     Raises:
         BadInput: the file holds no labelled pairs.
     """
-    from shared.calibration import sigmoid
-    from shared.models import load_cross_encoder
-    from shared.rerank import load_rerank_defaults, score_pairs
+    from twinq.shared.calibration import sigmoid
+    from twinq.shared.models import load_cross_encoder
+    from twinq.shared.rerank import load_rerank_defaults, score_pairs
 
     data = read_pairs(list(pairs_path))
     pairs = [p for p in data.pairs if p.label is not None]
@@ -172,7 +172,7 @@ def recall_candidates(snapshot: Any, bi_encoder: Any, queries: dict[str, str], k
     Returns:
         Candidates per query id, and the seconds spent embedding and searching.
     """
-    from shared.search import search_shards
+    from twinq.shared.search import search_shards
 
     qids = list(queries)
     removed = {q: (exclude or {}).get(q, {q}) for q in qids}
@@ -196,11 +196,11 @@ def rerank_candidates(model: CrossEncoder, queries: dict[str, str], cands: dict[
                       ) -> tuple[dict[str, np.ndarray], float]:
     """Score the top `depth` of every query in one predict call (pairs batched across queries).
 
-    Scores are raw logits from `shared.rerank.score_pairs`, the scale the worker fuses on, so a
+    Scores are raw logits from `twinq.shared.rerank.score_pairs`, the scale the worker fuses on, so a
     fusion weight tuned here means the same thing in production; `symmetric` averages both
     orders, as the worker's `rerank_symmetric` does.
     """
-    from shared.rerank import score_pairs as raw_scores
+    from twinq.shared.rerank import score_pairs as raw_scores
 
     qids = list(cands)
     pairs = [(queries[q], t) for q in qids for t in cands[q].texts[:depth]]
@@ -282,8 +282,8 @@ def evaluate_retrieval(root: str, queries_path: str, qrels_path: str, *,
         max_queries: Evaluate only the first N queries. Defaults to None (all).
         out: Write report.json, report.md and retrieval.png here. Defaults to None.
     """
-    from shared.models import load_bi_encoder, load_cross_encoder
-    from shared.snapshot import load_snapshot
+    from twinq.shared.models import load_bi_encoder, load_cross_encoder
+    from twinq.shared.snapshot import load_snapshot
 
     queries, qrels = load_beir(queries_path, qrels_path)
     queries = {q: t for q, t in queries.items() if q in qrels}

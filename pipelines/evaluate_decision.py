@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.decision_set import (DecisionRows, beir_queries, decision_metrics, decision_rows,
+from twinq.pipelines.decision_set import (DecisionRows, beir_queries, decision_metrics, decision_rows,
                                     fit_decision, read_dev_rows, read_unrelated, score_queries)
-from pipelines.evaluate import load_beir, write_report_files
-from shared.calibration import FEATURES, sigmoid
-from shared.errors import BadInput
+from twinq.pipelines.evaluate import load_beir, write_report_files
+from twinq.shared.calibration import FEATURES, sigmoid
+from twinq.shared.errors import BadInput
 
 ABLATIONS: dict[str, tuple[str, ...]] = {
     "logit only (Platt)": ("rerank",),
@@ -56,9 +56,9 @@ def evaluate_decision(root: str, queries_path: str, qrels_path: str, reranker: s
     Raises:
         BadInput: bad files, a removed share outside 0..1, or a reranker without a decision.
     """
-    from shared.models import load_bi_encoder, load_cross_encoder
-    from shared.rerank import load_rerank_defaults
-    from shared.snapshot import load_snapshot
+    from twinq.shared.models import load_bi_encoder, load_cross_encoder
+    from twinq.shared.rerank import load_rerank_defaults
+    from twinq.shared.snapshot import load_snapshot
 
     if not 0.0 <= removed_share <= 1.0:
         raise BadInput(f"--removed-share must be in 0..1, got {removed_share}")
@@ -97,7 +97,7 @@ def evaluate_decision(root: str, queries_path: str, qrels_path: str, reranker: s
 
 def _raw(rows: DecisionRows) -> dict[str, Any]:
     """The uncalibrated baseline: the sigmoid of the top hit's logit taken as a probability."""
-    from pipelines.metrics import expected_calibration_error
+    from twinq.pipelines.metrics import expected_calibration_error
 
     p = sigmoid(rows.features[:, FEATURES.index("rerank")])
     return {"ece": expected_calibration_error(rows.labels, p),

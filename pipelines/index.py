@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shared import snapshot as snap
-from shared.constants import SNAPSHOT_FORMAT_VERSION
-from shared.corpus import expand_paths, read_columns, resolve_fields
-from shared.errors import BadInput, SnapshotCorrupt, SnapshotInvalid
-from shared.index_choice import parse_bytes
-from shared.models import resolve_model
+from twinq.shared import snapshot as snap
+from twinq.shared.constants import SNAPSHOT_FORMAT_VERSION
+from twinq.shared.corpus import expand_paths, read_columns, resolve_fields
+from twinq.shared.errors import BadInput, SnapshotCorrupt, SnapshotInvalid
+from twinq.shared.index_choice import parse_bytes
+from twinq.shared.models import resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class BuildOptions:
     backend: str = "torch"
     """Encoder backend; recorded in the manifest, and vectors are reused only from the same one."""
     batch_size: int = 1024
-    """Texts per inference batch (see `pipelines.embed_handler.BATCH_SIZE`)."""
+    """Texts per inference batch (see `twinq.pipelines.embed_handler.BATCH_SIZE`)."""
     canary: int = 200
     beam_args: list[str] = field(default_factory=list)
 
@@ -150,13 +150,13 @@ def run_beam(opts: BuildOptions, paths: list[str], path: Path, model_name: str,
         BadInput: a corpus file turned out unreadable while the pipeline read it (a Parquet
             file whose footer is intact but a data page is not).
     """
-    from pipelines import index_transforms as T  # first: it quiets Beam's import
+    from twinq.pipelines import index_transforms as T  # first: it quiets Beam's import
 
     import apache_beam as beam
     from apache_beam.metrics.metric import MetricsFilter
     from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
-    from pipelines.embed_handler import EmbedHandler
+    from twinq.pipelines.embed_handler import EmbedHandler
 
     handler = KeyedModelHandler(EmbedHandler(opts.model, threads=opts.threads, backend=opts.backend,
                                              min_batch_size=opts.batch_size,
@@ -245,7 +245,7 @@ def _quiet_bad_input_logs() -> Iterator[None]:
 
 def _collect_entries(path: Path, shards: int) -> list[dict[str, Any]]:
     """Gather the shard entries Beam wrote, and write empty shards for hash buckets left empty."""
-    from pipelines.index_transforms import write_shard_records
+    from twinq.pipelines.index_transforms import write_shard_records
 
     entries: dict[int, dict[str, Any]] = {}
     for part in sorted(path.glob("entries*.jsonl")):

@@ -1,6 +1,6 @@
 """The Beam DoFns and transforms of the index pipeline: read, clean, dedupe, reuse, shard, write.
 
-Each is small and pure enough to test alone; `pipelines.index` wires them into a pipeline.
+Each is small and pure enough to test alone; `twinq.pipelines.index` wires them into a pipeline.
 Between stages a row is a tuple or dict of strings and a vector is float32 bytes: Beam's
 primitive coder encodes those natively, where dataclasses and numpy arrays went through pickle,
 one call per row per stage (the largest fixed cost of an incremental build).
@@ -31,8 +31,8 @@ import apache_beam as beam  # noqa: E402
 from apache_beam.io.filesystems import FileSystems  # noqa: E402
 from apache_beam.metrics import Metrics  # noqa: E402
 
-from shared.corpus import Rejected, iter_records  # noqa: E402
-from shared.text import normalize_text, stable_shard, text_key  # noqa: E402
+from twinq.shared.corpus import Rejected, iter_records  # noqa: E402
+from twinq.shared.text import normalize_text, stable_shard, text_key  # noqa: E402
 
 log = logging.getLogger(__name__)
 REJECTED = "rejected"
@@ -155,8 +155,8 @@ def read_previous_embeddings(data_file: str) -> Iterator[tuple[str, bytes]]:
     """
     import pyarrow.parquet as pq
 
-    from shared.errors import SnapshotCorrupt, one_line
-    from shared.snapshot import embeddings_of
+    from twinq.shared.errors import SnapshotCorrupt, one_line
+    from twinq.shared.snapshot import embeddings_of
 
     try:
         table = pq.read_table(data_file, columns=["text_key", "embedding"])
@@ -194,9 +194,9 @@ def write_shard_records(path: Path, shard: int, records: list[dict[str, Any]],
     import numpy as np
     import pyarrow as pa
 
-    from shared.index_choice import IndexChoice, choose_index_key
-    from shared.snapshot import write_shard
-    from shared.snapshot_schema import schema
+    from twinq.shared.index_choice import IndexChoice, choose_index_key
+    from twinq.shared.snapshot import write_shard
+    from twinq.shared.snapshot_schema import schema
 
     records.sort(key=lambda r: r["id"])
     dim = dim or len(records[0]["embedding"]) // 4

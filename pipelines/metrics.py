@@ -12,7 +12,7 @@ from typing import Literal
 
 import numpy as np
 
-from shared.rerank import RRF_K, fuse_scores, zscore  # noqa: F401 - one definition of the fusion maths
+from twinq.shared.rerank import RRF_K, fuse_scores, zscore  # noqa: F401 - one definition of the fusion maths
 
 """Reciprocal-rank-fusion constant from Cormack et al. (2009); 60 is the usual default."""
 

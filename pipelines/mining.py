@@ -24,13 +24,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipelines.splits import build_clusters, is_positive, question_key
-from shared.pairs import LabelledPair
+from twinq.pipelines.splits import build_clusters, is_positive, question_key
+from twinq.shared.pairs import LabelledPair
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
-    from shared.snapshot import Snapshot
+    from twinq.shared.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def mine_hard_negatives(
                 candidates.append([(keys[i], texts[keys[i]], float(s))
                                    for s, i in zip(row_s, row_i) if i >= 0])
         else:
-            from shared.search import search_shards
+            from twinq.shared.search import search_shards
 
             for hits in search_shards(snapshot, vectors[anchor_rows], k):
                 candidates.append([(question_key(h.text), h.text, h.recall_score) for h in hits])

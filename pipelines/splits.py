@@ -14,8 +14,8 @@ import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from shared.pairs import LabelledPair
-from shared.text import normalize_text
+from twinq.shared.pairs import LabelledPair
+from twinq.shared.text import normalize_text
 
 
 class UnionFind:

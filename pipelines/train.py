@@ -1,21 +1,21 @@
 """Fine-tune the cross-encoder reranker on question pairs, on CPU.
 
 Steps, each a function: read pairs -> question-disjoint train/dev split -> mine negatives for
-positive-only data (optionally vetted by a trained reranker, `pipelines.denoise`) -> build the
+positive-only data (optionally vetted by a trained reranker, `twinq.pipelines.denoise`) -> build the
 (optionally swapped) dataset -> train with ``CrossEncoderTrainer`` + ``BinaryCrossEntropyLoss``
 (or, with ``loss="listwise"``, a softmax over each anchor's twin and its mined near misses; see
 `TrainSettings.loss`) in length-grouped batches (much less padding than random ones;
-`pipelines.batching`), evaluating dev and keeping the best checkpoint -> score dev with the
+`twinq.pipelines.batching`), evaluating dev and keeping the best checkpoint -> score dev with the
 saved model -> pick the threshold -> search the dev questions in the corpus the reranker will
 serve, tune the fusion weight and fit the twin decision on those serving-like queries
-(`pipelines.decision_set`) -> write the model and ``training.json``.
+(`twinq.pipelines.decision_set`) -> write the model and ``training.json``.
 
 Besides the mined near misses, every positive pair gets an easy negative (`easy_negatives`): a
 random corpus question or an out-of-domain one, so that the raw score of an unrelated pair is low.
 
 ``training.json`` is the contract with the query worker: ``base``, ``threshold``, ``fusion``
 (``{"method": "zscore", "weight"}``), ``decision`` (the twin decision model with its default
-``min_probability``; `shared.calibration`), ``calibration`` (the pair calibration of the logit),
+``min_probability``; `twinq.shared.calibration`), ``calibration`` (the pair calibration of the logit),
 ``settings``, ``data`` (sizes and sources), ``dev_metrics`` (pairs) and ``decision_dev``.
 """
 
@@ -31,14 +31,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from pipelines.decision_set import ServingFit, fit_serving, read_unrelated, split_unrelated
-from pipelines.denoise import drop_likely_twins, teacher_calibration
-from pipelines.metrics import best_threshold, pair_metrics
-from pipelines.mining import mine_hard_negatives
-from pipelines.splits import build_clusters, is_positive, question_disjoint_split, question_key
-from shared.errors import BadInput
-from shared.models import resolve_model, set_threads
-from shared.pairs import LabelledPair, read_pairs
+from twinq.pipelines.decision_set import ServingFit, fit_serving, read_unrelated, split_unrelated
+from twinq.pipelines.denoise import drop_likely_twins, teacher_calibration
+from twinq.pipelines.metrics import best_threshold, pair_metrics
+from twinq.pipelines.mining import mine_hard_negatives
+from twinq.pipelines.splits import build_clusters, is_positive, question_disjoint_split, question_key
+from twinq.shared.errors import BadInput
+from twinq.shared.models import resolve_model, set_threads
+from twinq.shared.pairs import LabelledPair, read_pairs
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -69,10 +69,10 @@ class TrainSettings:
     random_negatives: int = 0
     margin: float = 0.05
     bands: str = "1-5,6-20,21-50"
-    """Rank bands mined negatives are drawn from, evenly (see `pipelines.mining`)."""
+    """Rank bands mined negatives are drawn from, evenly (see `twinq.pipelines.mining`)."""
     hard_negatives: str | None = None
     denoise_with: str | None = None
-    """A trained twinq reranker that vets the mined training negatives (`pipelines.denoise`)."""
+    """A trained twinq reranker that vets the mined training negatives (`twinq.pipelines.denoise`)."""
     denoise_threshold: float = 0.5
     """Mined negatives the teacher gives a higher duplicate probability are dropped."""
     easy_negatives: int = 1
@@ -81,7 +81,7 @@ class TrainSettings:
     (`unrelated`), so that an unrelated pair gets a low raw score."""
     unrelated: str | None = None
     """Out-of-domain questions (a text file, one per line); None is the bundled list, "none"
-    turns them off. Half train, the other half calibrates (`pipelines.decision_set`)."""
+    turns them off. Half train, the other half calibrates (`twinq.pipelines.decision_set`)."""
     bi_encoder: str | None = None
     fusion_root: str | None = None
     """The snapshot the reranker will serve: dev questions are searched in it to tune fusion
@@ -94,7 +94,7 @@ class TrainSettings:
     threads: int | None = None
     max_steps: int = -1
     group_by_length: bool = True
-    """Batch pairs of similar length (`pipelines.batching`): less padding, faster on CPU."""
+    """Batch pairs of similar length (`twinq.pipelines.batching`): less padding, faster on CPU."""
     loss: str = "bce"
     """"bce": every pair scored on its own (binary cross-entropy). "listwise": each positive pair
     becomes one group (anchor, twin, its ``negatives`` mined near misses) and the loss is a
@@ -154,7 +154,7 @@ def parse_bands(text: str) -> list[tuple[int, int]]:
 LOSSES = ("bce", "listwise")
 
 Group = tuple[LabelledPair, list[str]]
-"""An anchor's positive pair and the negatives mined for it (`pipelines.mining.MiningResult`)."""
+"""An anchor's positive pair and the negatives mined for it (`twinq.pipelines.mining.MiningResult`)."""
 
 
 class PreparedData(NamedTuple):
@@ -301,7 +301,7 @@ def prepare_data(settings: TrainSettings) -> PreparedData:
     """
     if settings.loss not in LOSSES:
         raise BadInput(f"unknown loss {settings.loss!r}: expected one of {', '.join(LOSSES)}")
-    from shared.models import load_bi_encoder
+    from twinq.shared.models import load_bi_encoder
 
     parse_bands(settings.bands)  # a typo fails now, not after the pairs are read
     if settings.denoise_with:  # likewise a teacher without calibration, before minutes of mining
@@ -313,7 +313,7 @@ def prepare_data(settings: TrainSettings) -> PreparedData:
     bi_encoder = load_bi_encoder(settings.bi_encoder) if needs_bi else None
     snapshot = None
     if settings.hard_negatives:
-        from shared.snapshot import load_snapshot
+        from twinq.shared.snapshot import load_snapshot
 
         snapshot = load_snapshot(settings.hard_negatives)
     listwise = settings.loss == "listwise"
@@ -383,7 +383,7 @@ def progress_callback() -> Any:
 def _batching(settings: TrainSettings) -> dict[str, Any]:
     if not settings.group_by_length:
         return {}
-    from pipelines.batching import LengthGroupedBatchSampler
+    from twinq.pipelines.batching import LengthGroupedBatchSampler
 
     return {"batch_sampler": LengthGroupedBatchSampler}
 
@@ -503,7 +503,7 @@ def pair_report(model_dir: str, dev: list[LabelledPair], settings: TrainSettings
 
     Also scores a fixed sample of the training pairs at the dev threshold (train metrics).
     """
-    from shared.models import load_cross_encoder
+    from twinq.shared.models import load_cross_encoder
 
     model = load_cross_encoder(model_dir, max_length=settings.max_length)
     labels = [int(p.label or 0) for p in dev]
@@ -523,7 +523,7 @@ def pair_report(model_dir: str, dev: list[LabelledPair], settings: TrainSettings
 
 def serving_fit(model_dir: str, settings: TrainSettings, split: SplitPairs | None) -> ServingFit:
     """Fusion, the twin decision and the pair calibration of a trained reranker, fitted on the
-    held-out side of `split` (`pipelines.decision_set.fit_serving`)."""
+    held-out side of `split` (`twinq.pipelines.decision_set.fit_serving`)."""
     split = split or split_pairs(settings)
     _, unrelated_held_out = split_unrelated(read_unrelated(settings.unrelated))
     return fit_serving(model_dir, split.dev, split.everything, root=settings.fusion_root,

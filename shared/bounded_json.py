@@ -3,7 +3,7 @@
 A queue message comes from anyone who can write to the stream. `json.loads` recurses once per
 nesting level and converts number literals of any length (quadratic time), so a few kilobytes can
 hold a worker's batch; and a payload refused for such a limit must still say where to send the
-refusal. Both needs live here, apart from the protocol's schema (`shared.protocol`).
+refusal. Both needs live here, apart from the protocol's schema (`twinq.shared.protocol`).
 """
 
 from __future__ import annotations

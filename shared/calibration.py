@@ -3,7 +3,7 @@
 A cross-encoder's logit ranks well but is not a probability. Fitted only on labelled pairs it is
 over-confident exactly where it matters: a question with no twin in the corpus still has a
 nearest neighbour, and "what is the capital of France?" scored 0.988 against an FAQ entry.
-So the decision model is fitted on what serving looks like (`pipelines.decision_set`): queries
+So the decision model is fitted on what serving looks like (`twinq.pipelines.decision_set`): queries
 whose twin is in the corpus, the same queries with their twins removed (the top hit is then a
 near miss), and out-of-domain questions. Its inputs are the hit's features as the worker sees
 them (`hit_features`): the rerank logit, the recall cosine and the margins to the best other

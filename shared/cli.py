@@ -16,7 +16,7 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
-from shared.errors import BadInput, TwinqError
+from twinq.shared.errors import BadInput, TwinqError
 
 
 def _entry_points() -> dict[str, EntryPoint]:

@@ -16,8 +16,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from shared import constants as C
-from shared.errors import ConfigError
+from twinq.shared import constants as C
+from twinq.shared.errors import ConfigError
 
 Backend = Literal["torch", "onnx", "onnx-fp32", "openvino"]
 FusionMethod = Literal["none", "zscore", "rrf"]

@@ -20,7 +20,7 @@ HEARTBEAT_PREFIX = "twinq:worker:"
 DONE_PREFIX = "twinq:done:"
 """Idempotency marker per request id, `<mode>:<request digest>:<worker>`: a redelivered request
 is not answered twice, and a different one reusing the id is told so (see
-`shared.protocol.marker_mode`)."""
+`twinq.shared.protocol.marker_mode`)."""
 
 CACHE_PREFIX = "twinq:cache:"
 """Query-cache entries, keyed by snapshot version, settings and normalised query."""

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any, Literal
 
-from shared.errors import BadInput, one_line
+from twinq.shared.errors import BadInput, one_line
 
 Format = Literal["csv", "tsv", "jsonl", "parquet"]
 Opener = Callable[[str], IO[bytes]]

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from shared.errors import BadInput
+from twinq.shared.errors import BadInput
 
 if TYPE_CHECKING:
     import faiss

@@ -13,18 +13,18 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from shared.constants import DEFAULT_MODEL
-from shared.errors import ModelLoadError
+from twinq.shared.constants import DEFAULT_MODEL
+from twinq.shared.errors import ModelLoadError
 
 if TYPE_CHECKING:
     from sentence_transformers import CrossEncoder, SentenceTransformer
 
-    from shared.onnx_backend import OnnxBiEncoder, OnnxCrossEncoder
+    from twinq.shared.onnx_backend import OnnxBiEncoder, OnnxCrossEncoder
 
 log = logging.getLogger(__name__)
 
 ONNX_BACKENDS = {"onnx": "int8", "onnx-fp32": "fp32"}
-"""Backends served by `shared.onnx_backend` (int8 by default), and the precision each runs in."""
+"""Backends served by `twinq.shared.onnx_backend` (int8 by default), and the precision each runs in."""
 
 _threads: int | None = None
 """The last `set_threads` value, which the onnx backend reads for its intra-op threads."""
@@ -95,7 +95,7 @@ def _local_folder(source: str, stable: str) -> tuple[Path, bool]:
 
 def _load_onnx(kind: str, name: str | None, backend: str, max_length: int | None = None
                ) -> OnnxBiEncoder | OnnxCrossEncoder:
-    from shared.onnx_backend import OnnxBiEncoder, OnnxCrossEncoder
+    from twinq.shared.onnx_backend import OnnxBiEncoder, OnnxCrossEncoder
 
     source, stable = resolve_model(name)
     _quiet_loading()

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from shared.errors import ModelLoadError
+from twinq.shared.errors import ModelLoadError
 
 if TYPE_CHECKING:
     import onnxruntime as ort

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from shared.errors import BadInput
+from twinq.shared.errors import BadInput
 
 PairFormat = Literal["lcqmc", "quora", "csv", "pawsx", "positive-tsv", "aligned"]
 FORMATS: tuple[str, ...] = ("lcqmc", "quora", "csv", "pawsx", "positive-tsv", "aligned")

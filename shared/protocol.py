@@ -11,7 +11,7 @@ is strict (unknown fields, wrong types and out-of-range values are refused with 
 because a silently ignored typo such as `topk` would give an answer to a different question.
 
 Example:
-    >>> from shared.config import Settings
+    >>> from twinq.shared.config import Settings
     >>> req = parse_request({b"payload": b'{"id": "a1", "query": "reset password"}'}, Settings())
     >>> (req.reply_to, req.top_k)
     ('twinq:reply:a1', 10)
@@ -26,19 +26,19 @@ from dataclasses import asdict, dataclass
 from enum import Enum, IntEnum
 from typing import TYPE_CHECKING, Any, NamedTuple, get_args
 
-from shared import constants as C
-from shared.bounded_json import JsonLimitError, loads, top_level_strings
-from shared.config import FusionMethod
-from shared.errors import ProtocolError
-from shared.text import normalize_text
+from twinq.shared import constants as C
+from twinq.shared.bounded_json import JsonLimitError, loads, top_level_strings
+from twinq.shared.config import FusionMethod
+from twinq.shared.errors import ProtocolError
+from twinq.shared.text import normalize_text
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
     from redis import Redis
 
-    from shared.config import Settings
-    from shared.search import Hit
+    from twinq.shared.config import Settings
+    from twinq.shared.search import Hit
 
 PAYLOAD_FIELD = "payload"
 """The one stream field of a request; it holds the JSON object."""

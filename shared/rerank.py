@@ -13,7 +13,7 @@ carries its tuned fusion and its twin decision model in `training.json`:
      "threshold": 0.5}
 
 `rerank_score` is the cross-encoder's logit; `calibrate` turns it, with the recall cosine and
-the margins, into `duplicate_probability` (`shared.calibration`).
+the margins, into `duplicate_probability` (`twinq.shared.calibration`).
 
 Example:
     >>> hits = [[Hit("q1", "reset my password", 0.9), Hit("q2", "change email", 0.7)]]
@@ -31,16 +31,16 @@ from typing import TYPE_CHECKING, Any, get_args
 
 import numpy as np
 
-from shared.config import FusionMethod
-from shared.errors import ConfigError
+from twinq.shared.config import FusionMethod
+from twinq.shared.errors import ConfigError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from sentence_transformers import CrossEncoder
 
-    from shared.calibration import Calibration
-    from shared.search import Hit
+    from twinq.shared.calibration import Calibration
+    from twinq.shared.search import Hit
 
 TRAINING_FILE = "training.json"
 RRF_K = 60
@@ -191,7 +191,7 @@ def fuse(hits: list[Hit], method: FusionMethod, weight: float = DEFAULT_FUSION_W
 def calibrate(hits: list[Hit], decision: Calibration | None) -> None:
     """Fill each reranked hit's `duplicate_probability` from the decision model.
 
-    The model was fitted on the top hit of serving-like dev queries (`shared.calibration`), so
+    The model was fitted on the top hit of serving-like dev queries (`twinq.shared.calibration`), so
     the first hit's probability is the calibrated one; lower hits get the same map of their own
     features (their margin is negative: another candidate scores higher). Without a decision
     model, or for hits that were not reranked, it stays None: an uncalibrated score is not a
@@ -201,7 +201,7 @@ def calibrate(hits: list[Hit], decision: Calibration | None) -> None:
         hits: One query's hits with `rerank_score` filled where reranked.
         decision: The reranker's decision model, or None.
     """
-    from shared.calibration import hit_features
+    from twinq.shared.calibration import hit_features
 
     reranked = [h for h in hits if h.rerank_score is not None]
     for hit in hits:
@@ -254,7 +254,7 @@ def load_rerank_defaults(model_dir: str | Path | None) -> RerankDefaults:
             every twinq-trained reranker carries, naming the file and the bad key. A broken file
             is not ignored: it would silently change every score the worker reports.
     """
-    from shared.calibration import Calibration
+    from twinq.shared.calibration import Calibration
 
     if model_dir is None or not (Path(model_dir) / TRAINING_FILE).is_file():
         return RerankDefaults()

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import numpy as np
 
-    from shared.snapshot import Snapshot
+    from twinq.shared.snapshot import Snapshot
 
 _POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="twinq-search")
 """FAISS releases the GIL while it searches, so shards are searched side by side."""

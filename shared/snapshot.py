@@ -24,9 +24,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shared.errors import (BadInput, ShardMismatch, SnapshotCorrupt, SnapshotInvalid,
+from twinq.shared.errors import (BadInput, ShardMismatch, SnapshotCorrupt, SnapshotInvalid,
                            SnapshotNotFound, one_line)
-from shared.snapshot_schema import check_manifest, plain_file_name, schema
+from twinq.shared.snapshot_schema import check_manifest, plain_file_name, schema
 
 if TYPE_CHECKING:
     import faiss
@@ -159,7 +159,7 @@ def write_shard(path: Path, i: int, table: pa.Table, key: str, reason: str, para
     import numpy as np
     import pyarrow.parquet as pq
 
-    from shared.index_choice import build_index
+    from twinq.shared.index_choice import build_index
 
     index_file, data_file = shard_files(i)
     pq.write_table(table, path / data_file, compression="zstd")
@@ -244,7 +244,7 @@ def _open_shard(path: Path, entry: dict[str, Any], dim: int, *, mmap: bool, chec
     import faiss
     import pyarrow.parquet as pq
 
-    from shared.index_choice import apply_search_params
+    from twinq.shared.index_choice import apply_search_params
 
     index_path = _member(path, entry["index_file"])
     data_path = _member(path, entry["data_file"])
@@ -305,7 +305,7 @@ def run_canary(path: Path, manifest: dict[str, Any], sample: int = 200, seed: in
         vectors = embeddings_of(pq.read_table(_member(path, entry["data_file"]),
                                               columns=["embedding"]))[rows]
         index = faiss.read_index(str(_member(path, entry["index_file"])))
-        from shared.index_choice import apply_search_params
+        from twinq.shared.index_choice import apply_search_params
 
         apply_search_params(index, entry.get("search_params", ""))
         scores, ids = index.search(vectors, 2)

@@ -13,8 +13,8 @@ import re
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from shared.constants import SNAPSHOT_FORMAT_VERSION
-from shared.errors import SnapshotCorrupt
+from twinq.shared.constants import SNAPSHOT_FORMAT_VERSION
+from twinq.shared.errors import SnapshotCorrupt
 
 if TYPE_CHECKING:
     import pyarrow as pa

@@ -29,7 +29,7 @@ def _tiny_bert(path: Path, *, num_labels: int | None = None) -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel
 
-    from shared.models import bundled_model_path
+    from twinq.shared.models import bundled_model_path
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(str(bundled_model_path()))
@@ -60,7 +60,7 @@ def tiny_bi_encoder_path(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_cross_encoder_path(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A tiny cross-encoder folder (one logit), loadable by `shared.models.load_cross_encoder`."""
+    """A tiny cross-encoder folder (one logit), loadable by `twinq.shared.models.load_cross_encoder`."""
     from sentence_transformers import CrossEncoder
 
     base = _tiny_bert(tmp_path_factory.mktemp("tiny-ce-base"), num_labels=1)
@@ -71,7 +71,7 @@ def tiny_cross_encoder_path(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="session")
 def _tiny_bi_encoder_model(tiny_bi_encoder_path: str) -> Any:
-    from shared.models import load_bi_encoder
+    from twinq.shared.models import load_bi_encoder
 
     return load_bi_encoder(tiny_bi_encoder_path)
 
@@ -84,7 +84,7 @@ def tiny_bi_encoder(_tiny_bi_encoder_model: Any) -> Any:
 
 @pytest.fixture(scope="session")
 def bundled_bi_encoder() -> Any:
-    from shared.models import load_bi_encoder
+    from twinq.shared.models import load_bi_encoder
 
     return load_bi_encoder()
 
@@ -104,9 +104,9 @@ def write_quick_snapshot(root: Path, texts: list[str], model: Any, *, model_name
     import numpy as np
     import pyarrow as pa
 
-    from shared import snapshot as snap
-    from shared.constants import SNAPSHOT_FORMAT_VERSION
-    from shared.text import normalize_text, stable_shard, text_key
+    from twinq.shared import snapshot as snap
+    from twinq.shared.constants import SNAPSHOT_FORMAT_VERSION
+    from twinq.shared.text import normalize_text, stable_shard, text_key
 
     version = snap.new_version(root)
     path = snap.version_dir(root, version)
@@ -139,7 +139,7 @@ def write_quick_snapshot(root: Path, texts: list[str], model: Any, *, model_name
 
 
 def snapshot_schema(dim: int) -> Any:
-    from shared.snapshot_schema import schema
+    from twinq.shared.snapshot_schema import schema
 
     return schema(dim)
 

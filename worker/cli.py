@@ -1,7 +1,7 @@
 """`twinq worker`, `twinq ask` and `twinq submit`: serve the queue, and use it.
 
 These are plain functions; `shared/cli.py` registers them from the `twinq.commands` entry
-points. Every setting goes through `shared.config.load_settings`, so flags, `TWINQ_*`
+points. Every setting goes through `twinq.shared.config.load_settings`, so flags, `TWINQ_*`
 variables and a TOML file combine the same way everywhere.
 
 Without a Redis URL (no --redis-url, no TWINQ_REDIS_URL, none in the config file), `twinq worker`
@@ -23,16 +23,16 @@ from typing import Any
 import redis
 import typer
 
-from shared.config import Settings, load_settings
-from shared.constants import MAX_RECALL_K, MAX_TOP_K
-from shared.errors import BadInput, TwinqError
-from shared.models import set_threads
-from worker.client import TwinqClient
-from worker.consumer import Consumer, default_worker_id
-from worker.embedded_redis import DEFAULT_PORT, EmbeddedRedis, url_file
-from worker.engine import Engine
-from worker.metrics import WorkerMetrics
-from worker.status import StatusServer
+from twinq.shared.config import Settings, load_settings
+from twinq.shared.constants import MAX_RECALL_K, MAX_TOP_K
+from twinq.shared.errors import BadInput, TwinqError
+from twinq.shared.models import set_threads
+from twinq.worker.client import TwinqClient
+from twinq.worker.consumer import Consumer, default_worker_id
+from twinq.worker.embedded_redis import DEFAULT_PORT, EmbeddedRedis, url_file
+from twinq.worker.engine import Engine
+from twinq.worker.metrics import WorkerMetrics
+from twinq.worker.status import StatusServer
 
 log = logging.getLogger(__name__)
 

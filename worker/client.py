@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING, Any
 import redis
 import redis.asyncio as aioredis
 
-from shared.config import load_settings
-from shared.errors import BadInput, TwinqError
-from shared.protocol import REQUEST_FIELDS, decode_reply, encode_request
-from worker.embedded_redis import read_url_file, url_file
+from twinq.shared.config import load_settings
+from twinq.shared.errors import BadInput, TwinqError
+from twinq.shared.protocol import REQUEST_FIELDS, decode_reply, encode_request
+from twinq.worker.embedded_redis import read_url_file, url_file
 
 if TYPE_CHECKING:
-    from shared.config import Settings
+    from twinq.shared.config import Settings
 
 KNOBS = frozenset(REQUEST_FIELDS) - {"id", "query", "top_k", "recall_k", "rerank", "reply_to",
                                      "submitted_ms"}

@@ -3,7 +3,7 @@
 Delivery is at-least-once: an entry is ACKed only after its reply is written, entries idle past
 the visibility timeout (their worker died) are taken over with XAUTOCLAIM, and an entry
 delivered more than `max_deliveries` times is dead-lettered with an `internal` reply. Replies
-are written once per request (`shared.protocol.push_replies`): a redelivered request that
+are written once per request (`twinq.shared.protocol.push_replies`): a redelivered request that
 was already answered is ACKed without a second reply, a retryable error leaves the id free
 for the retry, and a different request reusing an answered id is told so. As in rq, `run()`
 is a list of named steps in try/finally, and exceptions are sorted only at the loop boundary.
@@ -23,18 +23,18 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from shared import constants as C
-from shared.errors import ConfigError, ProtocolError
-from shared.protocol import (ErrorCode, Outgoing, QueryRequest, Written, conflict_reply,
+from twinq.shared import constants as C
+from twinq.shared.errors import ConfigError, ProtocolError
+from twinq.shared.protocol import (ErrorCode, Outgoing, QueryRequest, Written, conflict_reply,
                              entry_digest, error_reply, parse_marker, parse_request, push_replies,
                              reply_address, safe_text, sha256_hex)
-from worker.engine import QueryCache
-from worker.metrics import RecentStats, WorkerMetrics, prefixed
-from worker.status import record_stop, write_heartbeat
+from twinq.worker.engine import QueryCache
+from twinq.worker.metrics import RecentStats, WorkerMetrics, prefixed
+from twinq.worker.status import record_stop, write_heartbeat
 
 if TYPE_CHECKING:
-    from shared.config import Settings
-    from worker.engine import Engine
+    from twinq.shared.config import Settings
+    from twinq.worker.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +257,7 @@ class Consumer:
            or when the parser itself fails).
         3. Drop requests already answered with the same digest (`twinq:done:<id>`) or repeated
            within the batch; answer a different request reusing an answered id with
-           `conflict_reply` (see `shared.protocol.marker_mode` for the rule).
+           `conflict_reply` (see `twinq.shared.protocol.marker_mode` for the rule).
         4. Refuse requests that waited past the reply TTL (`overloaded`; the client is gone).
         5. Answer the rest in one engine call, through the query cache when it is on.
         6. Write every reply (once per request), then ACK every entry that got one. An entry

@@ -35,9 +35,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from shared.errors import TwinqError
-from worker.client import TwinqClient
-from worker.embedded_redis import EmbeddedRedis
+from twinq.shared.errors import TwinqError
+from twinq.worker.client import TwinqClient
+from twinq.worker.embedded_redis import EmbeddedRedis
 
 console = Console()
 # The demo pairs are few (about 1,300 for training) and short: one epoch at 5e-5 barely moved
@@ -62,7 +62,7 @@ def demo_dir() -> Path:
 
 
 def _twinq(*args: str) -> list[str]:
-    return [sys.executable, "-m", "shared.cli", *args]
+    return [sys.executable, "-m", "twinq.shared.cli", *args]
 
 
 PROGRESS = re.compile(r"\| *(\d+)/(\d+) \[|embedded (\d+)/~?(\d+) texts")

@@ -17,7 +17,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from shared.errors import TwinqError
+from twinq.shared.errors import TwinqError
 
 log = logging.getLogger(__name__)
 

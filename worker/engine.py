@@ -24,25 +24,25 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from shared.constants import CACHE_PREFIX
-from shared.errors import ConfigError, SnapshotInvalid, SnapshotNotFound, TwinqError
-from shared.models import load_bi_encoder, load_cross_encoder, resolve_model
-from shared.protocol import (ErrorCode, decode_reply, encode_reply, error_reply, full_timings,
+from twinq.shared.constants import CACHE_PREFIX
+from twinq.shared.errors import ConfigError, SnapshotInvalid, SnapshotNotFound, TwinqError
+from twinq.shared.models import load_bi_encoder, load_cross_encoder, resolve_model
+from twinq.shared.protocol import (ErrorCode, decode_reply, encode_reply, error_reply, full_timings,
                              models_info, ok_reply)
-from shared.rerank import DEFAULT_FUSION_WEIGHT, calibrate, fuse, load_rerank_defaults, rerank
-from shared.search import search_shards
-from shared.snapshot import age_seconds, current_version, load_snapshot
-from worker.metrics import prefixed
+from twinq.shared.rerank import DEFAULT_FUSION_WEIGHT, calibrate, fuse, load_rerank_defaults, rerank
+from twinq.shared.search import search_shards
+from twinq.shared.snapshot import age_seconds, current_version, load_snapshot
+from twinq.worker.metrics import prefixed
 
 if TYPE_CHECKING:
     from redis import Redis
     from sentence_transformers import CrossEncoder, SentenceTransformer
 
-    from shared.config import Settings
-    from shared.protocol import QueryRequest
-    from shared.search import Hit
-    from shared.snapshot import Snapshot
-    from worker.metrics import WorkerMetrics
+    from twinq.shared.config import Settings
+    from twinq.shared.protocol import QueryRequest
+    from twinq.shared.search import Hit
+    from twinq.shared.snapshot import Snapshot
+    from twinq.worker.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 

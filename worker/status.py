@@ -28,11 +28,11 @@ from typing import TYPE_CHECKING, Any
 import redis
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from shared.constants import HEARTBEAT_PREFIX, HEARTBEAT_TTL_S, METRICS_HOST
-from worker.client import stream_depth
+from twinq.shared.constants import HEARTBEAT_PREFIX, HEARTBEAT_TTL_S, METRICS_HOST
+from twinq.worker.client import stream_depth
 
 if TYPE_CHECKING:
-    from worker.consumer import Consumer
+    from twinq.worker.consumer import Consumer
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def worker_readiness(consumer: Consumer) -> tuple[bool, str]:
 def write_heartbeat(consumer: Consumer) -> dict[str, int | None]:
     """Refresh the worker's hash `twinq:worker:<id>` (state, snapshot, counts; TTL), like
     arq's health key: a worker that stops beating disappears by itself. Returns the queue
-    depths (see `worker.client.stream_depth`)."""
+    depths (see `twinq.worker.client.stream_depth`)."""
     s = consumer.settings
     key = HEARTBEAT_PREFIX + consumer.worker_id
     pipe = consumer.redis.pipeline(transaction=False)

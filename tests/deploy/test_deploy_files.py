@@ -567,8 +567,8 @@ def test_runner_recipes_and_requirements():
 
 
 def test_metric_contract_matches_what_the_code_exports() -> None:
-    from pipelines.build_metrics import BUILD_METRICS, build_registry
-    from worker.metrics import EXPORTED_METRICS as WORKER_METRICS
+    from twinq.pipelines.build_metrics import BUILD_METRICS, build_registry
+    from twinq.worker.metrics import EXPORTED_METRICS as WORKER_METRICS
 
     assert EXPORTED_METRICS == WORKER_METRICS | BUILD_METRICS
     manifest = {"corpus": {"rows_read": 3, "rows_rejected": 1, "rows_embedded": 2, "rows_reused": 0,

@@ -21,7 +21,7 @@ def _dataset(n: int, seed: int = 0):  # noqa: ANN202
 
 @pytest.mark.parametrize("n,drop_last", [(5000, False), (5000, True), (31, False), (3207, True)])
 def test_each_row_once_and_len_matches(n: int, drop_last: bool) -> None:
-    from pipelines.batching import LengthGroupedBatchSampler
+    from twinq.pipelines.batching import LengthGroupedBatchSampler
 
     sampler = LengthGroupedBatchSampler(_dataset(n), batch_size=32, drop_last=drop_last, seed=3)
     batches = list(sampler)
@@ -35,7 +35,7 @@ def test_each_row_once_and_len_matches(n: int, drop_last: bool) -> None:
 
 
 def test_batches_group_similar_lengths() -> None:
-    from pipelines.batching import LengthGroupedBatchSampler, pair_lengths
+    from twinq.pipelines.batching import LengthGroupedBatchSampler, pair_lengths
 
     data = _dataset(6400)
     lengths = pair_lengths(data)
@@ -50,7 +50,7 @@ def test_batches_group_similar_lengths() -> None:
 
 
 def test_order_is_seeded_and_changes_by_epoch() -> None:
-    from pipelines.batching import LengthGroupedBatchSampler
+    from twinq.pipelines.batching import LengthGroupedBatchSampler
 
     data = _dataset(2000)
     a = LengthGroupedBatchSampler(data, batch_size=16, drop_last=False, seed=7)

@@ -11,12 +11,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipelines.decision_set import (DecisionRows, Scored, ServingQueries, beir_queries,
+from twinq.pipelines.decision_set import (DecisionRows, Scored, ServingQueries, beir_queries,
                                     decision_rows, dev_queries, fit_decision, read_unrelated,
                                     split_unrelated, tune_fusion)
-from pipelines.evaluate import Candidates
-from shared.errors import BadInput
-from shared.pairs import LabelledPair
+from twinq.pipelines.evaluate import Candidates
+from twinq.shared.errors import BadInput
+from twinq.shared.pairs import LabelledPair
 
 TOPICS = ["python", "cooking", "guitar", "running", "taxes", "travel", "chess", "gardening"]
 
@@ -31,7 +31,7 @@ def _dev() -> list[LabelledPair]:
 
 
 def _by_key(pairs: list[LabelledPair]) -> dict[str, set[str]]:
-    from pipelines.splits import question_key
+    from twinq.pipelines.splits import question_key
 
     texts = dict.fromkeys(t for p in pairs for t in (p.q1, p.q2))
     return {question_key(t): {f"d{n}"} for n, t in enumerate(texts)}
@@ -43,7 +43,7 @@ def test_dev_queries_balance_answerable_and_twin_removed_and_exclude_the_right_r
     queries = dev_queries(dev, by_key, limit=1000, seed=0)
     counts = queries.counts()
     assert counts["answerable"] == counts["twin_removed"] > 0 and counts["unrelated"] == 0
-    from pipelines.splits import build_clusters, question_key
+    from twinq.pipelines.splits import build_clusters, question_key
 
     clusters = build_clusters([p for p in dev if p.label == 1])
     ids_of_cluster: dict[int, set[str]] = {}
@@ -144,7 +144,7 @@ def test_eval_decide_end_to_end_on_tiny_models(tmp_path: Path, quick_snapshot: A
                                                tiny_cross_encoder_path: str) -> None:
     from typer.testing import CliRunner
 
-    from pipelines.cli_eval import eval_app
+    from twinq.pipelines.cli_eval import eval_app
 
     texts = [f"How do I learn {t}?" for t in TOPICS] + [f"Best way to learn {t}?" for t in TOPICS]
     root, _ = quick_snapshot(texts)

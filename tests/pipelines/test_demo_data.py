@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-from pipelines.demo_pairs import DEMO_DIR, derive_pairs, load_groups, render
+from twinq.pipelines.demo_pairs import DEMO_DIR, derive_pairs, load_groups, render
 
 
 def test_demo_pairs_file_matches_its_groups() -> None:

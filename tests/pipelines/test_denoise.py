@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.denoise import drop_likely_twins
-from pipelines.mining import MiningResult
-from shared.calibration import Calibration
-from shared.rerank import score_pairs
-from shared.errors import BadInput
-from shared.models import load_cross_encoder
-from shared.pairs import LabelledPair
+from twinq.pipelines.denoise import drop_likely_twins
+from twinq.pipelines.mining import MiningResult
+from twinq.shared.calibration import Calibration
+from twinq.shared.rerank import score_pairs
+from twinq.shared.errors import BadInput
+from twinq.shared.models import load_cross_encoder
+from twinq.shared.pairs import LabelledPair
 
 
 def _teacher(tmp_path: Path, source: str, calibration: dict | None) -> str:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from pipelines.evaluate import (Candidates, argmax_weight, build_runs, load_beir, ranked_ids,
+from twinq.pipelines.evaluate import (Candidates, argmax_weight, build_runs, load_beir, ranked_ids,
                                 tune_weight)
 
 TEXTS = ["How do I learn python?", "Best way to learn python?", "How do I cook rice?",
@@ -75,8 +75,8 @@ def test_load_beir_skips_header(tmp_path: Path) -> None:
 
 def test_eval_retrieval_cli_reports_three_variants(tmp_path: Path, quick_snapshot,
                                                    tiny_cross_encoder_path: str) -> None:
-    from pipelines.cli_eval import eval_app
-    from pipelines.evaluate import evaluate_retrieval
+    from twinq.pipelines.cli_eval import eval_app
+    from twinq.pipelines.evaluate import evaluate_retrieval
 
     root, _ = quick_snapshot(TEXTS)
     queries, qrels = _beir(tmp_path)
@@ -99,9 +99,9 @@ def test_eval_retrieval_cli_reports_three_variants(tmp_path: Path, quick_snapsho
 
 
 def test_rerank_candidates_symmetric_averages_both_orders(tiny_cross_encoder_path: str) -> None:
-    from pipelines.evaluate import rerank_candidates
-    from shared.models import load_cross_encoder
-    from shared.rerank import score_pairs
+    from twinq.pipelines.evaluate import rerank_candidates
+    from twinq.shared.models import load_cross_encoder
+    from twinq.shared.rerank import score_pairs
 
     tiny_cross_encoder = load_cross_encoder(tiny_cross_encoder_path)
     cands = {"q0": Candidates([["d1"], ["d2"], ["d3"]], TEXTS[1:4], np.array([0.9, 0.8, 0.7]))}
@@ -114,7 +114,7 @@ def test_rerank_candidates_symmetric_averages_both_orders(tiny_cross_encoder_pat
 
 
 def test_eval_pairs_cli_writes_report_and_curve(tmp_path: Path, tiny_cross_encoder_path: str) -> None:
-    from pipelines.cli_eval import eval_app
+    from twinq.pipelines.cli_eval import eval_app
 
     pairs = tmp_path / "pairs.txt"
     pairs.write_text(f"{TEXTS[0]}\t{TEXTS[1]}\t1\n{TEXTS[0]}\t{TEXTS[2]}\t0\n"

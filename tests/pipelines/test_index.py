@@ -9,11 +9,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.embed_handler import EmbedHandler
-from pipelines.index import BuildOptions, build_snapshot
-from shared import snapshot as snap
-from shared.cli import main as twinq
-from shared.errors import SnapshotInvalid
+from twinq.pipelines.embed_handler import EmbedHandler
+from twinq.pipelines.index import BuildOptions, build_snapshot
+from twinq.shared import snapshot as snap
+from twinq.shared.cli import main as twinq
+from twinq.shared.errors import SnapshotInvalid
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -48,7 +48,7 @@ def test_build_snapshot_shards_dedupes_and_rejects(tmp_path: Path, tiny_bi_encod
     assert sum(s.index.ntotal for s in loaded.shards) == len(all_rows) == 41
     merged = next(r for r in all_rows if r["id"] == "dup")
     assert merged["ids"] == ["dup", "q003"] and json.loads(merged["metadata"]) == {}
-    from shared.text import stable_shard
+    from twinq.shared.text import stable_shard
     for shard_no, shard in enumerate(loaded.shards):
         assert all(stable_shard(shard.row(i)["id"], 3) == shard_no for i in range(shard.index.ntotal))
     assert result.manifest["validation"]["passed"] and result.manifest["model"]["dimension"] == 32
@@ -172,7 +172,7 @@ def test_duplicate_id_first_occurrence_wins_and_the_other_is_rejected(
                    (result.path / snap.REJECTS).read_text().splitlines()]
         return result.manifest["corpus"], texts, rejects
 
-    with caplog.at_level("WARNING", logger="pipelines.index"):
+    with caplog.at_level("WARNING", logger="twinq.pipelines.index"):
         corpus, texts, rejects = build([first, second], "r1")
     assert texts == {"x": ("how do I pay?", ["x"]), "y": ("where is my order?", ["y"]),
                      "z": ("can I get a refund?", ["z"])}
@@ -224,7 +224,7 @@ def test_runinference_forms_full_batches_and_keeps_keys(tiny_bi_encoder_path: st
     from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
     from apache_beam.testing.util import assert_that
 
-    from shared.models import load_bi_encoder
+    from twinq.shared.models import load_bi_encoder
 
     _BATCHES.clear()
     texts = [f"question {n} " + "w" * (n % 97) for n in range(100)]
@@ -279,7 +279,7 @@ class _SlowModel:
 def test_embed_progress_rate_counts_the_first_batch(caplog) -> None:
     """One batch of 385 texts in 0.05 s is about 7,700/s, not 385000000000/s."""
     handler = EmbedHandler("unused", progress_total=385)
-    with caplog.at_level("INFO", logger="pipelines.embed_handler"):
+    with caplog.at_level("INFO", logger="twinq.pipelines.embed_handler"):
         handler.run_inference([f"q{i}" for i in range(385)], _SlowModel())
     [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("embedded")]
     rate = int(line.split("(")[1].split("/s")[0])
@@ -292,9 +292,9 @@ def test_importing_beam_through_twinq_prints_no_apitools_notice() -> None:
     import subprocess
     import sys
 
-    from pipelines.index_transforms import _ApitoolsNotice
+    from twinq.pipelines.index_transforms import _ApitoolsNotice
 
-    code = "import logging; logging.basicConfig(); import pipelines.index_transforms"
+    code = "import logging; logging.basicConfig(); import twinq.pipelines.index_transforms"
     err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[2], timeout=120).stderr
     assert "apitools" not in err, err
@@ -318,7 +318,7 @@ def test_a_corrupt_published_snapshot_turns_reuse_off_and_a_new_build_replaces_i
             tiny_bi_encoder_path, "--shards", "1", "--canary", "0"]
     assert twinq(argv + ["--reuse-from", str(root)]) == 2  # named explicitly: an error
     assert "corrupt manifest: created_at" in capsys.readouterr().err
-    with caplog.at_level("WARNING", logger="pipelines.index"):
+    with caplog.at_level("WARNING", logger="twinq.pipelines.index"):
         second = build_snapshot(BuildOptions(**options, publish=True))
     assert "not reusing vectors" in caplog.text and second.manifest["corpus"]["rows_reused"] == 0
     assert snap.load_snapshot(root).version == second.version

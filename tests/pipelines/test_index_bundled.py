@@ -9,9 +9,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from shared import snapshot as snap
-from shared.cli import main as twinq
-from shared.search import search_shards
+from twinq.shared import snapshot as snap
+from twinq.shared.cli import main as twinq
+from twinq.shared.search import search_shards
 
 pytestmark = pytest.mark.slow
 

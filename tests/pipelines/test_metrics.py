@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from pipelines import metrics as M
+from twinq.pipelines import metrics as M
 
 LABELS = [1, 0, 1, 1, 0, 0]
 SCORES = [0.9, 0.8, 0.7, 0.4, 0.3, 0.1]

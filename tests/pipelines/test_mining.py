@@ -6,9 +6,9 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.mining import mine_hard_negatives
-from pipelines.splits import build_clusters, question_key
-from shared.pairs import LabelledPair
+from twinq.pipelines.mining import mine_hard_negatives
+from twinq.pipelines.splits import build_clusters, question_key
+from twinq.shared.pairs import LabelledPair
 
 TOPICS = ["python", "cooking", "guitar", "running", "taxes", "travel", "chess", "garden",
           "painting", "physics", "history", "swimming", "cats", "cars", "music", "maths"]
@@ -54,7 +54,7 @@ def test_mining_is_deterministic_and_uses_snapshot(tiny_bi_encoder: Any, quick_s
     a = mine_hard_negatives(pairs, tiny_bi_encoder, margin=-10.0, seed=5)
     b = mine_hard_negatives(pairs, tiny_bi_encoder, margin=-10.0, seed=5)
     assert a.negatives == b.negatives
-    from shared.snapshot import load_snapshot
+    from twinq.shared.snapshot import load_snapshot
 
     texts = sorted({t for p in pairs for t in (p.q1, p.q2)})
     root, _ = quick_snapshot(texts)

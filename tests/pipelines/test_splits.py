@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from pipelines.splits import (UnionFind, build_clusters, question_disjoint_split, question_key,
+from twinq.pipelines.splits import (UnionFind, build_clusters, question_disjoint_split, question_key,
                               question_set)
-from shared.pairs import LabelledPair
+from twinq.shared.pairs import LabelledPair
 
 
 def test_union_find_merges_transitively() -> None:

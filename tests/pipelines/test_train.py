@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from shared.pairs import LabelledPair
+from twinq.shared.pairs import LabelledPair
 
 TOPICS = ["python", "cooking", "guitar", "running", "taxes", "travel", "chess", "gardening",
           "painting", "physics", "history", "swimming"]
 
 
 def test_swap_augment_doubles_and_mirrors() -> None:
-    from pipelines.train import swap_augment, to_dataset
+    from twinq.pipelines.train import swap_augment, to_dataset
 
     pairs = [LabelledPair("a", "b", 1), LabelledPair("c", "d", 0), LabelledPair("e", "f", None)]
     out = swap_augment(pairs)
@@ -40,8 +40,8 @@ def test_train_reranker_cli_writes_loadable_model(tmp_path: Path, tiny_cross_enc
                                                   tiny_bi_encoder_path: str) -> None:
     from typer.testing import CliRunner
 
-    from pipelines.cli_train import train_app
-    from shared.models import load_cross_encoder
+    from twinq.pipelines.cli_train import train_app
+    from twinq.shared.models import load_cross_encoder
 
     pairs = tmp_path / "pairs.tsv"
     _write_positive_pairs(pairs)
@@ -57,7 +57,7 @@ def test_train_reranker_cli_writes_loadable_model(tmp_path: Path, tiny_cross_enc
     assert meta["fusion"]["method"] == "zscore" and 0.0 <= meta["fusion"]["weight"] <= 1.0
     assert meta["fusion"]["tuned"] is True and "rule" in meta["fusion"]
     # The twin decision: fitted on serving-like dev queries of all three kinds, and loadable.
-    from shared.rerank import load_rerank_defaults
+    from twinq.shared.rerank import load_rerank_defaults
 
     defaults = load_rerank_defaults(out)
     assert defaults.decision is not None and 0.0 <= defaults.decision.min_probability <= 1.0
@@ -86,8 +86,8 @@ def test_train_reranker_cli_writes_loadable_model(tmp_path: Path, tiny_cross_enc
 
 def test_labelled_pairs_are_kept_in_full_and_split_question_disjointly(
         tmp_path: Path, tiny_bi_encoder_path: str) -> None:
-    from pipelines.splits import question_key
-    from pipelines.train import TrainSettings, prepare_data
+    from twinq.pipelines.splits import question_key
+    from twinq.pipelines.train import TrainSettings, prepare_data
 
     pairs = tmp_path / "pairs.tsv"
     _write_positive_pairs(pairs)
@@ -119,7 +119,7 @@ def test_same_seed_trains_the_same_model(tmp_path: Path, tiny_bi_encoder_path: s
     head is new and randomly initialised, the step that was once left unseeded."""
     import torch
 
-    from pipelines.train import TrainSettings, fit, prepare_data
+    from twinq.pipelines.train import TrainSettings, fit, prepare_data
 
     pairs = tmp_path / "pairs.tsv"
     _write_positive_pairs(pairs)
@@ -138,8 +138,8 @@ def test_same_seed_trains_the_same_model(tmp_path: Path, tiny_bi_encoder_path: s
 def test_parse_bands() -> None:
     import pytest
 
-    from pipelines.train import parse_bands
-    from shared.errors import BadInput
+    from twinq.pipelines.train import parse_bands
+    from twinq.shared.errors import BadInput
 
     assert parse_bands("1-5, 6-20,21-50") == [(1, 5), (6, 20), (21, 50)]
     assert parse_bands("3-3") == [(3, 3)]
@@ -150,8 +150,8 @@ def test_parse_bands() -> None:
 
 def test_listwise_groups_hold_the_twin_and_mined_negatives_outside_its_cluster(
         tmp_path: Path, tiny_bi_encoder_path: str) -> None:
-    from pipelines.splits import build_clusters, question_key
-    from pipelines.train import TrainSettings, prepare_data, to_group_dataset
+    from twinq.pipelines.splits import build_clusters, question_key
+    from twinq.pipelines.train import TrainSettings, prepare_data, to_group_dataset
 
     pairs = tmp_path / "pairs.tsv"
     _write_positive_pairs(pairs)
@@ -183,8 +183,8 @@ def test_listwise_loss_is_softmax_cross_entropy_over_the_group(
     randoms (two anchors, so a random would change the value)."""
     import torch
 
-    from pipelines.train import _hard_negatives_only_loss
-    from shared.models import load_cross_encoder
+    from twinq.pipelines.train import _hard_negatives_only_loss
+    from twinq.shared.models import load_cross_encoder
 
     model = load_cross_encoder(tiny_cross_encoder_path)
     loss = _hard_negatives_only_loss(model)
@@ -207,8 +207,8 @@ def test_listwise_training_runs_and_records_its_cost(tmp_path: Path, tiny_bi_enc
                                                      tiny_cross_encoder_path: str) -> None:
     import pytest
 
-    from pipelines.train import TrainSettings, train_reranker
-    from shared.errors import BadInput
+    from twinq.pipelines.train import TrainSettings, train_reranker
+    from twinq.shared.errors import BadInput
 
     pairs = tmp_path / "pairs.tsv"
     _write_positive_pairs(pairs)
@@ -229,7 +229,7 @@ def test_a_teacher_vets_the_training_negatives_only(tmp_path: Path, tiny_bi_enco
     import json
     import shutil
 
-    from pipelines.train import TrainSettings, prepare_data
+    from twinq.pipelines.train import TrainSettings, prepare_data
 
     pairs = tmp_path / "pairs.tsv"
     _write_positive_pairs(pairs)
@@ -253,8 +253,8 @@ def test_a_teacher_vets_the_training_negatives_only(tmp_path: Path, tiny_bi_enco
 
 
 def test_easy_negatives_take_turns_and_never_pick_the_anchors_cluster() -> None:
-    from pipelines.splits import build_clusters, question_key
-    from pipelines.train import easy_negatives
+    from twinq.pipelines.splits import build_clusters, question_key
+    from twinq.pipelines.train import easy_negatives
 
     pairs = [LabelledPair(f"How do I learn {t}?", f"What is the best way to learn {t}?", None)
              for t in TOPICS] + [LabelledPair("Is chess hard?", "Is chess easy?", 0)]

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from shared.config import Settings, load_settings
+from twinq.shared.config import Settings, load_settings
 from tests.reliability.harness import Processes, RedisServer, tag
 
 TEXTS = [f"how do I {verb} my {thing}" for verb in ("reset", "change", "delete", "recover",
@@ -107,14 +107,14 @@ def module_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 @pytest.fixture(scope="session")
 def rel_bi_encoder(tiny_bi_encoder_path: str) -> Any:
-    from shared.models import load_bi_encoder
+    from twinq.shared.models import load_bi_encoder
 
     return load_bi_encoder(tiny_bi_encoder_path)
 
 
 @pytest.fixture(scope="session")
 def rel_cross_encoder(tiny_cross_encoder_path: str) -> Any:
-    from shared.models import load_cross_encoder
+    from twinq.shared.models import load_cross_encoder
 
     return load_cross_encoder(tiny_cross_encoder_path)
 

@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shared.config import load_settings
-from worker.cli import serve
-from worker.consumer import Consumer, Entry
+from twinq.shared.config import load_settings
+from twinq.worker.cli import serve
+from twinq.worker.consumer import Consumer, Entry
 
 POINTS = ("before_reply", "before_ack", "hold")
 

@@ -3,7 +3,7 @@
 A strategy draws a `Template`; `Template.render(request_id)` gives the stream fields and the
 expectation, so that every fuzzed message carries an id unique to the run (ids are idempotency
 keys: two messages sharing one would be answered once). Expectations follow
-architecture.md section 4, written here independently of `shared.protocol`:
+architecture.md section 4, written here independently of `twinq.shared.protocol`:
 
     reply  an error reply (`ok` false, a code from `codes`) on `reply_key`
     dead   no usable reply address: a dead-letter entry, nothing else
@@ -20,9 +20,9 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from shared import constants as C
-from shared.protocol import REQUEST_FIELDS
-from shared.text import normalize_text
+from twinq.shared import constants as C
+from twinq.shared.protocol import REQUEST_FIELDS
+from twinq.shared.text import normalize_text
 
 PREFIX = C.REPLY_PREFIX
 BAD = ("bad_request",)
@@ -70,7 +70,7 @@ def _reply(kind: str, obj: dict[str, Any], rid: str, codes: tuple[str, ...] = BA
 
 def oracle_address(raw: bytes) -> str | None:
     """The request id a worker can reply to for `raw`, or None (kept independent of
-    `shared.protocol.reply_address`): a JSON object up to 1 MiB with a well-formed string id,
+    `twinq.shared.protocol.reply_address`): a JSON object up to 1 MiB with a well-formed string id,
     however deep it nests or long its numbers are (the worker refuses those, but answers)."""
     if len(raw) > ADDRESS_LIMIT:
         return None

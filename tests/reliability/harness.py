@@ -222,14 +222,14 @@ class WorkerProcess:
 
 
 def start_worker(processes: Processes, settings: dict[str, Any], worker_id: str, log_dir: Path,
-                 *, module: Iterable[str] = ("shared.cli", "worker"),
+                 *, module: Iterable[str] = ("twinq.shared.cli", "worker"),
                  args: Iterable[str] = ()) -> WorkerProcess:
-    """Start `python -m shared.cli worker --worker-id ID` (or another module with `args`),
+    """Start `python -m twinq.shared.cli worker --worker-id ID` (or another module with `args`),
     configured through `TWINQ_*` variables only."""
     log = log_dir / f"{worker_id}.log"
     mod, *rest = module
     argv = [PYTHON, "-m", mod, *rest, *args]
-    if tuple(module) == ("shared.cli", "worker"):
+    if tuple(module) == ("twinq.shared.cli", "worker"):
         argv += ["--worker-id", worker_id]
     proc = processes.spawn(argv, log=log, env=worker_env(settings))
     return WorkerProcess(proc, log, worker_id)

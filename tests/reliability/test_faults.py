@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from shared import snapshot as snap
+from twinq.shared import snapshot as snap
 from tests.reliability.conftest import TEXTS, make_settings, process_settings
 from tests.reliability.harness import (PYTHON, collect_replies, kill_group, leftover_replies,
                                        request_payload, start_worker, wait_until, worker_env,
@@ -174,7 +174,7 @@ def test_redis_restart_mid_flow_answers_every_accepted_request(
 
 
 def _build_args(corpus: Path, root: Path, model: str) -> list[str]:
-    return [PYTHON, "-m", "shared.cli", "index", "build", "--corpus", str(corpus),
+    return [PYTHON, "-m", "twinq.shared.cli", "index", "build", "--corpus", str(corpus),
             "--root", str(root), "--model", model, "--shards", "2", "--publish",
             "--canary", "50", "--threads", "1"]
 
@@ -273,7 +273,7 @@ def test_index_build_killed_at_random_points_never_publishes_a_partial_snapshot(
     assert failures == 0  # CURRENT never named something the worker could not load
     before = {i.version: i for i in snap.list_versions(root)}
     abandoned = sorted(v for v, i in before.items() if not i.complete)
-    gc = processes.spawn([PYTHON, "-m", "shared.cli", "index", "gc", "--root", str(root),
+    gc = processes.spawn([PYTHON, "-m", "twinq.shared.cli", "index", "gc", "--root", str(root),
                           "--keep", "100"], log=tmp_path / "gc.log", env=worker_env({}))
     assert gc.wait(timeout=120) == 0, (tmp_path / "gc.log").read_text()
     after = {i.version: i for i in snap.list_versions(root)}

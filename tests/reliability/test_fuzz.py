@@ -28,14 +28,14 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from shared import constants as C
-from shared.config import Settings
-from shared.corpus import CorpusRow, Rejected, iter_records
-from shared.errors import BadInput, ProtocolError
-from shared.protocol import (PAYLOAD_FIELD, REQUEST_FIELDS, Outgoing, Written, encode_reply,
+from twinq.shared import constants as C
+from twinq.shared.config import Settings
+from twinq.shared.corpus import CorpusRow, Rejected, iter_records
+from twinq.shared.errors import BadInput, ProtocolError
+from twinq.shared.protocol import (PAYLOAD_FIELD, REQUEST_FIELDS, Outgoing, Written, encode_reply,
                              error_reply, parse_marker, parse_request, push_replies,
                              reply_address)
-from shared.text import normalize_text
+from twinq.shared.text import normalize_text
 from tests.conftest import write_quick_snapshot
 from tests.reliability.conftest import TEXTS, make_settings
 from tests.reliability.fuzz_messages import (PREFIX, Message, Template, bad_messages,
@@ -143,7 +143,7 @@ def live_worker(module_redis: Any, tmp_path_factory: pytest.TempPathFactory,
     write_quick_snapshot(root, TEXTS, rel_bi_encoder, model_name=tiny_bi_encoder_path)
     settings_ = make_settings(module_redis.url, root, visibility_timeout_ms=60_000)
     errors = _Errors()
-    loggers = [logging.getLogger(name) for name in ("worker.consumer", "worker.engine")]
+    loggers = [logging.getLogger(name) for name in ("twinq.worker.consumer", "twinq.worker.engine")]
     for logger in loggers:
         logger.addHandler(errors)
     try:
@@ -192,7 +192,7 @@ def test_live_worker_refuses_2000_fuzzed_messages_and_keeps_answering(
 def test_live_worker_dead_letters_unparseable_entry_without_holding_its_batch(
         live_worker: LiveWorker, monkeypatch: pytest.MonkeyPatch) -> None:
     """A parser bug (any exception but ProtocolError) costs one dead letter, not the batch."""
-    import worker.consumer as consumer_module
+    import twinq.worker.consumer as consumer_module
 
     real = consumer_module.parse_request
 
@@ -466,8 +466,8 @@ def mixed_corpus(draw: Any) -> dict[str, Any]:
 def test_build_snapshot_indexes_good_rows_of_fuzzed_corpus(tmp_path: Path,
                                                           tiny_bi_encoder_path: str,
                                                           summary: Any) -> None:
-    from pipelines.index import BuildOptions, build_snapshot
-    from shared import snapshot as snap
+    from twinq.pipelines.index import BuildOptions, build_snapshot
+    from twinq.shared import snapshot as snap
 
     @settings(FUZZ, max_examples=1)
     @given(mixed_corpus())

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from shared import snapshot as snap
-from shared.config import Settings
-from shared.errors import BadInput, ProtocolError
-from shared.protocol import (encode_reply, error_reply, parse_request, push_replies,
+from twinq.shared import snapshot as snap
+from twinq.shared.config import Settings
+from twinq.shared.errors import BadInput, ProtocolError
+from twinq.shared.protocol import (encode_reply, error_reply, parse_request, push_replies,
                              reply_address)
 from tests.reliability.conftest import TEXTS, make_settings
 from tests.reliability.harness import request_payload, wait_until, xadd_many

@@ -20,11 +20,11 @@ from typing import Any
 
 import pytest
 
-from shared.config import load_settings
-from shared.protocol import decode_reply, encode_request
+from twinq.shared.config import load_settings
+from twinq.shared.protocol import decode_reply, encode_request
 from tests.reliability.conftest import TEXTS, process_settings
 from tests.reliability.harness import percentiles, start_worker, wait_until
-from worker.client import Overloaded, TwinqClient
+from twinq.worker.client import Overloaded, TwinqClient
 
 SUITE = "load"
 

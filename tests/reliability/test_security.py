@@ -24,14 +24,14 @@ from typing import Any
 import pytest
 import redis
 
-from shared import snapshot as snap
-from shared.cli import main as twinq
-from shared.config import load_settings
-from shared.errors import BadInput, ModelLoadError, SnapshotInvalid
+from twinq.shared import snapshot as snap
+from twinq.shared.cli import main as twinq
+from twinq.shared.config import load_settings
+from twinq.shared.errors import BadInput, ModelLoadError, SnapshotInvalid
 from tests.reliability.conftest import TEXTS, make_settings
 from tests.reliability.harness import REDIS_SERVER, REPO, request_payload, xadd_many
 from tests.worker.conftest import running_worker, sample, wait_reply, wait_until
-from worker.client import TwinqClient
+from twinq.worker.client import TwinqClient
 
 SOURCE_DIRS = ("shared", "worker", "pipelines")
 
@@ -50,13 +50,13 @@ def _serves(url: str, root: Path, models: tuple[Any, Any]) -> dict[str, Any]:
 
 def _auth_failure_logged(url: str, root: Path, caplog: pytest.LogCaptureFixture) -> str:
     """One pass of a worker loop on `url`: no exception, a warning saying why, back-off."""
-    from worker.consumer import Consumer
-    from worker.engine import Engine
+    from twinq.worker.consumer import Consumer
+    from twinq.worker.engine import Engine
 
     settings = make_settings(url, root)
     consumer = Consumer(settings, Engine(settings), worker_id="intruder")
     consumer.max_connection_wait_s = 0.05
-    with caplog.at_level(logging.WARNING, logger="worker.consumer"):
+    with caplog.at_level(logging.WARNING, logger="twinq.worker.consumer"):
         assert consumer.run_once() == 0
     consumer.redis.close()
     return "\n".join(r.getMessage() for r in caplog.records if "intruder" in r.getMessage())
@@ -260,7 +260,7 @@ def _pickle_only_model(folder: Path, base: str, trap: Path) -> Path:
 def test_model_folder_with_only_pickled_weights_is_refused(
         kind: str, tiny_bi_encoder_path: str, tiny_cross_encoder_path: str,
         tmp_path: Path) -> None:
-    from shared.models import load_bi_encoder, load_cross_encoder
+    from twinq.shared.models import load_bi_encoder, load_cross_encoder
 
     trap = tmp_path / "unpickled"
     base = tiny_bi_encoder_path if kind == "bi_encoder" else tiny_cross_encoder_path
@@ -273,7 +273,7 @@ def test_model_folder_with_only_pickled_weights_is_refused(
 
 def test_model_folder_prefers_safetensors_over_a_hostile_pickle(tiny_bi_encoder_path: str,
                                                                  tmp_path: Path) -> None:
-    from shared.models import load_bi_encoder
+    from twinq.shared.models import load_bi_encoder
 
     trap = tmp_path / "unpickled"
     folder = tmp_path / "model"
@@ -320,8 +320,8 @@ def test_hostile_current_and_history_are_ignored(rel_snapshot: Any, rel_bi_encod
     (root / snap.CURRENT).write_text("../../outside\n")
     with pytest.raises(BadInput, match="invalid snapshot version"):
         snap.load_snapshot(root)
-    from worker.engine import Engine
-    from worker.metrics import WorkerMetrics
+    from twinq.worker.engine import Engine
+    from twinq.worker.metrics import WorkerMetrics
 
     metrics = WorkerMetrics()
     engine = Engine(load_settings(env={}, overrides={"root": str(root)}), metrics=metrics,
@@ -368,7 +368,7 @@ def _non_loopback_ipv4() -> str | None:
 
 def test_status_page_binds_loopback_by_default(module_redis: Any, rel_snapshot: Any,
                                                rel_bi_encoder: Any) -> None:
-    from worker.status import StatusServer
+    from twinq.worker.status import StatusServer
 
     root, _ = rel_snapshot()
     settings = make_settings(module_redis.url, root)

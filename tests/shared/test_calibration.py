@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.calibration import (FEATURES, Calibration, fit_logistic, hit_features, sigmoid,
+from twinq.shared.calibration import (FEATURES, Calibration, fit_logistic, hit_features, sigmoid,
                                 threshold_for_precision)
 
 

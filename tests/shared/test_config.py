@@ -13,10 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared import constants as C
-from shared.config import (FLOAT_RANGES, INT_RANGES, OPTIONAL_TEXT_SETTINGS, TEXT_SETTINGS,
+from twinq.shared import constants as C
+from twinq.shared.config import (FLOAT_RANGES, INT_RANGES, OPTIONAL_TEXT_SETTINGS, TEXT_SETTINGS,
                            Settings, env_variables, load_settings)
-from shared.errors import ConfigError
+from twinq.shared.errors import ConfigError
 
 
 def test_precedence_is_defaults_then_file_then_env_then_flags(tmp_path: Path) -> None:
@@ -138,7 +138,7 @@ def test_every_setting_has_a_check_and_a_documented_range() -> None:
 
 def test_worker_refuses_a_bad_setting_with_one_line_and_exit_2() -> None:
     env = {**os.environ, "TWINQ_REPLY_TTL_S": "0", "TWINQ_REDIS_URL": "redis://127.0.0.1:1/0"}
-    done = subprocess.run([sys.executable, "-m", "shared.cli", "worker"], env=env,
+    done = subprocess.run([sys.executable, "-m", "twinq.shared.cli", "worker"], env=env,
                           capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).parents[2])
     assert done.returncode == 2, done.stderr

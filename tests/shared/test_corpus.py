@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared.corpus import CorpusRow, Rejected, detect_format, expand_paths, iter_records
-from shared.errors import BadInput
+from twinq.shared.corpus import CorpusRow, Rejected, detect_format, expand_paths, iter_records
+from twinq.shared.errors import BadInput
 
 
 def _rows(path: Path, **kw) -> tuple[list[CorpusRow], list[Rejected]]:

@@ -3,8 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shared.errors import BadInput
-from shared.index_choice import apply_search_params, build_index, choose_index_key, ivf_centroids, parse_bytes, train_size
+from twinq.shared.errors import BadInput
+from twinq.shared.index_choice import apply_search_params, build_index, choose_index_key, ivf_centroids, parse_bytes, train_size
 
 G = 2**30
 

@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from shared.onnx_backend import OnnxBiEncoder, OnnxCrossEncoder, cache_dir  # noqa: E402
+from twinq.shared.onnx_backend import OnnxBiEncoder, OnnxCrossEncoder, cache_dir  # noqa: E402
 
 TEXTS = [
     "How do I learn Python quickly?",
@@ -80,7 +80,7 @@ def real_ce_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
     from sentence_transformers import CrossEncoder
 
-    from shared.models import bundled_model_path
+    from twinq.shared.models import bundled_model_path
 
     torch.manual_seed(0)
     model = CrossEncoder(str(bundled_model_path()), num_labels=1, max_length=64, device="cpu")
@@ -89,14 +89,14 @@ def real_ce_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def torch_bi(bi_folder: Path):
-    from shared.models import load_bi_encoder
+    from twinq.shared.models import load_bi_encoder
 
     return load_bi_encoder(str(bi_folder))
 
 
 @pytest.fixture(scope="module")
 def torch_ce(ce_folder: Path):
-    from shared.models import load_cross_encoder
+    from twinq.shared.models import load_cross_encoder
 
     return load_cross_encoder(str(ce_folder))
 
@@ -154,7 +154,7 @@ def test_cross_encoder_fp32_matches_torch_default_scores(ce_folder: Path, torch_
 def test_cross_encoder_int8_stays_close(real_ce_folder: Path) -> None:
     import torch
 
-    from shared.models import load_cross_encoder
+    from twinq.shared.models import load_cross_encoder
 
     identity = torch.nn.Identity()
     expected = load_cross_encoder(str(real_ce_folder)).predict(PAIRS, activation_fn=identity,
@@ -199,7 +199,7 @@ def test_cache_goes_to_home_when_folder_is_read_only(tmp_path: Path, monkeypatch
 
 
 def test_models_dispatch_onnx_backend(bi_folder: Path, ce_folder: Path) -> None:
-    from shared.models import load_bi_encoder, load_cross_encoder
+    from twinq.shared.models import load_bi_encoder, load_cross_encoder
 
     bi = load_bi_encoder(str(bi_folder), backend="onnx")
     assert isinstance(bi, OnnxBiEncoder) and bi.precision == "int8"
@@ -211,15 +211,15 @@ def test_models_dispatch_onnx_backend(bi_folder: Path, ce_folder: Path) -> None:
 
 
 def test_rerank_helpers_accept_the_onnx_cross_encoder(ce_folder: Path, torch_ce) -> None:
-    from shared.rerank import score_pairs
+    from twinq.shared.rerank import score_pairs
 
     onnx = OnnxCrossEncoder.load(ce_folder, precision="fp32", threads=1)
     np.testing.assert_allclose(score_pairs(onnx, PAIRS), score_pairs(torch_ce, PAIRS), atol=1e-3)
 
 
 def test_onnx_backend_unknown_hub_model_raises_model_load_error() -> None:
-    from shared.errors import ModelLoadError
-    from shared.models import load_bi_encoder
+    from twinq.shared.errors import ModelLoadError
+    from twinq.shared.models import load_bi_encoder
 
     with pytest.raises(ModelLoadError):
         load_bi_encoder("no-such-owner/no-such-model", backend="onnx")

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.errors import BadInput
-from shared.pairs import LabelledPair, read_pairs, sniff_format
+from twinq.shared.errors import BadInput
+from twinq.shared.pairs import LabelledPair, read_pairs, sniff_format
 
 
 def _write(path: Path, text: str, encoding: str = "utf-8") -> Path:

@@ -10,17 +10,17 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from shared.config import Settings, load_settings
-from shared.bounded_json import MAX_JSON_DEPTH, MAX_NUMBER_DIGITS
-from shared.constants import MAX_RECALL_K, MAX_TOP_K
-from shared.errors import ProtocolError
-from shared.protocol import (ID_CONFLICT_MESSAGE, ErrorCode,
+from twinq.shared.config import Settings, load_settings
+from twinq.shared.bounded_json import MAX_JSON_DEPTH, MAX_NUMBER_DIGITS
+from twinq.shared.constants import MAX_RECALL_K, MAX_TOP_K
+from twinq.shared.errors import ProtocolError
+from twinq.shared.protocol import (ID_CONFLICT_MESSAGE, ErrorCode,
                              Outgoing, QueryRequest, Written, conflict_reply, decode_reply,
                              encode_reply, encode_request, entry_digest, error_reply, marker_mode,
                              ok_reply, parse_marker, parse_request, payload_limit, push_replies,
                              reply_address)
-from shared.search import Hit
-from shared.text import normalize_text
+from twinq.shared.search import Hit
+from twinq.shared.text import normalize_text
 
 SETTINGS = load_settings(env={}, overrides={"max_query_chars": 50})
 REPLY_KEYS = {"id", "ok", "results", "snapshot", "models", "timings_ms", "error", "worker"}

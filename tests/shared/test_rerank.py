@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from shared.errors import ConfigError
-from shared.calibration import Calibration, hit_features, sigmoid
-from shared.rerank import RerankDefaults, calibrate, fuse, load_rerank_defaults, rerank, score_pairs
-from shared.search import Hit
+from twinq.shared.errors import ConfigError
+from twinq.shared.calibration import Calibration, hit_features, sigmoid
+from twinq.shared.rerank import RerankDefaults, calibrate, fuse, load_rerank_defaults, rerank, score_pairs
+from twinq.shared.search import Hit
 
 
 class FakeCrossEncoder:
@@ -51,7 +51,7 @@ def test_score_pairs_empty_makes_no_call() -> None:
 def test_score_pairs_matches_plain_predict_on_a_real_model(tiny_cross_encoder_path: str) -> None:
     import torch
 
-    from shared.models import load_cross_encoder
+    from twinq.shared.models import load_cross_encoder
 
     model = load_cross_encoder(tiny_cross_encoder_path)
     pairs = [("how to reset password", "reset my password please now"), ("hi", "hello"),

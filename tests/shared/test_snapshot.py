@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from shared import snapshot as snap
-from shared.errors import BadInput, SnapshotInvalid, SnapshotNotFound
+from twinq.shared import snapshot as snap
+from twinq.shared.errors import BadInput, SnapshotInvalid, SnapshotNotFound
 
 TEXTS = [f"question {i} about {topic}" for i, topic in enumerate(["billing", "shipping", "login"] * 20)]
 

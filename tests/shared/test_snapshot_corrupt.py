@@ -17,11 +17,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared import snapshot as snap
-from shared.cli import main as twinq
-from shared.config import load_settings
-from shared.errors import BadInput, SnapshotCorrupt, SnapshotInvalid
-from shared.snapshot_schema import check_manifest
+from twinq.shared import snapshot as snap
+from twinq.shared.cli import main as twinq
+from twinq.shared.config import load_settings
+from twinq.shared.errors import BadInput, SnapshotCorrupt, SnapshotInvalid
+from twinq.shared.snapshot_schema import check_manifest
 
 VERSION = "20260101T000000Z"
 TEXTS = [f"question {i} about {topic}" for i, topic in enumerate(["billing", "login"] * 6)]
@@ -257,8 +257,8 @@ def test_index_list_shows_a_corrupt_version_as_incomplete(quick_snapshot: Any, c
 # --- the worker: refused, counted, logged once per version ------------------------------------
 
 def _engine(root: Path, bi_encoder: Any) -> Any:
-    from worker.engine import Engine
-    from worker.metrics import WorkerMetrics
+    from twinq.worker.engine import Engine
+    from twinq.worker.metrics import WorkerMetrics
 
     engine = Engine(load_settings(env={}, overrides={"root": str(root)}), metrics=WorkerMetrics(),
                     bi_encoder=bi_encoder)
@@ -275,13 +275,13 @@ def _failures(engine: Any) -> float:
 def test_worker_refuses_counts_and_logs_once_per_version(
         quick_snapshot: Any, tiny_bi_encoder: Any, caplog: Any, monkeypatch: Any,
         corruption: str) -> None:
-    import worker.engine as engine_module
+    import twinq.worker.engine as engine_module
 
     root, v1 = quick_snapshot(TEXTS)
     engine = _engine(root, tiny_bi_encoder)
     _, v2 = quick_snapshot(TEXTS[:4])
     CORRUPTIONS[corruption](root, v2)
-    with caplog.at_level(logging.DEBUG, logger="worker.engine"):
+    with caplog.at_level(logging.DEBUG, logger="twinq.worker.engine"):
         for _ in range(3):
             assert engine.check_for_update() is None
         assert _failures(engine) == 1

@@ -4,7 +4,7 @@ from collections import Counter
 
 import pytest
 
-from shared.text import normalize_text, stable_shard, text_key
+from twinq.shared.text import normalize_text, stable_shard, text_key
 
 
 @pytest.mark.parametrize("raw,clean", [

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from shared.config import Settings, load_settings
+from twinq.shared.config import Settings, load_settings
 from tests.conftest import REDIS_URL
 
 TEXTS = [
@@ -32,7 +32,7 @@ TEXTS = [
 
 @pytest.fixture(scope="session")
 def _tiny_cross_encoder_model(tiny_cross_encoder_path: str) -> Any:
-    from shared.models import load_cross_encoder
+    from twinq.shared.models import load_cross_encoder
 
     return load_cross_encoder(tiny_cross_encoder_path)
 
@@ -64,9 +64,9 @@ def running_worker(settings: Settings, *, bi_encoder: Any = None, cross_encoder:
                    worker_id: str | None = None, clock: Callable[[], float] = time.time,
                    watch: bool = True, consumer_cls: Any = None) -> Iterator[Any]:
     """Start an engine and a consumer thread; stop and join them on exit."""
-    from worker.consumer import Consumer
-    from worker.engine import Engine
-    from worker.metrics import WorkerMetrics
+    from twinq.worker.consumer import Consumer
+    from twinq.worker.engine import Engine
+    from twinq.worker.metrics import WorkerMetrics
 
     worker_id = worker_id or f"test-{uuid.uuid4().hex[:6]}"
     metrics = WorkerMetrics()

@@ -12,9 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-from shared.config import load_settings
-from worker.cli import serve
-from worker.consumer import Consumer, Entry
+from twinq.shared.config import load_settings
+from twinq.worker.cli import serve
+from twinq.worker.consumer import Consumer, Entry
 
 
 def main(marker: str, hold_s: float, worker_id: str) -> int:

@@ -12,11 +12,11 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from shared.errors import BadInput
+from twinq.shared.errors import BadInput
 from tests.conftest import REDIS_URL
 from tests.worker.conftest import TEXTS, running_worker, wait_until
-from worker.cli import ask_command, read_questions, serve, submit_command, worker_command
-from worker.consumer import Consumer
+from twinq.worker.cli import ask_command, read_questions, serve, submit_command, worker_command
+from twinq.worker.consumer import Consumer
 
 ANSWERS = [{"answer": f"Answer number {i}."} for i in range(len(TEXTS))]
 
@@ -113,7 +113,7 @@ def free_port() -> int:
 
 def test_serve_with_embedded_redis_is_found_by_ask(quick_snapshot: Any, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    from shared.config import load_settings
+    from twinq.shared.config import load_settings
 
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
     root, version = quick_snapshot(TEXTS, metadata=ANSWERS)
@@ -155,7 +155,7 @@ def _reply(text: str, answer: str, **decision: Any) -> dict[str, Any]:
 
 
 def test_ask_prints_stored_text_literally(capsys: pytest.CaptureFixture[str]) -> None:
-    from worker.cli import _print_reply
+    from twinq.worker.cli import _print_reply
 
     _print_reply(_reply("why [/] and [bold]this[/bold]?", "see [link=http://x]here[/link]",
                         no_twin=False, min_probability=0.1))
@@ -164,7 +164,7 @@ def test_ask_prints_stored_text_literally(capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_ask_says_no_twin_found_instead_of_an_answer(capsys: pytest.CaptureFixture[str]) -> None:
-    from worker.cli import _print_reply
+    from twinq.worker.cli import _print_reply
 
     _print_reply(_reply("Can I use the app in French?", "Settings > Language.", no_twin=True,
                         min_probability=0.6))
@@ -178,7 +178,7 @@ def test_ask_says_no_twin_found_instead_of_an_answer(capsys: pytest.CaptureFixtu
     ("abcdefghijklmnop", 8, "abcdefg…"),
 ])
 def test_clip_cuts_at_a_word_and_marks_it(text: str, width: int, expected: str) -> None:
-    from worker.cli import clip
+    from twinq.worker.cli import clip
 
     assert clip(text, width) == expected and len(clip(text, width)) <= width
 
@@ -186,7 +186,7 @@ def test_clip_cuts_at_a_word_and_marks_it(text: str, width: int, expected: str) 
 def test_help_shows_no_type_beside_flags() -> None:
     from typer.testing import CliRunner
 
-    from pipelines.cli_train import train_app
+    from twinq.pipelines.cli_train import train_app
 
     result = CliRunner().invoke(train_app, ["reranker", "--help"])
     assert result.exit_code == 0 and "<bool>" not in result.output and "--no-swap" in result.output

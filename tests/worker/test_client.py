@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
-from shared.config import load_settings
-from shared.errors import BadInput
+from twinq.shared.config import load_settings
+from twinq.shared.errors import BadInput
 from tests.worker.conftest import TEXTS, running_worker, send
-from worker.client import (AsyncTwinqClient, Overloaded, TwinqClient, WrongReply, checked_reply,
+from twinq.worker.client import (AsyncTwinqClient, Overloaded, TwinqClient, WrongReply, checked_reply,
                            resolve_url, stream_depth)
-from worker.embedded_redis import write_url_file
+from twinq.worker.embedded_redis import write_url_file
 
 
 def test_client_submit_many_and_async_client(quick_snapshot: Any, make_settings: Any,
@@ -103,8 +103,8 @@ def test_client_waits_longer_than_redis_default_socket_timeout(redis_client) -> 
     """redis-py 8 times sockets out after 5 s; a 6 s wait must end in our TimeoutError."""
     import time
 
-    from shared.config import load_settings
-    from worker.client import TwinqClient
+    from twinq.shared.config import load_settings
+    from twinq.worker.client import TwinqClient
 
     settings = load_settings(overrides={"stream": "twinq:test:slow-client"})
     with TwinqClient("redis://127.0.0.1:6379/0", settings) as client:
@@ -128,7 +128,7 @@ def test_client_refuses_a_reply_to_another_id(make_settings: Any, redis_client: 
     and submit_many alike."""
     settings = make_settings(tmp_path)
     fixed = uuid.UUID(int=7)
-    monkeypatch.setattr("worker.client.uuid.uuid4", lambda: fixed)
+    monkeypatch.setattr("twinq.worker.client.uuid.uuid4", lambda: fixed)
     key = settings.reply_prefix + fixed.hex
 
     async def ask_async() -> None:

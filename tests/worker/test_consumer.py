@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 
-from shared.snapshot import CURRENT, version_dir
+from twinq.shared.snapshot import CURRENT, version_dir
 from tests.conftest import REDIS_URL, write_quick_snapshot
 from tests.worker.conftest import TEXTS, running_worker, sample, send, wait_reply, wait_until
-from worker.client import Overloaded, TwinqClient
-from shared.protocol import ID_CONFLICT_MESSAGE
-from worker.consumer import DEAD_PAYLOAD_MAX_BYTES, Consumer, WorkerState
+from twinq.worker.client import Overloaded, TwinqClient
+from twinq.shared.protocol import ID_CONFLICT_MESSAGE
+from twinq.worker.consumer import DEAD_PAYLOAD_MAX_BYTES, Consumer, WorkerState
 
 
 @pytest.fixture
@@ -368,7 +368,7 @@ def test_consumer_request_made_with_redis_cli_alone(served: Any, tiny_bi_encoder
 def test_consumer_backs_off_while_redis_is_down(served: Any, tiny_bi_encoder: Any) -> None:
     import redis
 
-    from worker.engine import Engine
+    from twinq.worker.engine import Engine
 
     _, _, settings = served
     engine = Engine(settings, bi_encoder=tiny_bi_encoder)

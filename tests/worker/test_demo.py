@@ -36,7 +36,7 @@ def _pid_alive(pid: int) -> bool:
 
 def test_demo_answers_every_sample_question_and_leaves_nothing_running(tmp_path: Path) -> None:
     report = tmp_path / "report.json"
-    result = subprocess.run([sys.executable, "-m", "shared.cli", "demo", "--workdir",
+    result = subprocess.run([sys.executable, "-m", "twinq.shared.cli", "demo", "--workdir",
                              str(tmp_path / "demo"), "--report", str(report)],
                             capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -71,11 +71,11 @@ def test_demo_answers_every_sample_question_and_leaves_nothing_running(tmp_path:
 
 @pytest.mark.parametrize("log, expected", [
     ("train:  60%|######    | 251/417 [03:05<01:32,  1.79step/s]\rtrain:  61%|######    | 255/417 [", (255, 417)),
-    ("INFO pipelines.embed_handler: embedded 128/~385 texts (300/s, ETA 1s)\n", (128, 385)),
+    ("INFO twinq.pipelines.embed_handler: embedded 128/~385 texts (300/s, ETA 1s)\n", (128, 385)),
     ("loading the model\n", None),
 ])
 def test_demo_reads_progress_from_a_steps_log(tmp_path: Path, log: str, expected: object) -> None:
-    from worker.demo import _progress
+    from twinq.worker.demo import _progress
 
     path = tmp_path / "step.log"
     path.write_text(log)

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from shared.errors import TwinqError
-from worker.embedded_redis import EmbeddedRedis, read_url_file
+from twinq.shared.errors import TwinqError
+from twinq.worker.embedded_redis import EmbeddedRedis, read_url_file
 
 
 def test_embedded_redis_starts_records_and_cleans_up(tmp_path: Path,

@@ -9,13 +9,13 @@ from typing import Any
 
 import pytest
 
-from shared.errors import SnapshotInvalid
-from shared.protocol import parse_request
-from shared.snapshot import CURRENT, version_dir
+from twinq.shared.errors import SnapshotInvalid
+from twinq.shared.protocol import parse_request
+from twinq.shared.snapshot import CURRENT, version_dir
 from tests.conftest import write_quick_snapshot
 from tests.worker.conftest import TEXTS, sample
-from worker.engine import Engine
-from worker.metrics import WorkerMetrics
+from twinq.worker.engine import Engine
+from twinq.worker.metrics import WorkerMetrics
 
 
 def request(settings: Any, **payload: Any) -> Any:
@@ -205,7 +205,7 @@ def test_engine_reranker_without_decision_model_gives_null_probabilities_and_say
 def test_engine_refuses_a_broken_decision_model_at_start(
         tiny_cross_encoder_path: str, make_settings: Any, tmp_path: Path,
         training: dict[str, Any], words: str) -> None:
-    from shared.errors import ConfigError
+    from twinq.shared.errors import ConfigError
 
     reranker = _reranker_with(tmp_path, tiny_cross_encoder_path, **training)
     with pytest.raises(ConfigError, match=words) as info:
@@ -215,7 +215,7 @@ def test_engine_refuses_a_broken_decision_model_at_start(
 
 def test_engine_refuses_a_settings_threshold_without_a_decision_model(
         tiny_cross_encoder_path: str, make_settings: Any, tmp_path: Path) -> None:
-    from shared.errors import ConfigError
+    from twinq.shared.errors import ConfigError
 
     with pytest.raises(ConfigError, match="min_probability"):
         Engine(make_settings(str(tmp_path), reranker=tiny_cross_encoder_path, min_probability=0.5))

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from shared.constants import DEFAULT_MODEL
+from twinq.shared.constants import DEFAULT_MODEL
 from tests.conftest import write_quick_snapshot
 from tests.worker.conftest import running_worker, sample
-from worker.client import TwinqClient
+from twinq.worker.client import TwinqClient
 
 
 def faq_pairs(path: Path, groups: int = 40) -> tuple[list[str], list[dict], list[str]]:

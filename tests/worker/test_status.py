@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 
 from tests.worker.conftest import TEXTS, running_worker, sample, wait_until
-from worker.client import TwinqClient
-from worker.engine import Engine
-from worker.metrics import EXPORTED_METRICS, RecentStats, WorkerMetrics
-from worker.status import StatusServer, render_page, worker_status
+from twinq.worker.client import TwinqClient
+from twinq.worker.engine import Engine
+from twinq.worker.metrics import EXPORTED_METRICS, RecentStats, WorkerMetrics
+from twinq.worker.status import StatusServer, render_page, worker_status
 
 
 def get(url: str) -> tuple[int, str, str]:
@@ -71,7 +71,7 @@ def test_status_readyz_is_503_without_snapshot(tmp_path: Any, make_settings: Any
 
 
 def test_render_page_escapes_error_messages(make_settings: Any, tmp_path: Any) -> None:
-    from worker.consumer import Consumer
+    from twinq.worker.consumer import Consumer
 
     consumer = Consumer(make_settings(tmp_path), Engine(make_settings(tmp_path)), worker_id="w<1>")
     consumer.stats.record_error("r1", "bad_request", "<script>alert(1)</script>")
@@ -119,10 +119,10 @@ def test_status_server_is_quiet_when_clients_hang_up(caplog: pytest.LogCaptureFi
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """100 clients that connect and reset, before or while being answered: no traceback, no
     line above debug, and the server keeps answering."""
-    monkeypatch.setattr("worker.status.generate_latest", lambda _registry: b"x" * 4_000_000)
+    monkeypatch.setattr("twinq.worker.status.generate_latest", lambda _registry: b"x" * 4_000_000)
     consumer = types.SimpleNamespace(metrics=WorkerMetrics())
     server = StatusServer(consumer, port=0).start()  # type: ignore[arg-type]
-    caplog.set_level(logging.DEBUG, logger="worker.status")
+    caplog.set_level(logging.DEBUG, logger="twinq.worker.status")
     try:
         for i in range(100):
             _hang_up(server.port, b"" if i % 2 else b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -142,7 +142,7 @@ def test_status_server_logs_a_real_failure_once(caplog: pytest.LogCaptureFixture
     def broken(_registry: Any) -> bytes:
         raise RuntimeError("collector bug")
 
-    monkeypatch.setattr("worker.status.generate_latest", broken)
+    monkeypatch.setattr("twinq.worker.status.generate_latest", broken)
     consumer = types.SimpleNamespace(metrics=WorkerMetrics())
     server = StatusServer(consumer, port=0).start()  # type: ignore[arg-type]
     try:

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from tests.worker.conftest import TEXTS, running_worker, wait_until
-from worker.client import TwinqClient
-from worker.status import StatusServer
+from twinq.worker.client import TwinqClient
+from twinq.worker.status import StatusServer
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
