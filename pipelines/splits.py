@@ -3,9 +3,12 @@
 Splitting by pair leaks: in Quora, question A can be paired with B in train and with C in dev,
 and a model that memorised A looks better than it is. Here every question is a node, every
 positive pair an edge; connected components (union-find) are clusters, and a cluster never
-straddles the split. Negative pairs do not merge clusters (they would glue the whole graph
-together), but a negative whose two questions land on different sides is dropped, so no question
-text appears on both sides.
+straddles the split. A negative whose two questions land on different sides is dropped, so no
+question text appears on both sides. Negatives therefore also tie their clusters together for the
+split, but only while the group they form stays small (`NEGATIVE_GROUP_CAP`): unlimited, they
+would glue the whole graph together; ignored, a held-out side keeps only the few negatives whose
+two clusters both happened to fall on it (about 1% of them at a 10% dev fraction), and the
+labelled pairs a pair calibration needs would be gone.
 """
 
 from __future__ import annotations
@@ -75,6 +78,34 @@ def build_clusters(pairs: Iterable[LabelledPair]) -> dict[str, int]:
     return out
 
 
+NEGATIVE_GROUP_CAP = 64
+"""Most questions a negative pair may tie into one split group (see the module docstring), and
+never more than a tenth of the dev side."""
+
+
+def split_groups(pairs: Iterable[LabelledPair], cap: int = NEGATIVE_GROUP_CAP) -> dict[str, int]:
+    """Map each question key to the group that goes to one side of a split.
+
+    Groups are the duplicate clusters (`build_clusters`), joined along negative pairs while the
+    joined group holds at most `cap` questions. Deterministic in the order of `pairs`.
+    """
+    pairs = list(pairs)
+    uf = UnionFind()
+    for p in pairs:
+        a, b = question_key(p.q1), question_key(p.q2)
+        uf.add(a)
+        uf.add(b)
+        if is_positive(p):
+            uf.union(a, b)
+    for p in pairs:
+        if not is_positive(p):
+            ra, rb = uf.find(question_key(p.q1)), uf.find(question_key(p.q2))
+            if ra != rb and uf.size[ra] + uf.size[rb] <= cap:
+                uf.union(ra, rb)
+    ids: dict[str, int] = {}
+    return {key: ids.setdefault(uf.find(key), len(ids)) for key in uf.parent}
+
+
 @dataclass
 class Split:
     """The two sides of a split and what was dropped to keep them question-disjoint."""
@@ -83,14 +114,15 @@ class Split:
     dev: list[LabelledPair]
     dropped: int
     dev_clusters: set[int]
+    """Ids of the `split_groups` on the dev side."""
 
 
 def question_disjoint_split(pairs: Sequence[LabelledPair], dev_fraction: float = 0.1,
                             seed: int = 0) -> Split:
     """Split pairs so that no question appears on both sides.
 
-    Clusters are shuffled with `seed` and assigned to dev until about `dev_fraction` of the
-    questions are there. Args:
+    Split groups (`split_groups`: clusters, tied along negatives up to a size) are shuffled with
+    `seed` and assigned to dev until about `dev_fraction` of the questions are there. Args:
         pairs: Labelled or positive-only pairs.
         dev_fraction: Target share of questions (not pairs) on the dev side. Defaults to 0.1.
         seed: Shuffle seed; the same inputs and seed give the same split. Defaults to 0.
@@ -103,7 +135,9 @@ def question_disjoint_split(pairs: Sequence[LabelledPair], dev_fraction: float =
     """
     if not 0.0 < dev_fraction < 1.0:
         raise ValueError(f"dev_fraction must be in (0, 1), got {dev_fraction}")
-    clusters = build_clusters(pairs)
+    # A group is at most a tenth of the dev side, so the dev fraction is still met closely.
+    cap = max(2, min(NEGATIVE_GROUP_CAP, int(dev_fraction * len(question_set(pairs))) // 10))
+    clusters = split_groups(pairs, cap)
     sizes: dict[int, int] = {}
     for cid in clusters.values():
         sizes[cid] = sizes.get(cid, 0) + 1

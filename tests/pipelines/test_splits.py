@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from twinq.pipelines.splits import (UnionFind, build_clusters, question_disjoint_split, question_key,
-                              question_set)
+from twinq.pipelines.splits import (UnionFind, build_clusters, question_disjoint_split,
+                                    question_key, question_set, split_groups)
 from twinq.shared.pairs import LabelledPair
 
 
@@ -49,3 +49,28 @@ def test_question_disjoint_split_is_deterministic() -> None:
     b = question_disjoint_split(_chains(30), 0.3, seed=1)
     c = question_disjoint_split(_chains(30), 0.3, seed=2)
     assert a.dev == b.dev and a.dev != c.dev
+
+
+def _labelled_negatives(n: int) -> list[LabelledPair]:
+    """Singleton questions in labelled negatives, as most of Quora's labelled pairs are."""
+    return [LabelledPair(f"q{i} left", f"q{i} right", 0) for i in range(n)]
+
+
+def test_labelled_negatives_survive_on_the_held_out_side() -> None:
+    # Each negative ties two singleton clusters: split apart, dev would keep about 1% of them.
+    pairs = _labelled_negatives(400) + [LabelledPair(f"p{i} a", f"p{i} b", 1) for i in range(400)]
+    split = question_disjoint_split(pairs, dev_fraction=0.1, seed=0)
+    assert split.dropped == 0
+    negatives = sum(1 for p in split.dev if p.label == 0)
+    assert 20 <= negatives <= 60
+    assert not question_set(split.train) & question_set(split.dev)
+
+
+def test_split_groups_stop_growing_at_the_cap() -> None:
+    chain = [LabelledPair(f"n{i}", f"n{i + 1}", 0) for i in range(100)]  # one long negative chain
+    groups = split_groups(chain, cap=8)
+    sizes: dict[int, int] = {}
+    for gid in groups.values():
+        sizes[gid] = sizes.get(gid, 0) + 1
+    assert max(sizes.values()) == 8
+    assert split_groups(chain, cap=1) == {k: v for k, v in build_clusters(chain).items()}
