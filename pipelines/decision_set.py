@@ -56,7 +56,7 @@ DEV_ROWS_FILE = "decision_dev.json"
 
 def bundled_unrelated() -> Path:
     """The hand-written list of out-of-domain questions that ships with twinq."""
-    return Path(str(files("pipelines") / "unrelated" / "questions.txt"))
+    return Path(str(files("twinq.pipelines") / "unrelated" / "questions.txt"))
 
 
 def read_unrelated(path: str | None) -> list[str]:

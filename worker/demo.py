@@ -58,7 +58,7 @@ fusion falling back to recall only without a dev gain)."""
 
 
 def demo_dir() -> Path:
-    return Path(str(files("pipelines") / "demo"))
+    return Path(str(files("twinq.pipelines") / "demo"))
 
 
 def _twinq(*args: str) -> list[str]:
@@ -114,7 +114,7 @@ def _reranker(work: Path, root: Path, fast: bool, logs: Path) -> Path:
     """Train the demo reranker once per pairs file and mode; later runs reuse the cache."""
     pairs = demo_dir() / "pairs.tsv"
     recipe = TRAIN_FAST if fast else TRAIN_FULL
-    unrelated = Path(str(files("pipelines") / "unrelated" / "questions.txt"))  # data, not code
+    unrelated = Path(str(files("twinq.pipelines") / "unrelated" / "questions.txt"))  # data, not code
     digest = hashlib.sha256(pairs.read_bytes() + unrelated.read_bytes()
                             + " ".join([TRAINING_VERSION, *recipe]).encode()).hexdigest()[:12]
     out = work / f"reranker-{digest}"
