@@ -1,9 +1,12 @@
-"""Parse untrusted JSON within limits, and read a payload's top-level strings without parsing it.
+"""Parse untrusted JSON within limits, read a payload's top-level strings without parsing it,
+and write JSON text that is always valid UTF-8.
 
 A queue message comes from anyone who can write to the stream. `json.loads` recurses once per
 nesting level and converts number literals of any length (quadratic time), so a few kilobytes can
 hold a worker's batch; and a payload refused for such a limit must still say where to send the
-refusal. Both needs live here, apart from the protocol's schema (`twinq.shared.protocol`).
+refusal. JSON escapes such as "\\ud800" decode to lone surrogates, which UTF-8 (and so Redis)
+cannot carry; text that goes back out must be made encodable. These needs live here, apart from
+the protocol's schema (`twinq.shared.protocol`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ before parsing, so the limit does not depend on how deep the interpreter lets js
 MAX_NUMBER_DIGITS = 40
 """Longest number literal parsed (2**63 has 19 digits); Python refuses ints past 4,300 digits
 anyway, and converting long ones costs quadratic time."""
+
 
 class JsonLimitError(ValueError):
     """Well-formed JSON past a parser limit (nesting depth, number length). Unlike a syntax
@@ -123,3 +127,78 @@ def top_level_strings(raw: str, names: tuple[str, ...]) -> dict[str, str]:
         if raw.startswith("}", pos):
             return found
         pos = _expect(raw, pos, ",")
+
+
+class PayloadError(ValueError):
+    """An untrusted payload that is not a JSON object within limits; the message names why,
+    and `too_large` says it was refused for its size alone."""
+
+    def __init__(self, message: str, *, too_large: bool = False) -> None:
+        super().__init__(message)
+        self.too_large = too_large
+
+
+def read_object(raw: bytes | str, max_bytes: int) -> dict[str, Any]:
+    """The JSON object of an untrusted payload of at most `max_bytes` (UTF-8 bytes or text).
+
+    Raises:
+        PayloadError: too long, not UTF-8, past a parser limit, bad syntax, or not an object.
+    """
+    if len(raw) > max_bytes:
+        raise PayloadError(f"payload is {len(raw)} bytes, over the limit of {max_bytes}",
+                           too_large=True)
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise PayloadError(f"payload is not valid UTF-8 (byte {exc.start})") from exc
+    try:
+        payload = loads(raw)
+    except JsonLimitError as exc:
+        raise PayloadError(f"payload is refused: {exc}") from exc
+    except ValueError as exc:
+        raise PayloadError(f"payload is not valid JSON: {exc}") from exc
+    if not isinstance(payload, dict):
+        raise PayloadError(f"payload must be a JSON object, not {type(payload).__name__}")
+    return payload
+
+
+def read_members(raw: bytes | str, names: tuple[str, ...], max_bytes: int
+                 ) -> dict[str, Any] | None:
+    """Best effort: the JSON object of `raw`, or, when it is well-formed but past a parser
+    limit, its top-level string members `names` (`top_level_strings`). None when `raw` is
+    longer than `max_bytes`, is not an object, or has bad syntax (nothing in it is
+    trustworthy). Bad UTF-8 bytes are replaced: ids are ASCII, so a stray byte elsewhere
+    cannot hide one."""
+    if len(raw) > max_bytes:
+        return None
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    try:
+        try:
+            payload = loads(text)
+        except JsonLimitError:
+            payload = top_level_strings(text, names)
+    except ValueError:
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def encodable(text: str) -> bool:
+    """Whether `text` encodes as UTF-8 (no lone surrogates)."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def safe_text(text: str) -> str:
+    """`text` with lone surrogates written as `\\ud800`, so that it always encodes as UTF-8."""
+    return text if encodable(text) else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def dumps_utf8(obj: Any) -> str:
+    """Compact JSON that keeps non-ASCII text as is, with ASCII escapes only when a lone
+    surrogate would make it unencodable."""
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    return text if encodable(text) else json.dumps(obj, separators=(",", ":"))

@@ -20,7 +20,7 @@ HEARTBEAT_PREFIX = "twinq:worker:"
 DONE_PREFIX = "twinq:done:"
 """Idempotency marker per request id, `<mode>:<request digest>:<worker>`: a redelivered request
 is not answered twice, and a different one reusing the id is told so (see
-`twinq.shared.protocol.marker_mode`)."""
+`twinq.shared.queue.marker_mode`)."""
 
 CACHE_PREFIX = "twinq:cache:"
 """Query-cache entries, keyed by snapshot version, settings and normalised query."""
@@ -56,6 +56,11 @@ MAX_STREAM_LENGTH = 10_000
 
 HEARTBEAT_INTERVAL_S = 5.0
 HEARTBEAT_TTL_S = 30
+"""Seconds a heartbeat hash lives unless refreshed: a worker that stops beating disappears."""
+
+STOPPED_HEARTBEAT_TTL_S = 60
+"""Seconds the heartbeat of a worker that stopped cleanly is kept (state `stopped`), for operators."""
+
 SHUTDOWN_GRACE_S = 25.0
 """Seconds a worker has to finish its batch after SIGTERM; below Kubernetes' 30 s grace."""
 

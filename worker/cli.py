@@ -20,13 +20,13 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import redis
 import typer
 
 from twinq.shared.config import Settings, load_settings
 from twinq.shared.constants import MAX_RECALL_K, MAX_TOP_K
 from twinq.shared.errors import BadInput, TwinqError
 from twinq.shared.models import set_threads
+from twinq.shared.queue import QueueUnavailable
 from twinq.worker.client import TwinqClient
 from twinq.worker.consumer import Consumer, default_worker_id
 from twinq.worker.embedded_redis import DEFAULT_PORT, EmbeddedRedis, url_file
@@ -153,7 +153,7 @@ def _send(call: Any, url_hint: str) -> Any:
         return call()
     except TimeoutError as exc:
         raise TwinqError(str(exc)) from exc
-    except redis.ConnectionError as exc:
+    except QueueUnavailable as exc:
         raise TwinqError(f"cannot reach Redis ({redact(url_hint)}): {exc}") from exc
 
 

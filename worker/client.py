@@ -10,7 +10,8 @@ Example:
     'how can i reset my password'
 
 URLs may be `redis://` or `rediss://` (TLS), with a password or an ACL user in the URL
-(`redis://user:secret@host:6379/0`); redis-py handles both through `Redis.from_url`.
+(`redis://user:secret@host:6379/0`); redis-py handles both through `Redis.from_url`. Every
+Redis call goes through `twinq.shared.queue` (`RedisQueue`, `AsyncRedisQueue`).
 """
 
 from __future__ import annotations
@@ -20,15 +21,16 @@ import uuid
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-import redis
-import redis.asyncio as aioredis
-
 from twinq.shared.config import load_settings
 from twinq.shared.errors import BadInput, TwinqError
 from twinq.shared.protocol import REQUEST_FIELDS, decode_reply, encode_request
+from twinq.shared.queue import AsyncRedisQueue, RedisQueue
 from twinq.worker.embedded_redis import read_url_file, url_file
 
 if TYPE_CHECKING:
+    import redis
+    import redis.asyncio as aioredis
+
     from twinq.shared.config import Settings
 
 KNOBS = frozenset(REQUEST_FIELDS) - {"id", "query", "top_k", "recall_k", "rerank", "reply_to",
@@ -77,29 +79,6 @@ def resolve_url(url: str | None, settings: Settings) -> str:
     return found
 
 
-def _depths(length: Any, groups: Any, group: str) -> dict[str, int | None]:
-    length = length if isinstance(length, int) else None
-    info = None
-    if isinstance(groups, list):
-        info = next((g for g in groups if g["name"] in (group, group.encode())), None)
-    lag = info.get("lag") if info else None
-    return {"length": length, "lag": lag if lag is not None else length,
-            "pending": info["pending"] if info else None}
-
-
-def stream_depth(client: redis.Redis, stream: str, group: str) -> dict[str, int | None]:
-    """The stream's length, the group's undelivered entries (`lag`) and its pending entries.
-
-    `lag` falls back to XLEN when the group does not exist yet or Redis cannot tell (after
-    XDEL), which overestimates rather than hides a backlog.
-    """
-    pipe = client.pipeline(transaction=False)
-    pipe.xlen(stream)
-    pipe.xinfo_groups(stream)
-    length, groups = pipe.execute(raise_on_error=False)
-    return _depths(length, groups, group)
-
-
 def _request(query: str, top_k: int | None, recall_k: int | None, rerank: bool,
              knobs: dict[str, Any], settings: Settings) -> tuple[str, str, dict[str, str]]:
     unknown = sorted(set(knobs) - KNOBS)
@@ -127,12 +106,6 @@ def _timeout(request_id: str, timeout_s: float, settings: Settings) -> TimeoutEr
                         f"(is a worker consuming {settings.stream}?)")
 
 
-_BLOCKING: dict[str, Any] = {"socket_timeout": None, "socket_connect_timeout": 5,
-                             "socket_keepalive": True}
-"""BLPOP waits up to the caller's timeout on the server side; redis-py 8's default 5 s socket
-timeout would cut any longer wait short, so reads block and only the connect is bounded."""
-
-
 class TwinqClient:
     """A synchronous client.
 
@@ -145,7 +118,8 @@ class TwinqClient:
     def __init__(self, url: str | None = None, settings: Settings | None = None, *,
                  client: redis.Redis | None = None) -> None:
         self.settings = settings or load_settings()
-        self.redis = client or redis.Redis.from_url(resolve_url(url, self.settings), **_BLOCKING)
+        self.queue = (RedisQueue(self.settings, client) if client is not None
+                      else RedisQueue.for_asker(self.settings, resolve_url(url, self.settings)))
 
     def __enter__(self) -> TwinqClient:
         return self
@@ -155,11 +129,11 @@ class TwinqClient:
 
     def close(self) -> None:
         """Close the Redis connections."""
-        self.redis.close()
+        self.queue.close()
 
     def depth(self) -> dict[str, int | None]:
-        """See `stream_depth`."""
-        return stream_depth(self.redis, self.settings.stream, self.settings.group)
+        """See `RedisQueue.depth`."""
+        return self.queue.depth()
 
     def check_capacity(self) -> None:
         """Raise `Overloaded` when the queue is deeper than `max_stream_length`."""
@@ -180,7 +154,7 @@ class TwinqClient:
             **knobs: rerank_depth, fusion, fusion_weight, min_probability.
 
         Returns:
-            The reply (see architecture.md section 4); `ok` false carries `error`.
+            The reply (see the README's "Queue protocol"); `ok` false carries `error`.
 
         Raises:
             Overloaded: the queue is too deep; nothing was sent.
@@ -190,11 +164,11 @@ class TwinqClient:
         request_id, reply_to, fields = _request(query, top_k, recall_k, rerank, knobs,
                                                 self.settings)
         self.check_capacity()
-        self.redis.xadd(self.settings.stream, fields)
-        popped = self.redis.blpop([reply_to], timeout=timeout_s)
-        if popped is None:
+        self.queue.send(fields)
+        raw = self.queue.wait_reply(reply_to, timeout_s)
+        if raw is None:
             raise _timeout(request_id, timeout_s, self.settings)
-        return checked_reply(request_id, popped[1])
+        return checked_reply(request_id, raw)
 
     def submit_many(self, queries: Iterable[str], *, top_k: int | None = None,
                     recall_k: int | None = None, rerank: bool = True, timeout_s: float = 60,
@@ -226,15 +200,12 @@ class TwinqClient:
                 requests = [_request(q, top_k, recall_k, rerank, knobs, self.settings)
                             for q in chunk]
                 self.check_capacity()
-                pipe = self.redis.pipeline(transaction=False)
-                for _, _, fields in requests:
-                    pipe.xadd(self.settings.stream, fields)
-                pipe.execute()
+                self.queue.send_many([fields for _, _, fields in requests])
                 deadline = time.monotonic() + timeout_s
                 for request_id, reply_to, _ in requests:
                     left = deadline - time.monotonic()
-                    popped = self.redis.blpop([reply_to], timeout=max(0.01, left))
-                    reply = checked_reply(request_id, popped[1]) if popped else None
+                    raw = self.queue.wait_reply(reply_to, max(0.01, left))
+                    reply = checked_reply(request_id, raw) if raw is not None else None
                     if on_reply:
                         on_reply(len(replies), reply)
                     replies.append(reply)
@@ -253,7 +224,8 @@ class AsyncTwinqClient:
     def __init__(self, url: str | None = None, settings: Settings | None = None, *,
                  client: aioredis.Redis | None = None) -> None:
         self.settings = settings or load_settings()
-        self.redis = client or aioredis.Redis.from_url(resolve_url(url, self.settings), **_BLOCKING)
+        self.queue = (AsyncRedisQueue(self.settings, client) if client is not None else
+                      AsyncRedisQueue.for_asker(self.settings, resolve_url(url, self.settings)))
 
     async def __aenter__(self) -> AsyncTwinqClient:
         return self
@@ -263,15 +235,11 @@ class AsyncTwinqClient:
 
     async def close(self) -> None:
         """Close the Redis connections."""
-        await self.redis.aclose()
+        await self.queue.close()
 
     async def depth(self) -> dict[str, int | None]:
-        """See `stream_depth`."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.xlen(self.settings.stream)
-        pipe.xinfo_groups(self.settings.stream)
-        length, groups = await pipe.execute(raise_on_error=False)
-        return _depths(length, groups, self.settings.group)
+        """See `RedisQueue.depth`."""
+        return await self.queue.depth()
 
     async def check_capacity(self) -> None:
         """Raise `Overloaded` when the queue is deeper than `max_stream_length`."""
@@ -285,11 +253,11 @@ class AsyncTwinqClient:
         request_id, reply_to, fields = _request(query, top_k, recall_k, rerank, knobs,
                                                 self.settings)
         await self.check_capacity()
-        await self.redis.xadd(self.settings.stream, fields)
-        popped = await self.redis.blpop([reply_to], timeout=timeout_s)
-        if popped is None:
+        await self.queue.send(fields)
+        raw = await self.queue.wait_reply(reply_to, timeout_s)
+        if raw is None:
             raise _timeout(request_id, timeout_s, self.settings)
-        return checked_reply(request_id, popped[1])
+        return checked_reply(request_id, raw)
 
     async def submit_many(self, queries: Iterable[str], *, top_k: int | None = None,
                           recall_k: int | None = None, rerank: bool = True,
@@ -299,14 +267,10 @@ class AsyncTwinqClient:
         if not requests:
             return []
         await self.check_capacity()
-        pipe = self.redis.pipeline(transaction=False)
-        for _, _, fields in requests:
-            pipe.xadd(self.settings.stream, fields)
-        await pipe.execute()
+        await self.queue.send_many([fields for _, _, fields in requests])
         deadline = time.monotonic() + timeout_s
         replies: list[dict[str, Any] | None] = []
         for request_id, reply_to, _ in requests:
-            popped = await self.redis.blpop([reply_to],
-                                            timeout=max(0.01, deadline - time.monotonic()))
-            replies.append(checked_reply(request_id, popped[1]) if popped else None)
+            raw = await self.queue.wait_reply(reply_to, max(0.01, deadline - time.monotonic()))
+            replies.append(checked_reply(request_id, raw) if raw is not None else None)
         return replies

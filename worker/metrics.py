@@ -115,7 +115,7 @@ class WorkerMetrics:
         self.snapshot_age.set_function(age_s)
 
     def set_queue(self, depths: dict[str, int | None]) -> None:
-        """Update the stream gauges from `twinq.worker.client.stream_depth`; unknown values stay."""
+        """Update the stream gauges from `twinq.shared.queue.RedisQueue.depth`; unknown values stay."""
         for gauge, key in ((self.stream_length, "length"), (self.group_lag, "lag"),
                            (self.pending, "pending")):
             if depths.get(key) is not None:

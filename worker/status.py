@@ -6,6 +6,8 @@
     /readyz    200 when a snapshot is served and Redis answers PING, else 503 with the reason
 
 It binds 127.0.0.1 by default: the page shows recent error messages, which may quote queries.
+It reads a worker through `Observed`, the few things the page shows, so that it never imports
+the consumer (which writes its own heartbeat through the queue).
 
 Example:
     >>> server = StatusServer(consumer, port=0).start()   # doctest: +SKIP
@@ -17,22 +19,21 @@ from __future__ import annotations
 
 import html
 import logging
-import os
-import socket
 import sys
 import threading
 import time
+from collections.abc import Mapping
+from enum import Enum
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-import redis
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from twinq.shared.constants import HEARTBEAT_PREFIX, HEARTBEAT_TTL_S, METRICS_HOST
-from twinq.worker.client import stream_depth
+from twinq.shared.constants import METRICS_HOST
+from twinq.shared.queue import QueueError
 
 if TYPE_CHECKING:
-    from twinq.worker.consumer import Consumer
+    from twinq.worker.metrics import RecentStats, WorkerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -40,55 +41,72 @@ CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
 """A scraper or browser that hangs up mid-request: routine, not an error (a debug line)."""
 
 
-def worker_status(consumer: Consumer) -> dict[str, Any]:
+class ServedView(Protocol):
+    """What the page reads about the served snapshot (`twinq.worker.engine.Engine`)."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    def models(self) -> dict[str, Any]: ...
+
+
+class Pingable(Protocol):
+    """The queue, as far as readiness goes (`twinq.shared.queue.RedisQueue`)."""
+
+    def ping(self) -> None: ...
+
+
+class Observed(Protocol):
+    """What the status page reads from a worker (`twinq.worker.consumer.Consumer`): its
+    identity and state, counters, the queue depth of its last heartbeat, the served snapshot,
+    and a queue to ping. /metrics and /healthz need only `metrics`."""
+
+    @property
+    def worker_id(self) -> str: ...
+
+    @property
+    def state(self) -> Enum: ...
+
+    @property
+    def processed(self) -> int: ...
+
+    @property
+    def depths(self) -> Mapping[str, int | None]: ...
+
+    @property
+    def stats(self) -> RecentStats: ...
+
+    @property
+    def metrics(self) -> WorkerMetrics: ...
+
+    @property
+    def engine(self) -> ServedView: ...
+
+    @property
+    def queue(self) -> Pingable: ...
+
+
+def worker_status(worker: Observed) -> dict[str, Any]:
     """What the status page shows: identity, state, snapshot, queue, throughput, latency."""
-    p50, p95 = consumer.stats.percentiles(0.5, 0.95)
-    return {"worker": consumer.worker_id, "state": consumer.state.value,
-            **consumer.engine.status(), "queue": dict(consumer.queue),
-            "processed": consumer.processed, "throughput_rps": consumer.stats.throughput(),
-            "p50_s": p50, "p95_s": p95, "errors": list(consumer.stats.errors),
-            "models": consumer.engine.models()}
+    p50, p95 = worker.stats.percentiles(0.5, 0.95)
+    return {"worker": worker.worker_id, "state": worker.state.value,
+            **worker.engine.status(), "queue": dict(worker.depths),
+            "processed": worker.processed, "throughput_rps": worker.stats.throughput(),
+            "p50_s": p50, "p95_s": p95, "errors": list(worker.stats.errors),
+            "models": worker.engine.models()}
 
 
-def worker_readiness(consumer: Consumer) -> tuple[bool, str]:
+def worker_readiness(worker: Observed) -> tuple[bool, str]:
     """Ready when a snapshot is served and Redis answers PING; else the reason."""
-    if not consumer.engine.ready:
+    if not worker.engine.ready:
         return False, "no snapshot loaded"
     try:
-        consumer.redis.ping()
-    except redis.RedisError as exc:
+        worker.queue.ping()
+    except QueueError as exc:
         return False, f"Redis does not answer: {exc}"
     return True, "ready"
-
-
-def write_heartbeat(consumer: Consumer) -> dict[str, int | None]:
-    """Refresh the worker's hash `twinq:worker:<id>` (state, snapshot, counts; TTL), like
-    arq's health key: a worker that stops beating disappears by itself. Returns the queue
-    depths (see `twinq.worker.client.stream_depth`)."""
-    s = consumer.settings
-    key = HEARTBEAT_PREFIX + consumer.worker_id
-    pipe = consumer.redis.pipeline(transaction=False)
-    pipe.hset(key, mapping={
-        "state": consumer.state.value, "snapshot": consumer.engine.version or "",
-        "pid": os.getpid(), "host": socket.gethostname(), "stream": s.stream,
-        "processed": consumer.processed, "started_at": int(consumer.started_at),
-        "seen_at": int(consumer.clock())})
-    pipe.expire(key, HEARTBEAT_TTL_S)
-    pipe.execute()
-    return stream_depth(consumer.redis, s.stream, s.group)
-
-
-def record_stop(consumer: Consumer) -> None:
-    """Mark the heartbeat stopped (kept a minute for operators), and remove the consumer from
-    the group when nothing is pending on it, so `XINFO CONSUMERS` lists only live workers."""
-    s = consumer.settings
-    key = HEARTBEAT_PREFIX + consumer.worker_id
-    consumer.redis.hset(key, "state", consumer.state.value)
-    consumer.redis.expire(key, 60)
-    mine = [c for c in consumer.redis.xinfo_consumers(s.stream, s.group)
-            if c["name"] in (consumer.worker_id, consumer.worker_id.encode())]
-    if mine and mine[0]["pending"] == 0:
-        consumer.redis.xgroup_delconsumer(s.stream, s.group, consumer.worker_id)
 
 
 _CSS = """body{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#222;background:#fafafa}
@@ -153,17 +171,17 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
         path = self.path.split("?", 1)[0]
-        consumer = self.server.consumer
+        worker = self.server.worker
         try:
             if path == "/metrics":
-                self._send(200, generate_latest(consumer.metrics.registry), CONTENT_TYPE_LATEST)
+                self._send(200, generate_latest(worker.metrics.registry), CONTENT_TYPE_LATEST)
             elif path == "/healthz":
                 self._send(200, b"ok\n")
             elif path == "/readyz":
-                ready, reason = worker_readiness(consumer)
+                ready, reason = worker_readiness(worker)
                 self._send(200 if ready else 503, (reason + "\n").encode())
             elif path == "/":
-                page = render_page(worker_status(consumer))
+                page = render_page(worker_status(worker))
                 self._send(200, page.encode("utf-8"), "text/html; charset=utf-8")
             else:
                 self._send(404, b"not found\n")
@@ -189,7 +207,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
-    consumer: Consumer
+    worker: Observed
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that went away gets a debug line; anything else one logged traceback,
@@ -205,13 +223,13 @@ class StatusServer:
     """Serves the endpoints from a daemon thread.
 
     Args:
-        consumer: The worker to report on.
+        worker: The worker to report on (a `Consumer`).
         host: Interface to bind. Defaults to 127.0.0.1.
         port: TCP port; 0 picks a free one (see `port` after `start()`). Defaults to 0.
     """
 
-    def __init__(self, consumer: Consumer, host: str = METRICS_HOST, port: int = 0) -> None:
-        self.consumer, self.host, self.requested_port = consumer, host, port
+    def __init__(self, worker: Observed, host: str = METRICS_HOST, port: int = 0) -> None:
+        self.worker, self.host, self.requested_port = worker, host, port
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -230,7 +248,7 @@ class StatusServer:
     def start(self) -> StatusServer:
         """Bind and serve from a daemon thread; returns self."""
         self._server = _Server((self.host, self.requested_port), _Handler)
-        self._server.consumer = self.consumer
+        self._server.worker = self.worker
         self._thread = threading.Thread(target=self._server.serve_forever, name="twinq-status",
                                         daemon=True)
         self._thread.start()

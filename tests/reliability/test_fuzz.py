@@ -32,9 +32,9 @@ from twinq.shared import constants as C
 from twinq.shared.config import Settings
 from twinq.shared.corpus import CorpusRow, Rejected, iter_records
 from twinq.shared.errors import BadInput, ProtocolError
-from twinq.shared.protocol import (PAYLOAD_FIELD, REQUEST_FIELDS, Outgoing, Written, encode_reply,
-                             error_reply, parse_marker, parse_request, push_replies,
-                             reply_address)
+from twinq.shared.protocol import (PAYLOAD_FIELD, REQUEST_FIELDS, encode_reply, error_reply,
+                                   parse_request, reply_address)
+from twinq.shared.queue import Outgoing, Written, parse_marker, push_replies
 from twinq.shared.text import normalize_text
 from tests.conftest import write_quick_snapshot
 from tests.reliability.conftest import TEXTS, make_settings
@@ -143,7 +143,8 @@ def live_worker(module_redis: Any, tmp_path_factory: pytest.TempPathFactory,
     write_quick_snapshot(root, TEXTS, rel_bi_encoder, model_name=tiny_bi_encoder_path)
     settings_ = make_settings(module_redis.url, root, visibility_timeout_ms=60_000)
     errors = _Errors()
-    loggers = [logging.getLogger(name) for name in ("twinq.worker.consumer", "twinq.worker.engine")]
+    loggers = [logging.getLogger(name) for name in ("twinq.worker.consumer", "twinq.worker.engine",
+                                                    "twinq.worker.served")]
     for logger in loggers:
         logger.addHandler(errors)
     try:

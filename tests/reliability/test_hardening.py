@@ -16,8 +16,8 @@ import pytest
 from twinq.shared import snapshot as snap
 from twinq.shared.config import Settings
 from twinq.shared.errors import BadInput, ProtocolError
-from twinq.shared.protocol import (encode_reply, error_reply, parse_request, push_replies,
-                             reply_address)
+from twinq.shared.protocol import encode_reply, error_reply, parse_request, reply_address
+from twinq.shared.queue import push_replies
 from tests.reliability.conftest import TEXTS, make_settings
 from tests.reliability.harness import request_payload, wait_until, xadd_many
 from tests.worker.conftest import running_worker, wait_reply

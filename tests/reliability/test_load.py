@@ -50,7 +50,6 @@ class Burst:
 def _send(client: TwinqClient, burst: Burst, chunk: int, interval_s: float) -> None:
     """Offer `burst.offered` requests in pipelined chunks, one chunk per `interval_s`; a chunk
     the client refuses (`Overloaded`) is counted and not retried."""
-    stream = client.settings.stream
     try:
         for start in range(0, burst.offered, chunk):
             tick = time.monotonic()
@@ -60,14 +59,13 @@ def _send(client: TwinqClient, burst: Burst, chunk: int, interval_s: float) -> N
             except Overloaded:
                 burst.refused += n
             else:
-                pipe = client.redis.pipeline(transaction=False)
                 ids = [f"ld-{uuid.uuid4().hex}" for _ in range(n)]
-                for i, rid in enumerate(ids):
-                    pipe.xadd(stream, encode_request({
-                        "id": rid, "query": f"{TEXTS[(start + i) % len(TEXTS)]} {start + i}",
-                        "top_k": 5, "submitted_ms": int(time.time() * 1000)}))
+                requests = [encode_request({
+                    "id": rid, "query": f"{TEXTS[(start + i) % len(TEXTS)]} {start + i}",
+                    "top_k": 5, "submitted_ms": int(time.time() * 1000)})
+                    for i, rid in enumerate(ids)]
                 now = time.monotonic()
-                pipe.execute()
+                client.queue.send_many(requests)
                 for rid in ids:
                     burst.sent.put((rid, now))
             time.sleep(max(0.0, interval_s - (time.monotonic() - tick)))

@@ -58,7 +58,7 @@ def _auth_failure_logged(url: str, root: Path, caplog: pytest.LogCaptureFixture)
     consumer.max_connection_wait_s = 0.05
     with caplog.at_level(logging.WARNING, logger="twinq.worker.consumer"):
         assert consumer.run_once() == 0
-    consumer.redis.close()
+    consumer.queue.close()
     return "\n".join(r.getMessage() for r in caplog.records if "intruder" in r.getMessage())
 
 

@@ -1,9 +1,10 @@
-"""The queue protocol: strict request parsing, reply shapes and the stream encoding."""
+"""The queue protocol: strict request parsing, reply shapes and the stream encoding.
+
+Writing replies once per request id, with Redis, is tested in test_queue.py."""
 
 from __future__ import annotations
 
 import json
-import uuid
 from typing import Any
 
 import pytest
@@ -14,11 +15,9 @@ from twinq.shared.config import Settings, load_settings
 from twinq.shared.bounded_json import MAX_JSON_DEPTH, MAX_NUMBER_DIGITS
 from twinq.shared.constants import MAX_RECALL_K, MAX_TOP_K
 from twinq.shared.errors import ProtocolError
-from twinq.shared.protocol import (ID_CONFLICT_MESSAGE, ErrorCode,
-                             Outgoing, QueryRequest, Written, conflict_reply, decode_reply,
-                             encode_reply, encode_request, entry_digest, error_reply, marker_mode,
-                             ok_reply, parse_marker, parse_request, payload_limit, push_replies,
-                             reply_address)
+from twinq.shared.protocol import (ErrorCode, QueryRequest, decode_reply, encode_reply,
+                                   encode_request, error_reply, ok_reply, parse_request,
+                                   payload_limit, reply_address)
 from twinq.shared.search import Hit
 from twinq.shared.text import normalize_text
 
@@ -55,7 +54,7 @@ def test_parse_request_recall_k_grows_to_top_k_when_not_given() -> None:
 
 def test_parse_request_round_trips_through_to_fields() -> None:
     req = parse_request(fields({"id": "a", "query": "q", "fusion": "zscore"}), SETTINGS)
-    assert QueryRequest.from_fields(req.to_fields(), SETTINGS) == req
+    assert parse_request(req.to_fields(), SETTINGS) == req
 
 
 @pytest.mark.parametrize("raw, code, words", [
@@ -283,7 +282,7 @@ def test_address_past_a_limit_agrees_with_the_parsed_object(obj: dict[str, Any],
         {b"payload": text.encode()}, Settings())
 
 
-# --- request ids: digests, marker modes and push_replies -----------------------------------
+# --- request ids: digests -------------------------------------------------------------------
 
 def test_digest_is_what_the_request_asks() -> None:
     base = parse_request(fields({"id": "a", "query": "q", "submitted_ms": 1}), SETTINGS)
@@ -294,76 +293,4 @@ def test_digest_is_what_the_request_asks() -> None:
                    {"reply_to": "twinq:reply:x"}, {"id": "b"}):
         other = parse_request(fields({"id": "a", "query": "q", **change}), SETTINGS)
         assert other.digest() != base.digest(), change
-    assert entry_digest(fields({"id": "a"})) == entry_digest(fields({"id": "a"}))
-    assert entry_digest({b"payload": b"{x"}) != entry_digest({b"payload": b"{y"})
 
-
-@pytest.mark.parametrize("reply, mode", [
-    (error_reply("a", ErrorCode.OVERLOADED, "busy"), "none"),
-    (error_reply("a", ErrorCode.NOT_READY, "no snapshot"), "none"),
-    (error_reply("a", ErrorCode.BAD_REQUEST, "bad"), "error"),
-    (error_reply("a", ErrorCode.TOO_LARGE, "big"), "error"),
-    (error_reply("a", ErrorCode.INTERNAL, "boom"), "error"),
-    (error_reply("a", ErrorCode.INTERNAL, "flaky", retryable=True), "none"),
-    ({"id": "a", "ok": True, "results": []}, "ok"),
-])
-def test_marker_mode_leaves_retryable_errors_unmarked(reply: dict[str, Any], mode: str) -> None:
-    assert marker_mode(reply) == mode
-
-
-def test_parse_marker_reads_mode_and_digest_and_legacy_values() -> None:
-    assert parse_marker(None) is None
-    assert parse_marker(b"ok:ab12:host-1") == ("ok", "ab12")
-    assert parse_marker("error:0:w:x") == ("error", "0")
-    assert parse_marker(b"host-1234") == ("legacy", "")
-
-
-@pytest.fixture
-def rid() -> str:
-    return f"t-{uuid.uuid4().hex[:10]}"
-
-
-def _push(client: Any, rid: str, reply: dict[str, Any], digest: str, **kw: Any) -> Any:
-    [written] = push_replies(client, [Outgoing(rid, f"twinq:reply:{rid}", reply, digest, **kw)],
-                             reply_ttl_s=60, worker_id="w")
-    return written
-
-
-def _popped(client: Any, rid: str) -> list[dict[str, Any]]:
-    key = f"twinq:reply:{rid}"
-    return [json.loads(r) for r in client.lrange(key, 0, -1)]
-
-
-def test_push_replies_once_per_request_and_conflict_for_another(redis_client: Any,
-                                                                rid: str) -> None:
-    ok = {"id": rid, "ok": True, "results": []}
-    assert _push(redis_client, rid, ok, "aa") is Written.PUSHED
-    assert _push(redis_client, rid, ok, "aa") is Written.DUPLICATE  # redelivery
-    assert _push(redis_client, rid, error_reply(rid, "bad_request", "x"), "bb") is Written.CONFLICT
-    assert _push(redis_client, rid, conflict_reply(rid, "w"), "bb", mark=False) is Written.PUSHED
-    first, second = _popped(redis_client, rid)  # in the order written: the answer first
-    assert first["ok"] and second["error"]["message"] == ID_CONFLICT_MESSAGE
-    assert redis_client.get(f"twinq:done:{rid}").startswith(b"ok:aa:")
-
-
-def test_push_replies_retryable_error_leaves_the_id_free(redis_client: Any, rid: str) -> None:
-    busy = error_reply(rid, ErrorCode.NOT_READY, "no snapshot yet")
-    assert _push(redis_client, rid, busy, "aa") is Written.PUSHED
-    assert not redis_client.exists(f"twinq:done:{rid}")
-    assert _push(redis_client, rid, {"id": rid, "ok": True}, "aa") is Written.PUSHED  # the retry
-    assert len(_popped(redis_client, rid)) == 2
-
-
-def test_push_replies_refusal_lets_the_corrected_request_through(redis_client: Any,
-                                                                 rid: str) -> None:
-    refused = error_reply(rid, ErrorCode.BAD_REQUEST, "top_k must be in 1..100")
-    assert _push(redis_client, rid, refused, "0bad") is Written.PUSHED
-    assert _push(redis_client, rid, refused, "0bad") is Written.DUPLICATE
-    assert _push(redis_client, rid, {"id": rid, "ok": True}, "f1ed") is Written.PUSHED
-    assert _push(redis_client, rid, refused, "0bad") is Written.CONFLICT  # answered now
-    assert [r["ok"] for r in _popped(redis_client, rid)] == [False, True]
-
-
-def test_push_replies_legacy_marker_counts_as_answered(redis_client: Any, rid: str) -> None:
-    redis_client.set(f"twinq:done:{rid}", "old-worker-1", ex=60)
-    assert _push(redis_client, rid, {"id": rid, "ok": True}, "aa") is Written.DUPLICATE

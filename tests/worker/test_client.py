@@ -14,8 +14,8 @@ import pytest
 from twinq.shared.config import load_settings
 from twinq.shared.errors import BadInput
 from tests.worker.conftest import TEXTS, running_worker, send
-from twinq.worker.client import (AsyncTwinqClient, Overloaded, TwinqClient, WrongReply, checked_reply,
-                           resolve_url, stream_depth)
+from twinq.worker.client import (AsyncTwinqClient, Overloaded, TwinqClient, WrongReply,
+                                 checked_reply, resolve_url)
 from twinq.worker.embedded_redis import write_url_file
 
 
@@ -71,18 +71,18 @@ def test_client_refuses_unknown_knobs(make_settings: Any, tmp_path: Path) -> Non
             client.ask("q", topk=3)
 
 
-def test_stream_depth_uses_group_lag_then_xlen(make_settings: Any, redis_client: Any,
-                                               tmp_path: Path) -> None:
+def test_client_depth_is_the_queue_depth(make_settings: Any, redis_client: Any,
+                                         tmp_path: Path) -> None:
     settings = make_settings(tmp_path)
-    assert stream_depth(redis_client, settings.stream, settings.group) == {
-        "length": 0, "lag": 0, "pending": None}
     send(redis_client, settings, {"id": "a", "query": "q"})
-    send(redis_client, settings, {"id": "b", "query": "q"})
-    assert stream_depth(redis_client, settings.stream, settings.group)["lag"] == 2
-    redis_client.xgroup_create(settings.stream, settings.group, id="0")
-    redis_client.xreadgroup(settings.group, "c", {settings.stream: ">"}, count=1)
-    assert stream_depth(redis_client, settings.stream, settings.group) == {
-        "length": 2, "lag": 1, "pending": 1}
+
+    async def depth() -> dict[str, Any]:
+        async with AsyncTwinqClient(settings=settings) as client:
+            return await client.depth()
+
+    with TwinqClient(settings=settings) as client:
+        assert client.depth() == asyncio.run(depth()) == {"length": 1, "lag": 1,
+                                                          "pending": None}
 
 
 def test_resolve_url_prefers_argument_then_settings_then_url_file(

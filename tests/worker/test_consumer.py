@@ -15,9 +15,9 @@ import pytest
 from twinq.shared.snapshot import CURRENT, version_dir
 from tests.conftest import REDIS_URL, write_quick_snapshot
 from tests.worker.conftest import TEXTS, running_worker, sample, send, wait_reply, wait_until
+from twinq.shared.queue import DEAD_PAYLOAD_MAX_BYTES, ID_CONFLICT_MESSAGE, RedisQueue
 from twinq.worker.client import Overloaded, TwinqClient
-from twinq.shared.protocol import ID_CONFLICT_MESSAGE
-from twinq.worker.consumer import DEAD_PAYLOAD_MAX_BYTES, Consumer, WorkerState
+from twinq.worker.consumer import Consumer, WorkerState
 
 
 @pytest.fixture
@@ -374,12 +374,12 @@ def test_consumer_backs_off_while_redis_is_down(served: Any, tiny_bi_encoder: An
     engine = Engine(settings, bi_encoder=tiny_bi_encoder)
     engine.start(watch=False)
     dead = redis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
-    consumer = Consumer(settings, engine, client=dead, worker_id="offline")
+    consumer = Consumer(settings, engine, queue=RedisQueue(settings, dead), worker_id="offline")
     consumer.max_connection_wait_s = 0.15
     for _ in range(4):
         assert consumer.run_once() == 0  # logs and backs off; never raises
     assert consumer._failures == 4
-    consumer.redis = redis.Redis.from_url(REDIS_URL)
+    consumer.queue = RedisQueue(settings, redis.Redis.from_url(REDIS_URL))
     consumer.run_once()
     assert consumer._failures == 0 and consumer.state is WorkerState.IDLE
     consumer.request_stop()

@@ -1,4 +1,6 @@
-"""The engine: one embed/search/rerank call per batch, knobs, the twin decision and hot reload."""
+"""The engine: one embed/search/rerank call per batch, knobs and the twin decision.
+
+The served snapshot's loading, refusals and hot reload are tested in test_served.py."""
 
 from __future__ import annotations
 
@@ -9,13 +11,9 @@ from typing import Any
 
 import pytest
 
-from twinq.shared.errors import SnapshotInvalid
 from twinq.shared.protocol import parse_request
-from twinq.shared.snapshot import CURRENT, version_dir
-from tests.conftest import write_quick_snapshot
-from tests.worker.conftest import TEXTS, sample
+from tests.worker.conftest import TEXTS
 from twinq.worker.engine import Engine
-from twinq.worker.metrics import WorkerMetrics
 
 
 def request(settings: Any, **payload: Any) -> Any:
@@ -110,7 +108,7 @@ def test_engine_rerank_symmetric_scores_the_mean_of_both_orders(
         [reply] = engine.answer_batch([request(settings, top_k=5, fusion="none")])
         results[symmetric] = {h["text"]: h["rerank_score"] for h in reply["results"]
                               if h["rerank_score"] is not None}
-        keys[symmetric] = engine.cache_key(request(settings, top_k=5, fusion="none"))
+        keys[symmetric] = engine.cache_parts(request(settings, top_k=5, fusion="none"))
     assert keys[True] != keys[False]  # a cached one-order reply never answers a symmetric worker
     assert len(results[True]) == 3 and results[True].keys() == results[False].keys()
     for text, forward in results[False].items():
@@ -228,51 +226,3 @@ def test_engine_without_snapshot_answers_not_ready(tmp_path: Path, tiny_bi_encod
     assert not engine.ready
     [reply] = engine.answer_batch([request(engine.settings)])
     assert reply["error"]["code"] == "not_ready" and reply["error"]["retryable"] is True
-
-
-def test_engine_refuses_model_of_another_dimension(quick_snapshot: Any, bundled_bi_encoder: Any,
-                                                   make_settings: Any) -> None:
-    root, version = quick_snapshot(TEXTS[:3])
-    metrics = WorkerMetrics()
-    engine = Engine(make_settings(root), bi_encoder=bundled_bi_encoder, metrics=metrics)
-    with pytest.raises(SnapshotInvalid, match="384-dimensional"):
-        engine._load(version)
-    engine.start(watch=False)
-    assert not engine.ready
-    assert sample(metrics, "twinq_reloads_total", result="failure") == 1
-
-
-def test_engine_hot_reload_swaps_only_when_asked(quick_snapshot: Any, tiny_bi_encoder: Any,
-                                                 tiny_bi_encoder_path: str,
-                                                 make_settings: Any) -> None:
-    root, old = quick_snapshot(TEXTS)
-    metrics = WorkerMetrics()
-    engine = Engine(make_settings(root), bi_encoder=tiny_bi_encoder, metrics=metrics)
-    engine.start(watch=False)
-    new = write_quick_snapshot(root, TEXTS[:4], tiny_bi_encoder, model_name=tiny_bi_encoder_path)
-    assert engine.check_for_update() == new
-    assert engine.version == old  # loaded beside, not yet served
-    assert engine.swap_pending() == (old, new)
-    assert engine.status()["rows"] == 4
-    assert sample(metrics, "twinq_reloads_total", result="success") == 1
-    assert engine.check_for_update() is None
-
-
-def test_engine_refuses_corrupt_snapshot_and_keeps_serving(quick_snapshot: Any,
-                                                           tiny_bi_encoder: Any,
-                                                           tiny_bi_encoder_path: str,
-                                                           make_settings: Any) -> None:
-    root, old = quick_snapshot(TEXTS)
-    metrics = WorkerMetrics()
-    engine = Engine(make_settings(root), bi_encoder=tiny_bi_encoder, metrics=metrics)
-    engine.start(watch=False)
-    bad = write_quick_snapshot(root, TEXTS, tiny_bi_encoder, model_name=tiny_bi_encoder_path,
-                               publish=False)
-    index = next(version_dir(root, bad).glob("*.faiss"))
-    index.write_bytes(index.read_bytes()[:-16] + b"\0" * 16)
-    (root / CURRENT).write_text(bad + "\n")
-    assert engine.check_for_update() is None
-    assert engine.swap_pending() is None and engine.version == old
-    assert sample(metrics, "twinq_reloads_total", result="failure") == 1
-    assert engine.check_for_update() is None  # not retried at every poll
-    assert sample(metrics, "twinq_reloads_total", result="failure") == 1

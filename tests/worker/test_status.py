@@ -36,7 +36,7 @@ def test_status_server_exports_every_metric_and_probes(quick_snapshot: Any, make
         try:
             with TwinqClient(settings=settings) as client:
                 client.ask(TEXTS[0])
-            wait_until(lambda: worker.queue["length"] is not None)
+            wait_until(lambda: worker.depths["length"] is not None)
             # The reply is pushed before the worker counts it: wait for the count, then scrape.
             wait_until(lambda: sample(worker.metrics, "twinq_requests_total", outcome="ok") >= 1)
             code, kind, text = get(f"{server.url}/metrics")
@@ -77,6 +77,37 @@ def test_render_page_escapes_error_messages(make_settings: Any, tmp_path: Any) -
     consumer.stats.record_error("r1", "bad_request", "<script>alert(1)</script>")
     page = render_page(worker_status(consumer))
     assert "<script>alert" not in page and "&lt;script&gt;" in page and "w&lt;1&gt;" in page
+
+
+def test_status_reads_any_worker_through_its_protocol() -> None:
+    """The page depends on `Observed`, not on the consumer: a plain object will do."""
+    from twinq.shared.queue import QueueError
+    from twinq.worker.consumer import WorkerState
+    from twinq.worker.status import worker_readiness
+
+    class Queue:
+        up = True
+
+        def ping(self) -> None:
+            if not self.up:
+                raise QueueError("connection refused")
+
+    engine = types.SimpleNamespace(
+        ready=True, status=lambda: {"version": "v9", "age_s": 5.0, "rows": 3},
+        models=lambda: {"bi_encoder": "bi", "cross_encoder": None, "backend": "torch"})
+    worker = types.SimpleNamespace(
+        worker_id="fake", state=WorkerState.IDLE, processed=2, stats=RecentStats(),
+        depths={"length": 4, "lag": 1, "pending": 0}, metrics=WorkerMetrics(), engine=engine,
+        queue=Queue())
+    status = worker_status(worker)  # type: ignore[arg-type]
+    assert (status["version"], status["state"], status["queue"]["length"]) == ("v9", "idle", 4)
+    assert "v9" in render_page(status)
+    assert worker_readiness(worker) == (True, "ready")  # type: ignore[arg-type]
+    worker.queue.up = False
+    ready, reason = worker_readiness(worker)  # type: ignore[arg-type]
+    assert not ready and "connection refused" in reason
+    engine.ready = False
+    assert worker_readiness(worker) == (False, "no snapshot loaded")  # type: ignore[arg-type]
 
 
 def test_recent_stats_throughput_and_percentiles() -> None:

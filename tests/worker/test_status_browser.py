@@ -41,7 +41,7 @@ def test_status_page_renders_version_and_queue_depth(quick_snapshot: Any, make_s
             with TwinqClient(settings=settings) as client:
                 for text in TEXTS[:3]:
                     client.ask(text)
-            wait_until(lambda: worker.queue["length"] is not None)
+            wait_until(lambda: worker.depths["length"] is not None)
             dom = _chromium(["--dump-dom", server.url + "/"], tmp_path / "profile-dom")
             assert dom.returncode == 0, dom.stderr[-2000:]
             assert version in dom.stdout
