@@ -13,6 +13,7 @@ import pytest
 
 from twinq.shared.config import load_settings
 from twinq.shared.errors import BadInput
+from tests.conftest import REDIS_URL
 from tests.worker.conftest import TEXTS, running_worker, send
 from twinq.worker.client import (AsyncTwinqClient, Overloaded, TwinqClient, WrongReply,
                                  checked_reply, resolve_url)
@@ -99,15 +100,28 @@ def test_resolve_url_prefers_argument_then_settings_then_url_file(
     assert (tmp_path / "twinq" / "redis-url").stat().st_mode & 0o077 == 0
 
 
-def test_client_waits_longer_than_redis_default_socket_timeout(redis_client) -> None:
+def test_client_connections_block_without_a_socket_timeout(make_settings: Any,
+                                                          tmp_path: Path) -> None:
+    """The quick check of the slow test below: the asking connections have no read timeout
+    (redis-py 8's default of 5 s would cut a longer BLPOP short), only a connect timeout."""
+    settings = make_settings(tmp_path)
+    with TwinqClient(REDIS_URL, settings) as client:
+        found = dict(client.queue.client.connection_pool.connection_kwargs)
+
+    async def async_kwargs() -> dict[str, Any]:
+        async with AsyncTwinqClient(REDIS_URL, settings) as client:
+            return dict(client.queue.client.connection_pool.connection_kwargs)
+
+    for kwargs in (found, asyncio.run(async_kwargs())):
+        assert kwargs["socket_timeout"] is None and kwargs["socket_connect_timeout"] == 5
+
+
+@pytest.mark.slow
+def test_client_waits_longer_than_redis_default_socket_timeout(make_settings: Any,
+                                                               tmp_path: Path) -> None:
     """redis-py 8 times sockets out after 5 s; a 6 s wait must end in our TimeoutError."""
-    import time
-
-    from twinq.shared.config import load_settings
-    from twinq.worker.client import TwinqClient
-
-    settings = load_settings(overrides={"stream": "twinq:test:slow-client"})
-    with TwinqClient("redis://127.0.0.1:6379/0", settings) as client:
+    settings = make_settings(tmp_path)
+    with TwinqClient(REDIS_URL, settings) as client:
         start = time.monotonic()
         with pytest.raises(TimeoutError) as info:
             client.ask("is anyone there?", timeout_s=6)

@@ -228,25 +228,33 @@ def test_consumer_dead_letter_keeps_a_capped_payload(served: Any, tiny_bi_encode
     assert redis_client.memory_usage(settings.dead_stream) < 100_000
 
 
-class SlowConsumer(Consumer):
-    """Holds each batch briefly, so that two workers both get a share of the stream."""
-
-    def _handle(self, batch: list) -> None:
-        time.sleep(0.03)
-        super()._handle(batch)
-
-
 def test_consumer_two_workers_share_a_stream(served: Any, make_settings: Any,
                                              tiny_bi_encoder: Any, redis_client: Any) -> None:
     root, _, _ = served
     settings = make_settings(root, batch_size=2)
     ids = [f"r{i}" for i in range(24)]
-    with running_worker(settings, bi_encoder=tiny_bi_encoder, consumer_cls=SlowConsumer) as a, \
-            running_worker(settings, bi_encoder=tiny_bi_encoder, consumer_cls=SlowConsumer) as b:
+    handling: set[str] = set()
+    both = threading.Event()
+
+    class Rendezvous(Consumer):
+        """Holds its first batch until the other worker holds one too: both get a share,
+        whatever the thread scheduling (no sleep to tune)."""
+
+        def _handle(self, batch: list) -> None:
+            handling.add(self.worker_id)
+            if len(handling) == 2:
+                both.set()
+            assert both.wait(timeout=15), "the other worker never took a batch"
+            super()._handle(batch)
+
+    with running_worker(settings, bi_encoder=tiny_bi_encoder, consumer_cls=Rendezvous) as a, \
+            running_worker(settings, bi_encoder=tiny_bi_encoder, consumer_cls=Rendezvous) as b:
         for i, request_id in enumerate(ids):
             send(redis_client, settings, {"id": request_id, "query": TEXTS[i % len(TEXTS)]})
         answered_by = [wait_reply(redis_client, f"twinq:reply:{i}")["worker"] for i in ids]
-        time.sleep(0.2)
+        # Every entry acknowledged and deleted: no redelivery is left to reply a second time.
+        wait_until(lambda: redis_client.xlen(settings.stream) == 0
+                   and redis_client.xpending(settings.stream, settings.group)["pending"] == 0)
         assert all(redis_client.llen(f"twinq:reply:{i}") == 0 for i in ids)
         assert a.processed + b.processed == len(ids)
         assert set(answered_by) == {a.worker_id, b.worker_id}

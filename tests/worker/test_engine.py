@@ -151,17 +151,25 @@ def test_engine_decides_no_twin_from_the_top_hit_with_the_default_threshold(
     root, _ = quick_snapshot(TEXTS)
     engine = Engine(make_settings(root, reranker=reranker), bi_encoder=tiny_bi_encoder)
     engine.start(watch=False)
-    default, low, high = engine.answer_batch([
-        request(engine.settings, id="d"), request(engine.settings, id="lo", min_probability=0.0),
-        request(engine.settings, id="hi", min_probability=1.0)])
+    [default] = engine.answer_batch([request(engine.settings, id="d")])
     # No request asked: the decision model's own threshold decides, and is reported.
     assert default["no_twin"] is True and default["min_probability"] == 0.999999
-    assert low["no_twin"] is False and low["min_probability"] == 0.0
-    assert high["no_twin"] is True
-    top = low["results"][0]
-    assert 0.0 < top["duplicate_probability"] < 1.0
-    assert top["duplicate_probability"] == max(h["duplicate_probability"]
-                                               for h in low["results"] if h["rerank_score"] is not None)
+    probabilities = sorted((h["duplicate_probability"] for h in default["results"]
+                            if h["rerank_score"] is not None), reverse=True)
+    top, second = probabilities[:2]
+    assert default["results"][0]["duplicate_probability"] == top
+    assert 0.0 < second < top < 1.0, probabilities
+    # Thresholds between real probabilities: only the top hit's decides. Just under it, a
+    # twin; just over it (still under 1), none; between the second and the top, a twin (an
+    # engine deciding on any other hit would say no twin here).
+    under, over, between = (top - 1e-6, (top + 1.0) / 2, (top + second) / 2)
+    replies = engine.answer_batch([
+        request(engine.settings, id="under", min_probability=under),
+        request(engine.settings, id="over", min_probability=over),
+        request(engine.settings, id="between", min_probability=between)])
+    assert [r["no_twin"] for r in replies] == [False, True, False]
+    assert [r["min_probability"] for r in replies] == [under, over, between]
+    assert all(r["results"][0]["duplicate_probability"] == top for r in replies)
 
 
 def test_engine_settings_threshold_overrides_the_reranker_default(
@@ -170,11 +178,19 @@ def test_engine_settings_threshold_overrides_the_reranker_default(
     reranker = _reranker_with(tmp_path, tiny_cross_encoder_path,
                               decision={**DECISION, "min_probability": 0.999999})
     root, _ = quick_snapshot(TEXTS)
-    engine = Engine(make_settings(root, reranker=reranker, min_probability=0.0),
+    probe = Engine(make_settings(root, reranker=reranker), bi_encoder=tiny_bi_encoder)
+    probe.start(watch=False)
+    [asked] = probe.answer_batch([request(probe.settings)])
+    top = asked["results"][0]["duplicate_probability"]
+    assert asked["no_twin"] is True and 0.0 < top < 0.999999  # the reranker's own default
+    below = top / 2  # a settings threshold the top hit reaches: it must override the default
+    engine = Engine(make_settings(root, reranker=reranker, min_probability=below),
                     bi_encoder=tiny_bi_encoder)
     engine.start(watch=False)
     [reply] = engine.answer_batch([request(engine.settings)])
-    assert reply["no_twin"] is False and reply["min_probability"] == 0.0
+    assert reply["no_twin"] is False and reply["min_probability"] == below
+    [over] = engine.answer_batch([request(engine.settings, min_probability=(top + 1) / 2)])
+    assert over["no_twin"] is True  # and the request's threshold overrides the settings'
     [recall_only] = engine.answer_batch([request(engine.settings, rerank=False)])
     assert "no_twin" not in recall_only  # nothing reranked: nothing to decide with
 
