@@ -4,7 +4,9 @@ Embed every query in one call, search every shard once (`search_shards`), rerank
 once (`rerank`), then per request fuse, calibrate, cut to `top_k`, decide the twin and build
 the reply. What it answers with (snapshot and bi-encoder) comes from a `SnapshotHolder`
 (`twinq.worker.served`), read once per batch, so one batch never mixes versions; the engine
-itself holds only the cross-encoder and how to use it.
+itself holds only the cross-encoder and how to use it. The snapshot is not memory-mapped as a
+whole: FAISS maps only IVF indexes, so a hot reload briefly holds two copies of a Flat or HNSW
+index (see `twinq.worker.served`).
 
 Example:
     >>> engine = Engine(load_settings(overrides={"root": "/data/twinq"}))   # doctest: +SKIP
