@@ -1,0 +1,446 @@
+"""Benchmark: `twinq dedupe` on Quora's duplicate clusters, against sentence-transformers'
+`community_detection` on the same embeddings, measured in the same run.
+
+    nice .venv/bin/python benchmarks/bench_dedupe.py --root runs/quora-snap \\
+        --reranker runs/ablation/mid-easy --out runs/bench-dedupe          # all 70k questions
+    nice .venv/bin/python benchmarks/bench_dedupe.py --questions 3000 --out runs/bench-dedupe-3k
+
+Ground truth: the connected components of the Quora duplicate pairs in $TWINQ_DATA (default
+../shared/data, never copied here), matched to the snapshot's rows by normalised, case-folded
+text. With --questions N, whole true clusters are sampled until N questions, and a snapshot of
+them is written from the stored vectors (nothing is embedded again).
+
+Each `twinq dedupe` run is a subprocess (wall time and peak RSS from wait4): recall only, and
+with the reranker. From each run's pairs.parquet the clusters are recomputed across thresholds,
+with the chaining guard (centre), without its veto, and as plain connected components.
+`community_detection` (min_community_size=2) runs on the very vectors the snapshot stores, over
+a threshold sweep; its time and peak RSS are measured in subprocesses at several corpus sizes and
+extrapolated to the size that would fill this machine's memory.
+
+Goals (issue 23): all Quora questions with the reranker in <= 15 minutes on 2 cores; pairwise F1
+above community_detection's at its best threshold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import DATA, machine  # noqa: E402
+
+log = logging.getLogger("bench_dedupe")
+CD_THRESHOLDS = [round(0.70 + 0.02 * i, 2) for i in range(14)]
+SCORES = ("pairwise_precision", "pairwise_recall", "pairwise_f1", "bcubed_f1")
+
+
+# ----------------------------------------------------------------------------- data
+
+def load_rows(root: Path) -> tuple[list[str], list[str], np.ndarray]:
+    """(ids, texts, vectors) of every row of the published snapshot, in shard order."""
+    import pyarrow.parquet as pq
+
+    from twinq.shared import snapshot as snap
+
+    version = snap.current_version(root)
+    path = snap.version_dir(root, version)
+    ids, texts, vectors = [], [], []
+    for entry in snap.read_manifest(path)["shards"]:
+        table = pq.read_table(path / entry["data_file"], columns=["id", "text", "embedding"])
+        ids += table.column("id").to_pylist()
+        texts += table.column("text").to_pylist()
+        vectors.append(snap.embeddings_of(table))
+    return ids, texts, np.concatenate(vectors)
+
+
+def truth_labels(texts: list[str]) -> np.ndarray:
+    """Each row's true cluster: connected components of the Quora duplicate pairs."""
+    from twinq.pipelines.splits import build_clusters, question_key
+    from twinq.shared.pairs import read_pairs
+
+    folder = DATA / "quora" / "duplicate-pairs"
+    if not folder.is_dir():
+        raise SystemExit(f"reference data not found at {folder}; set TWINQ_DATA")
+    clusters = build_clusters(read_pairs([folder / "train", folder / "test"]).pairs)
+    fresh = iter(range(len(clusters) + 1, len(clusters) + 1 + len(texts)))
+    return np.array([clusters.get(question_key(t), next(fresh)) for t in texts], dtype=np.int64)
+
+
+def sample_clusters(truth: np.ndarray, questions: int, seed: int) -> np.ndarray:
+    """Row numbers of whole true clusters, in random cluster order, until `questions` rows."""
+    by_cluster: dict[int, list[int]] = {}
+    for row, label in enumerate(truth.tolist()):
+        by_cluster.setdefault(label, []).append(row)
+    order = sorted(by_cluster)
+    random.Random(seed).shuffle(order)
+    rows: list[int] = []
+    for label in order:
+        if len(rows) >= questions:
+            break
+        rows += by_cluster[label]
+    return np.array(sorted(rows), dtype=np.int64)
+
+
+def write_subset(root: Path, ids: list[str], texts: list[str], vectors: np.ndarray,
+                 model_name: str, shards: int = 4) -> None:
+    """Publish a snapshot of the given rows with their stored vectors (Flat indexes)."""
+    import pyarrow as pa
+
+    from twinq.shared import snapshot as snap
+    from twinq.shared.constants import SNAPSHOT_FORMAT_VERSION
+    from twinq.shared.snapshot_schema import schema
+    from twinq.shared.text import stable_shard, text_key
+
+    version = snap.new_version(root)
+    path = snap.version_dir(root, version)
+    snap.mark_building(path)
+    rows: list[list[dict[str, Any]]] = [[] for _ in range(shards)]
+    for doc_id, text, vec in zip(ids, texts, vectors):
+        rows[stable_shard(doc_id, shards)].append({
+            "id": doc_id, "ids": [doc_id], "text": text, "text_key": text_key(text, model_name),
+            "metadata": "{}", "embedding": vec.tolist()})
+    entries = [snap.write_shard(path, s, pa.Table.from_pylist(r, schema=schema(vectors.shape[1])),
+                                "Flat", "benchmark subset", "") for s, r in enumerate(rows)]
+    snap.write_manifest(path, {
+        "format_version": SNAPSHOT_FORMAT_VERSION, "version": version, "created_at": snap.now_iso(),
+        "model": {"name": model_name, "dimension": int(vectors.shape[1]), "normalized": True,
+                  "max_seq_length": 256},
+        "corpus": {"sources": ["benchmarks/bench_dedupe.py"], "rows_read": len(ids),
+                   "rows_rejected": 0, "rows_indexed": len(ids), "rows_reused": len(ids),
+                   "fingerprint": uuid.uuid4().hex},
+        "shards": entries, "build": {"runner": "benchmarks/bench_dedupe.py", "stages_s": {}}})
+    snap.publish(root, version)
+
+
+# ----------------------------------------------------------------------------- measuring
+
+def measured(cmd: list[str], log_path: Path) -> dict[str, float]:
+    """Run a command under /usr/bin/time: its wall seconds and peak RSS in MiB.
+
+    (wait4's ru_maxrss would not do: a child forked from this large process starts with this
+    process's high-water mark.)
+    """
+    with log_path.open("w") as fh:
+        code = subprocess.call(["/usr/bin/time", "-f", "TWINQ_TIME %e %M", *cmd], stdout=fh,
+                               stderr=subprocess.STDOUT, cwd=REPO)
+    text = log_path.read_text()
+    if code != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed; see {log_path}:\n{text[-2000:]}")
+    line = [x for x in text.splitlines() if x.startswith("TWINQ_TIME ")][-1]
+    seconds, kib = line.split()[1:]
+    return {"seconds": round(float(seconds), 2), "peak_rss_mib": round(int(kib) / 1024, 1)}
+
+
+def scores_of(labels: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    from twinq.pipelines.dedupe_metrics import cluster_scores
+
+    return {k: round(v, 4) for k, v in cluster_scores(labels, truth).items() if k in SCORES}
+
+
+def sweep_pairs(out: Path, ids: list[str], truth: np.ndarray, thresholds: list[float]
+                ) -> dict[str, list[dict[str, float]]]:
+    """Clusters from a run's scored pairs at each threshold, for each clustering variant."""
+    import pyarrow.parquet as pq
+
+    from twinq.pipelines.dedupe_clusters import cluster_pairs
+    from twinq.pipelines.dedupe_metrics import labels_from_clusters
+
+    pairs = pq.read_table(out / "pairs.parquet")
+    row = {doc_id: n for n, doc_id in enumerate(ids)}
+    a = np.array([row[x] for x in pairs.column("a").to_pylist()], dtype=np.int64)
+    b = np.array([row[x] for x in pairs.column("b").to_pylist()], dtype=np.int64)
+    s = pairs.column("score").to_numpy()
+    curves: dict[str, list[dict[str, float]]] = {}
+    variants: dict[str, Any] = {
+        "centre": {}, "centre-veto<t": {"veto_below": lambda t: t},
+        "centre-veto<t/2": {"veto_below": lambda t: t / 2},
+        "centre-veto<0.5": {"veto_below": lambda t: 0.5},
+        "components": {"method": "components"}}
+    for name, kwargs in variants.items():
+        curve = []
+        for t in thresholds:
+            given = {k: v(t) if callable(v) else v for k, v in kwargs.items()}
+            clusters = cluster_pairs(ids, a, b, s, t, **given)
+            labels = labels_from_clusters(len(ids), [c.members for c in clusters])
+            curve.append({"threshold": t, **scores_of(labels, truth)})
+        curves[name] = curve
+    return curves
+
+
+def default_scores(out: Path, ids: list[str], truth: np.ndarray) -> dict[str, float]:
+    """Scores of the clusters the run wrote (its default threshold, the guard on)."""
+    import pyarrow.parquet as pq
+
+    from twinq.pipelines.dedupe_metrics import labels_from_clusters
+
+    row = {doc_id: n for n, doc_id in enumerate(ids)}
+    members = pq.read_table(out / "clusters.parquet", columns=["member_ids"]).column(0).to_pylist()
+    labels = labels_from_clusters(len(ids), [[row[m] for m in c] for c in members])
+    return scores_of(labels, truth)
+
+
+def community_labels(vectors: np.ndarray, threshold: float) -> tuple[np.ndarray, float]:
+    from sentence_transformers.util import community_detection
+
+    from twinq.pipelines.dedupe_metrics import labels_from_clusters
+
+    start = time.perf_counter()
+    found = community_detection(vectors, threshold=threshold, min_community_size=2)
+    return labels_from_clusters(len(vectors), found), time.perf_counter() - start
+
+
+def cd_probe(vectors_file: str, threshold: float) -> None:
+    """Subprocess entry: one community_detection call, for a clean peak RSS; prints its own
+    seconds and the RSS before it (imports and vectors), so that both can be subtracted."""
+    import torch
+    from sentence_transformers.util import community_detection  # noqa: F401 - import cost
+
+    torch.set_num_threads(int(os.environ.get("TWINQ_THREADS", "2")))
+    vectors = np.load(vectors_file)
+    before = _rss_mib()
+    _, seconds = community_labels(vectors, threshold)
+    print(json.dumps({"rows": len(vectors), "cd_seconds": round(seconds, 2),
+                      "rss_before_mib": before}))
+
+
+def _rss_mib() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
+
+
+def fit_growth(sizes: list[int], values: list[float]) -> np.ndarray:
+    """Least-squares a + b n + c n^2 (non-negative c) through the measured points."""
+    n = np.asarray(sizes, dtype=np.float64)
+    design = np.stack([np.ones_like(n), n, n * n], axis=1)
+    coef, *_ = np.linalg.lstsq(design, np.asarray(values, dtype=np.float64), rcond=None)
+    if coef[2] < 0:
+        coef = np.append(np.linalg.lstsq(design[:, :2], values, rcond=None)[0], 0.0)
+    return coef
+
+
+def size_at(coef: np.ndarray, value: float) -> float:
+    """The n at which a + b n + c n^2 reaches `value`."""
+    a, b, c = coef
+    if c > 0:
+        return float((-b + np.sqrt(b * b - 4 * c * (a - value))) / (2 * c))
+    return float((value - a) / b) if b > 0 else float("inf")
+
+
+def memory_total_mib() -> float:
+    for line in open("/proc/meminfo"):
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+# ----------------------------------------------------------------------------- the run
+
+def run_dedupe(name: str, root: Path, out: Path, args: argparse.Namespace, ids: list[str],
+               truth: np.ndarray, reranker: str | None) -> dict[str, Any]:
+    """One `twinq dedupe` subprocess: time, memory, summary, scores at its default threshold
+    and across thresholds."""
+    run_out = out / f"run-{name}"
+    cmd = [sys.executable, "-m", "twinq.shared.cli", "dedupe", "--root", str(root),
+           "--out", str(run_out), "--neighbours", str(args.neighbours),
+           "--recall-floor", str(args.recall_floor)]
+    if reranker:
+        cmd += ["--reranker", reranker, "--backend", args.backend]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    if args.beam_arg:
+        cmd += ["--", *args.beam_arg]
+    log.info("%s: %s", name, " ".join(cmd))
+    cost = measured(cmd, out / f"run-{name}.log")
+    summary = json.loads((run_out / "summary.json").read_text())
+    if reranker:
+        thresholds = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
+    else:
+        thresholds = [t for t in CD_THRESHOLDS if t >= args.recall_floor]
+    thresholds = sorted(set(thresholds) | {summary["threshold"]["value"]})
+    result = {"command": " ".join(cmd[2:]), **cost, "summary": summary,
+              "default": {"threshold": summary["threshold"]["value"],
+                          **default_scores(run_out, ids, truth)},
+              "sweep": sweep_pairs(run_out, ids, truth, thresholds)}
+    best = max(result["sweep"]["centre"], key=lambda r: r["pairwise_f1"])
+    result["best"] = best
+    log.info("%s: %.0fs, %.0f MiB; default %s; best %s", name, cost["seconds"],
+             cost["peak_rss_mib"], result["default"], best)
+    return result
+
+
+def run_community(out: Path, vectors: np.ndarray, truth: np.ndarray, sizes: list[int],
+                  thresholds: list[float]) -> dict[str, Any]:
+    """community_detection: a threshold sweep in-process; time and peak RSS per corpus size in
+    subprocesses at its best threshold; the size at which it would fill this machine's RAM."""
+    sweep = []
+    for t in thresholds:
+        labels, seconds = community_labels(vectors, t)
+        sweep.append({"threshold": t, "seconds": round(seconds, 2), **scores_of(labels, truth)})
+        log.info("community_detection %.2f: %s", t, sweep[-1])
+    best = max(sweep, key=lambda r: r["pairwise_f1"])
+    probes = []
+    rng = np.random.default_rng(0)
+    for n in sorted(set(min(s, len(vectors)) for s in sizes)):
+        path = out / f"cd-vectors-{n}.npy"
+        np.save(path, vectors[np.sort(rng.choice(len(vectors), n, replace=False))])
+        cmd = [sys.executable, __file__, "--cd-probe", str(path), "--cd-threshold",
+               str(best["threshold"])]
+        cost = measured(cmd, out / f"cd-probe-{n}.log")
+        inner = json.loads([x for x in (out / f"cd-probe-{n}.log").read_text().splitlines()
+                            if x.startswith("{")][-1])
+        probes.append({"rows": n, "seconds": inner["cd_seconds"],
+                       "peak_rss_mib": cost["peak_rss_mib"],
+                       "cd_mib": round(cost["peak_rss_mib"] - inner["rss_before_mib"], 1)})
+        path.unlink()
+        log.info("community_detection probe: %s", probes[-1])
+    total = memory_total_mib()
+    memory = fit_growth([p["rows"] for p in probes], [p["peak_rss_mib"] for p in probes])
+    seconds = fit_growth([p["rows"] for p in probes], [p["seconds"] for p in probes])
+    oom_rows = size_at(memory, total)
+    return {"sweep": sweep, "best": best, "probes": probes, "memory_total_mib": round(total),
+            "memory_fit_mib": memory.tolist(), "seconds_fit": seconds.tolist(),
+            "oom_rows_estimate": round(oom_rows),
+            "seconds_at_oom_rows_estimate": round(float(np.polyval(seconds[::-1], oom_rows)))}
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    lines = [f"# twinq dedupe on Quora ({report['rows']} questions, {report['true_clusters']} "
+             "true clusters)", "", f"Machine: {report['machine']}", "",
+             "| method | threshold | pairwise P | pairwise R | pairwise F1 | B-cubed F1 | time (s) "
+             "| peak RSS (MiB) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, run in report["runs"].items():
+        for label, row in (("default", run["default"]), ("best", run["best"])):
+            lines.append(f"| twinq dedupe, {name} ({label}) | {row['threshold']:g} | "
+                         f"{row['pairwise_precision']:.4f} | {row['pairwise_recall']:.4f} | "
+                         f"{row['pairwise_f1']:.4f} | {row['bcubed_f1']:.4f} | {run['seconds']:.0f} "
+                         f"| {run['peak_rss_mib']:.0f} |")
+    cd = report["community_detection"]
+    best = cd["best"]
+    probe = max(cd["probes"], key=lambda p: p["rows"])
+    lines.append(f"| community_detection (best) | {best['threshold']:g} | "
+                 f"{best['pairwise_precision']:.4f} | {best['pairwise_recall']:.4f} | "
+                 f"{best['pairwise_f1']:.4f} | {best['bcubed_f1']:.4f} | {best['seconds']:.0f} | "
+                 f"{probe['peak_rss_mib']:.0f} ({probe['rows']} rows) |")
+    lines += ["", "Chaining guard (pairwise F1 at each run's default threshold):", ""]
+    for name, run in report["runs"].items():
+        t = run["default"]["threshold"]
+        row = {k: next(r for r in v if r["threshold"] == t) for k, v in run["sweep"].items()}
+        lines.append(f"- {name}: " + ", ".join(f"{k} {v['pairwise_f1']:.4f} (P "
+                                               f"{v['pairwise_precision']:.3f})"
+                                               for k, v in row.items()))
+    lines += ["", f"community_detection memory: {cd['probes']}; fit a+bn+cn^2 = "
+              f"{[f'{x:.3g}' for x in cd['memory_fit_mib']]} MiB; fills "
+              f"{cd['memory_total_mib']} MiB at about {cd['oom_rows_estimate']:,} rows "
+              f"(about {cd['seconds_at_oom_rows_estimate']:,} s there)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = report["runs"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    cos_ax, prob_ax = axes
+    cd = report["community_detection"]["sweep"]
+    cos_ax.plot([r["threshold"] for r in cd], [r["pairwise_f1"] for r in cd], "k--",
+                label="community_detection")
+    for name, run in runs.items():
+        ax = prob_ax if run["summary"]["score"] == "probability" else cos_ax
+        for variant, curve in run["sweep"].items():
+            style = "-o" if variant == "centre" else "-." if variant == "components" else ":"
+            ax.plot([r["threshold"] for r in curve], [r["pairwise_f1"] for r in curve], style,
+                    label=f"{name}: {variant}", markersize=3)
+    cos_ax.set_xlabel("cosine threshold")
+    prob_ax.set_xlabel("probability threshold (reranker)")
+    for ax in axes:
+        ax.set_ylabel("pairwise F1")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"Quora, {report['rows']} questions", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", type=Path, default=REPO / "runs" / "quora-snap")
+    parser.add_argument("--reranker", default=None, help="Reranker with a decision model.")
+    parser.add_argument("--questions", type=int, default=0, help="Sample whole true clusters up "
+                        "to this many questions (0: every row of the snapshot).")
+    parser.add_argument("--seed", type=int, default=13)
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-dedupe")
+    parser.add_argument("--neighbours", type=int, default=10)
+    parser.add_argument("--recall-floor", type=float, default=0.75)
+    parser.add_argument("--backend", default="torch")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--beam-arg", action="append", default=[], help="Extra Beam flag.")
+    parser.add_argument("--no-recall-only", action="store_true", help="Skip the recall-only run.")
+    parser.add_argument("--cd-sizes", default="5000,10000,20000,40000",
+                        help="Corpus sizes of the community_detection memory probes.")
+    parser.add_argument("--cd-probe", help=argparse.SUPPRESS)
+    parser.add_argument("--cd-threshold", type=float, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.cd_probe:
+        cd_probe(args.cd_probe, args.cd_threshold)
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    os.environ.setdefault("TWINQ_THREADS", str(args.threads))
+    import torch
+
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    ids, texts, vectors = load_rows(args.root)
+    truth = truth_labels(texts)
+    root = args.root
+    if args.questions:
+        keep = sample_clusters(truth, args.questions, args.seed)
+        ids, texts, vectors, truth = ([ids[i] for i in keep], [texts[i] for i in keep],
+                                      vectors[keep], truth[keep])
+        root = args.out / "snapshot"
+        if not (root / "CURRENT").is_file():
+            from twinq.shared.constants import DEFAULT_MODEL
+
+            write_subset(root, ids, texts, vectors, DEFAULT_MODEL)
+    order = np.argsort(ids, kind="stable")  # rows by id, as the snapshot's names sort them
+    ids = [ids[i] for i in order]
+    vectors, truth = vectors[order], truth[order]
+    from twinq.pipelines.dedupe_metrics import cluster_scores
+
+    true_pairs = cluster_scores(truth, truth)["true_pairs"]
+    report: dict[str, Any] = {"machine": machine(), "rows": len(ids),
+                              "true_clusters": int(len(set(truth.tolist()))),
+                              "true_pairs": int(true_pairs), "root": str(root), "runs": {}}
+    if not args.no_recall_only:
+        report["runs"]["recall only"] = run_dedupe("recall", root, args.out, args, ids, truth, None)
+    if args.reranker:
+        report["runs"]["reranker"] = run_dedupe("reranker", root, args.out, args, ids, truth,
+                                                args.reranker)
+    sizes = [int(s) for s in args.cd_sizes.split(",") if s] + [len(ids)]
+    report["community_detection"] = run_community(args.out, vectors, truth, sizes, CD_THRESHOLDS)
+    (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "report.md").write_text(report_markdown(report))
+    plot(report, args.out / "thresholds.png")
+    print(report_markdown(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,323 @@
+"""`twinq dedupe`: the twins already sitting in a published snapshot, as clusters.
+
+    check the inputs (snapshot, reranker, threshold, K) -> nothing is written before this passes
+    Beam: every shard's rows -> K nearest neighbours in all shards -> pairs above the recall
+          floor, once each -> cross-encoder logits (both orders averaged) -> scored pairs
+    then, outside Beam: logits -> calibrated probabilities -> edges (>= threshold)
+          -> clusters with the chaining guard (`twinq.pipelines.dedupe_clusters`)
+          -> clusters.parquet, clusters.jsonl, pairs.parquet, summary.json, sizes.png
+
+The clustering runs in one process over the scored pairs: at most rows x K of them, so memory
+grows with the corpus times K, never with the corpus squared.
+
+Example:
+    >>> result = dedupe(DedupeOptions(root=Path("runs/quora-snap"), out=Path("runs/dedupe"),
+    ...                               reranker="runs/ablation/mid-easy"))  # doctest: +SKIP
+    >>> result.summary["counts"]["clusters"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from twinq.pipelines.dedupe_clusters import METHODS, Cluster, Method, cluster_pairs
+from twinq.shared.errors import BadInput, SnapshotInvalid, SnapshotNotFound
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from twinq.shared.calibration import Calibration
+    from twinq.shared.snapshot import Snapshot
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NEIGHBOURS = 10
+"""Neighbours searched per row (besides itself). Quora clusters hold 2.5 questions on average;
+a row's twins beyond its 10 nearest are rare, and K bounds the pairs at rows x K."""
+DEFAULT_RECALL_FLOOR = 0.75
+"""Least cosine of a candidate pair: pairs below it are never scored. The cross-encoder is the
+cost (about 130 pairs/s per 2 CPU cores, twice that for both orders), so the floor decides the
+run time; on Quora with all-MiniLM-L6-v2 it keeps 97% of the true twin pairs found among the
+10 nearest neighbours (docs/dedupe.md)."""
+DEFAULT_MIN_COSINE = 0.85
+"""The edge threshold in recall-only mode (no reranker with a decision model): a cosine. On all
+of Quora with all-MiniLM-L6-v2, 0.80 and 0.85 give the best pairwise F1 (0.49); 0.85 is the
+more precise of the two (docs/dedupe.md)."""
+
+ScoreKind = Literal["probability", "cosine"]
+
+
+@dataclass(frozen=True)
+class DedupeOptions:
+    """Everything a dedupe run needs; the CLI fills it from flags.
+
+    Attributes:
+        root: Snapshot root; its published version is read (pinned at the start).
+        out: Output folder (created; the files named in `OUTPUT_FILES` are replaced).
+        reranker: A reranker folder trained by twinq (with a decision model), or None for
+            recall scores only.
+        neighbours: K, the nearest neighbours searched per row. Defaults to 10.
+        min_probability: The edge threshold, in (0, 1]; None takes the reranker's
+            `min_probability` (recall-only: `DEFAULT_MIN_COSINE`, as a cosine).
+        recall_floor: Least cosine of a pair worth scoring. Defaults to `DEFAULT_RECALL_FLOOR`.
+        method: "centre" (the chaining guard) or "components" (none). Defaults to "centre".
+        symmetric: Average the logits of both orders. Defaults to True.
+        backend: Cross-encoder backend ("torch", "onnx", ...). Defaults to "torch".
+        threads: Torch threads per Beam worker process. Defaults to torch's choice.
+        batch_size: Pairs per inference batch. Defaults to 512.
+        beam_args: Beam options (`--runner`, `--direct_num_workers`, ...).
+    """
+
+    root: Path
+    out: Path
+    reranker: str | None = None
+    neighbours: int = DEFAULT_NEIGHBOURS
+    min_probability: float | None = None
+    recall_floor: float = DEFAULT_RECALL_FLOOR
+    method: Method = "centre"
+    symmetric: bool = True
+    backend: str = "torch"
+    threads: int | None = None
+    batch_size: int = 512
+    beam_args: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class EdgeScore:
+    """How a scored pair becomes an edge score, and the threshold on it.
+
+    Attributes:
+        kind: "probability" (a reranker with a decision model) or "cosine" (recall only).
+        threshold: The least edge score.
+        threshold_source: "--min-probability", "training.json" or "default".
+        reranker: The reranker folder used, or None.
+        calibration: The logit-to-probability map (the pair calibration, or the decision model
+            with zero margins when the reranker has none).
+        note: One line saying why recall scores are used, or None.
+    """
+
+    kind: ScoreKind
+    threshold: float
+    threshold_source: str
+    reranker: str | None = None
+    calibration: Calibration | None = None
+    calibration_name: str | None = None
+    note: str | None = None
+
+    def scores(self, recall: np.ndarray, rerank: np.ndarray) -> np.ndarray:
+        """Edge scores of pairs from their cosines and (averaged) logits."""
+        recall = np.asarray(recall, dtype=np.float64)
+        if self.kind == "cosine" or self.calibration is None:
+            return recall
+        logits = np.asarray(rerank, dtype=np.float64)
+        if self.calibration.features == ("rerank",):
+            return self.calibration.predict_logits(logits)
+        from twinq.shared.calibration import FEATURES
+
+        features = np.zeros((len(logits), len(FEATURES)))
+        features[:, FEATURES.index("rerank")] = logits
+        features[:, FEATURES.index("recall")] = recall
+        return self.calibration.predict(features)  # margins 0: a pair scored alone
+
+
+@dataclass
+class DedupeResult:
+    """What `dedupe` wrote and measured."""
+
+    out: Path
+    clusters: list[dict[str, Any]]
+    summary: dict[str, Any]
+
+
+def edge_score(opts: DedupeOptions) -> EdgeScore:
+    """Read the reranker's decision model and settle the threshold.
+
+    A reranker folder without training.json (a hub model, or one not trained by twinq) has no
+    decision model: the run then uses recall scores only, and `note` says so.
+
+    Raises:
+        BadInput: a threshold outside (0, 1]; a training.json that is malformed or lacks its
+            decision model (`ConfigError`).
+    """
+    from twinq.shared.rerank import load_rerank_defaults
+
+    given = opts.min_probability
+    if given is not None and not 0.0 < given <= 1.0:  # NaN fails the comparison too
+        raise BadInput(f"--min-probability must be in (0, 1], got {given}")
+    source = "--min-probability" if given is not None else None
+    if opts.reranker:
+        defaults = load_rerank_defaults(opts.reranker) if Path(opts.reranker).is_dir() else None
+        if defaults is not None and defaults.decision is not None:
+            threshold = given if given is not None else defaults.decision.min_probability
+            pair_map = defaults.calibration or defaults.decision
+            return EdgeScore("probability", float(threshold or 0.5),
+                             source or "training.json", opts.reranker, pair_map,
+                             "calibration" if defaults.calibration else "decision")
+        note = (f"--reranker {opts.reranker} has no decision model (no twinq training.json): "
+                "the clusters use recall scores (cosine) only")
+    else:
+        note = "no --reranker: the clusters use recall scores (cosine) only"
+    threshold = given if given is not None else DEFAULT_MIN_COSINE
+    return EdgeScore("cosine", float(threshold), source or "default", None, None, None, note)
+
+
+def check_options(opts: DedupeOptions) -> tuple[Snapshot, EdgeScore]:
+    """Everything that can be refused before anything is written.
+
+    Raises:
+        BadInput: K < 1, a recall floor outside [-1, 1], an unknown method, an unpublished,
+            missing or corrupt snapshot, a bad threshold or reranker file.
+    """
+    from twinq.shared import snapshot as snap
+
+    if opts.neighbours < 1:
+        raise BadInput(f"--neighbours must be at least 1, got {opts.neighbours}")
+    if not -1.0 <= opts.recall_floor <= 1.0:
+        raise BadInput(f"--recall-floor must be a cosine in [-1, 1], got {opts.recall_floor}")
+    if opts.method not in METHODS:
+        raise BadInput(f"--method must be one of {', '.join(METHODS)}, got {opts.method!r}")
+    if opts.batch_size < 1:
+        raise BadInput(f"--batch-size must be at least 1, got {opts.batch_size}")
+    if opts.out.exists() and not opts.out.is_dir():
+        raise BadInput(f"--out {opts.out} exists and is not a folder")
+    score = edge_score(opts)
+    try:
+        snapshot = snap.load_snapshot(opts.root)
+    except (SnapshotNotFound, SnapshotInvalid) as exc:
+        if isinstance(exc, BadInput):
+            raise
+        raise BadInput(f"--root {opts.root}: {exc}") from exc
+    return snapshot, score
+
+
+def _pipeline_options(beam_args: list[str]) -> Any:
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    args = list(beam_args)
+    if not any(a == "--runner" or a.startswith("--runner=") for a in args):
+        args.append("--runner=DirectRunner")  # pinned: an unpinned runner may pick Prism
+    return PipelineOptions(args)
+
+
+def run_beam(opts: DedupeOptions, snapshot: Snapshot, score: EdgeScore, work: Path
+             ) -> dict[str, float]:
+    """Find and score the candidate pairs with Beam; write them under `work`; return counters
+    (and `rerank_s`, `rerank_load_s`: time inside the cross-encoder and loading it)."""
+    from twinq.pipelines import dedupe_transforms as T  # first: it quiets Beam's import
+
+    import apache_beam as beam
+    from apache_beam.metrics.metric import MetricsFilter
+    from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+
+    pipeline = beam.Pipeline(options=_pipeline_options(opts.beam_args))
+    pairs = (pipeline
+             | "Shards" >> beam.Create(list(range(len(snapshot.shards))))
+             | "Neighbours" >> beam.ParDo(T.ShardNeighbours(str(opts.root), snapshot.version,
+                                                            opts.neighbours, opts.recall_floor))
+             | "OncePerPair" >> beam.CombinePerKey(max))
+    if score.kind == "probability":
+        handler = KeyedModelHandler(T.PairScorer(
+            str(score.reranker), threads=opts.threads, backend=opts.backend,
+            symmetric=opts.symmetric, min_batch_size=opts.batch_size,
+            max_batch_size=opts.batch_size))
+        records = (pairs
+                   | "ToExample" >> beam.Map(T.to_example)
+                   | "Rerank" >> RunInference(handler)
+                   | "Scored" >> beam.Map(T.scored_record))
+    else:
+        records = pairs | "RecallOnly" >> beam.Map(T.recall_record)
+    _ = records | "WritePairs" >> beam.io.WriteToParquet(
+        str(work / "pairs"), T.pair_schema(), file_name_suffix=".parquet")
+    result = pipeline.run()
+    result.wait_until_finish()
+    found: dict[str, float] = {}
+    metrics = result.metrics().query(MetricsFilter())
+    for counter in metrics["counters"]:
+        if counter.key.metric.namespace == T.NS:
+            value = counter.committed if counter.committed is not None else counter.attempted
+            found[counter.key.metric.name] = found.get(counter.key.metric.name, 0) + float(value or 0)
+    for dist in metrics["distributions"]:
+        name = dist.key.metric.name
+        value = dist.committed if dist.committed is not None else dist.attempted
+        if value is None:
+            continue
+        if name.endswith("inference_batch_latency_micro_secs"):
+            found["rerank_s"] = found.get("rerank_s", 0.0) + value.sum / 1e6
+        elif name.endswith("load_model_latency_milli_secs"):
+            found["rerank_load_s"] = found.get("rerank_load_s", 0.0) + value.sum / 1e3
+    return found
+
+
+def read_pairs(work: Path) -> pa.Table:
+    """The scored pairs Beam wrote, sorted by (a, b) so that the order never depends on it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from twinq.pipelines.dedupe_transforms import pair_schema
+
+    files = sorted(work.glob("pairs*.parquet"))
+    tables = [pq.read_table(f, schema=pair_schema()) for f in files]
+    table = pa.concat_tables(tables) if tables else pair_schema().empty_table()
+    return table.sort_by([("a", "ascending"), ("b", "ascending")])
+
+
+def score_table(pairs: pa.Table, score: EdgeScore) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                              np.ndarray]:
+    """(names, a, b, scores): node names (sorted ids) and each pair's nodes and edge score."""
+    ids_a = pairs.column("a").to_numpy(zero_copy_only=False)
+    ids_b = pairs.column("b").to_numpy(zero_copy_only=False)
+    names, inverse = np.unique(np.concatenate([ids_a, ids_b]).astype(str), return_inverse=True)
+    recall = pairs.column("recall").to_numpy(zero_copy_only=False).astype(np.float64)
+    rerank = pairs.column("rerank").fill_null(0.0).to_numpy(zero_copy_only=False)
+    scores = np.round(score.scores(recall, rerank), 6)
+    return names, inverse[:len(ids_a)], inverse[len(ids_a):], scores
+
+
+def dedupe(opts: DedupeOptions, *, clock: Any = time.perf_counter) -> DedupeResult:
+    """Check the inputs, find and score the pairs with Beam, cluster, and write the outputs.
+
+    Raises:
+        BadInput: see `check_options`; nothing is written then.
+    """
+    from twinq.pipelines import dedupe_report as R
+
+    started = clock()
+    timings: dict[str, float] = {}
+    snapshot, score = check_options(opts)
+    if score.note:
+        log.warning("%s", score.note)
+    timings["check_s"] = round(clock() - started, 3)
+    opts.out.mkdir(parents=True, exist_ok=True)
+    work = opts.out / f".work-{snapshot.version}-{time.time_ns()}"
+    try:
+        mark = clock()
+        counters = run_beam(opts, snapshot, score, work)
+        timings["pipeline_s"] = round(clock() - mark, 3)
+        mark = clock()
+        pairs = read_pairs(work)
+        names, a, b, scores = score_table(pairs, score)
+        clusters = cluster_pairs(names, a, b, scores, score.threshold, method=opts.method)
+        timings["cluster_s"] = round(clock() - mark, 3)
+        mark = clock()
+        records = R.cluster_records(clusters, names, R.texts_of(snapshot, clusters, names))
+        summary = R.summary(opts, snapshot, score, counters, names, a, b, scores, clusters,
+                            timings)
+        R.write_outputs(opts.out, work, records, pairs, scores, summary)
+        timings["write_s"] = round(clock() - mark, 3)
+        timings["total_s"] = round(clock() - started, 3)
+        summary["timings_s"].update(timings)
+        R.write_summary(opts.out, summary)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return DedupeResult(opts.out, records, summary)
+
+
+__all__ = ["DEFAULT_MIN_COSINE", "DEFAULT_NEIGHBOURS", "DEFAULT_RECALL_FLOOR", "Cluster",
+           "DedupeOptions", "DedupeResult", "EdgeScore", "check_options", "dedupe", "edge_score"]
