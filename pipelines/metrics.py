@@ -1,4 +1,4 @@
-"""Pair-classification and retrieval metrics, plus score fusion, as pure numpy functions.
+"""Pair-classification and retrieval metrics, as pure numpy functions.
 
 Kept free of models and I/O so that each number in a report can be checked by hand in a test.
 scikit-learn is deliberately not used: the definitions here (ties, empty inputs, the BEIR
@@ -11,10 +11,6 @@ from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import numpy as np
-
-from twinq.shared.rerank import RRF_K, fuse_scores, zscore  # noqa: F401 - one definition of the fusion maths
-
-"""Reciprocal-rank-fusion constant from Cormack et al. (2009); 60 is the usual default."""
 
 
 def _arrays(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray
@@ -209,7 +205,3 @@ def retrieval_metrics(runs: Mapping[str, Sequence[str]], qrels: Mapping[str, Map
         out[f"recall@{k}"] = float(np.mean([recall_at_k(runs.get(q, []), qrels[q], k)
                                             for q in queries]))
     return out
-
-
-# ---- fusion -----------------------------------------------------------------------------------
-

@@ -3,11 +3,11 @@
 A cross-encoder's logit ranks well but is not a probability. Fitted only on labelled pairs it is
 over-confident exactly where it matters: a question with no twin in the corpus still has a
 nearest neighbour, and "what is the capital of France?" scored 0.988 against an FAQ entry.
-So the decision model is fitted on what serving looks like (`twinq.pipelines.decision_set`): queries
-whose twin is in the corpus, the same queries with their twins removed (the top hit is then a
-near miss), and out-of-domain questions. Its inputs are the hit's features as the worker sees
-them (`hit_features`): the rerank logit, the recall cosine and the margins to the best other
-candidate.
+So the decision model is fitted on what serving looks like
+(`twinq.pipelines.serving_queries`): queries whose twin is in the corpus, the same queries with
+their twins removed (the top hit is then a near miss), and out-of-domain questions. Its
+inputs are the hit's features as the worker sees them (`hit_features`): the rerank logit, the
+recall cosine and the margins to the best other candidate.
 
 The model is a logistic regression on standardised features (a handful of parameters cannot
 overfit a few hundred dev queries) whose weights are kept non-negative: a higher logit, cosine
@@ -19,7 +19,12 @@ parameters in the reranker's ``training.json`` (no pickle):
      "weights": [..], "bias": -1.2, "min_probability": 0.71}
 
 ``min_probability`` is the threshold under which the worker says "no twin" (the 95%-precision
-point on dev). Platt scaling is the one-feature case: ``features == ["rerank"]``.
+point on dev). Platt scaling is the one-feature case: ``features == ["rerank"]``; that is the
+pair calibration (`Calibration.predict_logits`), for a pair scored alone.
+
+Fitting (`fit_logistic`, `threshold_for_precision`) and applying (`Calibration.predict`,
+`calibrate` on a query's hits) live here together; `twinq.shared.rerank_config` reads and
+writes the fitted models in training.json.
 """
 
 from __future__ import annotations
@@ -27,9 +32,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from twinq.shared.search import Hit
 
 FEATURES: tuple[str, ...] = ("rerank", "recall", "rerank_margin", "recall_margin")
 """Every feature `hit_features` computes, in column order.
@@ -153,16 +161,21 @@ class Calibration:
             raise ValueError("scale must be positive")
         threshold = data.get("min_probability")
         if threshold is not None:
-            threshold = _number(threshold, "min_probability")
+            threshold = finite_number(threshold, "min_probability")
             if not 0.0 <= threshold <= 1.0:
                 raise ValueError(f"min_probability must be in 0..1, got {threshold}")
         info = data.get("info", {})
         return cls(tuple(features), vectors["mean"], vectors["scale"], vectors["weights"],
-                   _number(data.get("bias"), "bias"), threshold,
+                   finite_number(data.get("bias"), "bias"), threshold,
                    info if isinstance(info, dict) else {})
 
 
-def _number(value: Any, name: str) -> float:
+def finite_number(value: Any, name: str) -> float:
+    """`value` as a float if it is a finite JSON number (not a bool).
+
+    Raises:
+        ValueError: naming `name`, otherwise.
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     return float(value)
@@ -171,7 +184,7 @@ def _number(value: Any, name: str) -> float:
 def _numbers(value: Any, name: str, length: int) -> tuple[float, ...]:
     if not isinstance(value, list) or len(value) != length:
         raise ValueError(f"{name} must be a list of {length} numbers")
-    return tuple(_number(v, f"{name}[{i}]") for i, v in enumerate(value))
+    return tuple(finite_number(v, f"{name}[{i}]") for i, v in enumerate(value))
 
 
 def fit_logistic(all_features: np.ndarray, labels: Sequence[int] | np.ndarray,
@@ -263,3 +276,27 @@ def threshold_for_precision(probabilities: Sequence[float] | np.ndarray,
     ok = np.flatnonzero(cut & (precision >= target))
     i = int(ok[-1]) if ok.size else int(np.flatnonzero(cut)[np.argmax(precision[cut])])
     return float(p[order][i]), float(precision[i]), float(answered[i] / p.size)
+
+
+def calibrate(hits: list[Hit], decision: Calibration | None) -> None:
+    """Fill each reranked hit's `duplicate_probability` from the decision model.
+
+    The model was fitted on the top hit of serving-like dev queries, so the first hit's
+    probability is the calibrated one; lower hits get the same map of their own features
+    (their margin is negative: another candidate scores higher). Without a decision model, or
+    for hits that were not reranked, it stays None: an uncalibrated score is not a
+    probability, and twinq never reports a fake one.
+
+    Args:
+        hits: One query's hits with `rerank_score` filled where reranked.
+        decision: The reranker's decision model, or None.
+    """
+    reranked = [h for h in hits if h.rerank_score is not None]
+    for hit in hits:
+        hit.duplicate_probability = None
+    if decision is None or not reranked:
+        return
+    features = hit_features([h.rerank_score or 0.0 for h in reranked],
+                            [h.recall_score for h in reranked])
+    for hit, p in zip(reranked, decision.predict(features)):
+        hit.duplicate_probability = round(float(p), 6)

@@ -65,17 +65,3 @@ def test_per_query_and_paired_gain_by_hand() -> None:
     # differences 1, 0, 0: mean 1/3, sample sd sqrt(1/3), se sqrt(1/3)/sqrt(3) = 1/3
     assert g["gain"] == pytest.approx(1 / 3) and g["se"] == pytest.approx(1 / 3)
     assert g["ci95_low"] == pytest.approx(1 / 3 - 1.96 / 3) and g["queries"] == 3
-
-
-def test_fuse_scores_zscore_and_rrf_by_hand() -> None:
-    recall = [3.0, 2.0, 1.0]
-    rerank = [0.0, 1.0, 2.0]
-    z = np.array([1.0, 0.0, -1.0]) / np.std([1.0, 0.0, -1.0])
-    assert M.fuse_scores(recall, rerank, "zscore", 0.0) == pytest.approx(z)
-    assert M.fuse_scores(recall, rerank, "zscore", 1.0) == pytest.approx(-z)
-    assert M.fuse_scores(recall, rerank, "zscore", 0.5) == pytest.approx([0, 0, 0])
-    rrf = M.fuse_scores(recall, rerank, "rrf")
-    assert rrf == pytest.approx([1 / 61 + 1 / 63, 2 / 62, 1 / 63 + 1 / 61])
-    assert M.fuse_scores([1.0, 1.0], [2.0, 3.0], "zscore", 0.5) == pytest.approx([-0.5, 0.5])
-    with pytest.raises(ValueError):
-        M.fuse_scores(recall, rerank, "max")  # type: ignore[arg-type]

@@ -8,8 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from twinq.shared.calibration import (FEATURES, Calibration, fit_logistic, hit_features, sigmoid,
-                                threshold_for_precision)
+from twinq.shared.calibration import (FEATURES, Calibration, calibrate, fit_logistic, hit_features,
+                                      sigmoid, threshold_for_precision)
+from twinq.shared.search import Hit
 
 
 def _rows(rerank: np.ndarray, recall: np.ndarray) -> np.ndarray:
@@ -102,3 +103,45 @@ def test_threshold_for_precision_keeps_its_promise(rows: list[tuple[float, int]]
     answered = p >= t
     assert precision == pytest.approx(y[answered].mean())
     assert coverage == pytest.approx(answered.mean())
+
+
+DECISION = Calibration(("rerank", "rerank_margin"), (0.0, 0.0), (1.0, 1.0), (2.0, 1.0), -1.0,
+                       min_probability=0.7)
+
+
+def test_calibrate_applies_the_decision_model_to_reranked_hits_only() -> None:
+    hs = [Hit(f"d{i}", f"doc{i}", s, score=s) for i, s in enumerate([0.9, 0.8, 0.7])]
+    hs[0].rerank_score, hs[1].rerank_score = 2.0, 1.5
+    calibrate(hs, DECISION)
+    # Features: logit and its margin over the best other reranked logit (2.0 vs 1.5).
+    assert hs[0].duplicate_probability == pytest.approx(float(sigmoid(-1 + 2 * 2.0 + 0.5)), abs=1e-6)
+    assert hs[1].duplicate_probability == pytest.approx(float(sigmoid(-1 + 2 * 1.5 - 0.5)), abs=1e-6)
+    assert hs[2].duplicate_probability is None
+    calibrate(hs, None)
+    assert all(h.duplicate_probability is None for h in hs)
+
+
+def test_a_model_fitted_here_is_applied_here_to_hits() -> None:
+    """Fit and apply are one implementation: the probability a hit gets is the fitted map of
+    the features `hit_features` computes for it."""
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 2, 400)
+    model = fit_logistic(_rows(logits, np.zeros(400)), (logits > 0).astype(int), ("rerank",))
+    hs = [Hit("a", "a", 0.5), Hit("b", "b", 0.4)]
+    hs[0].rerank_score, hs[1].rerank_score = 1.5, -1.5
+    calibrate(hs, model)
+    assert [h.duplicate_probability for h in hs] == pytest.approx(
+        model.predict_logits([1.5, -1.5]).tolist(), abs=1e-6)
+    assert hs[0].duplicate_probability > 0.5 > hs[1].duplicate_probability
+
+
+def test_sigmoid_is_safe_at_extremes() -> None:
+    assert float(sigmoid(-1000)) == 0.0 and float(sigmoid(1000)) == 1.0
+    assert float(sigmoid(0)) == 0.5
+
+
+def test_hit_features_margins_are_against_the_best_other_candidate() -> None:
+    f = hit_features([1.0, 3.0, 2.0], [0.5, 0.9, 0.7])
+    assert f[:, 2].tolist() == [-2.0, 1.0, -1.0]
+    assert f[:, 3] == pytest.approx([-0.4, 0.2, -0.2])
+    assert hit_features([1.0], [0.5])[0].tolist() == [1.0, 0.5, 0.0, 0.0]
