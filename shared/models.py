@@ -1,8 +1,10 @@
-"""Resolve and load the two encoders: a bundled default, a local path, or a hub name.
+"""Resolve and load the two encoders (a bundled default, a local path, or a hub name), and the
+one way a bi-encoder embeds texts (`encode_normalised`).
 
-Loading is the only thing done here, never inference, in the spirit of Beam's ModelHandler split.
-Models load with `trust_remote_code=False` and prefer safetensors: nothing from a model folder is
-executed or unpickled.
+Loading never runs inference, in the spirit of Beam's ModelHandler split; every embedding twinq
+searches with, stores or mines with comes from `encode_normalised`, so that all of them are
+unit vectors of the same dtype. Models load with `trust_remote_code=False` and prefer
+safetensors: nothing from a model folder is executed or unpickled.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +20,7 @@ from twinq.shared.constants import DEFAULT_MODEL
 from twinq.shared.errors import ModelLoadError
 
 if TYPE_CHECKING:
+    import numpy as np
     from sentence_transformers import CrossEncoder, SentenceTransformer
 
     from twinq.shared.onnx_backend import OnnxBiEncoder, OnnxCrossEncoder
@@ -30,6 +34,9 @@ _threads: int | None = None
 """The last `set_threads` value, which the onnx backend reads for its intra-op threads."""
 
 _BUNDLED_ALIASES = {None, "", "bundled", DEFAULT_MODEL, DEFAULT_MODEL.split("/")[-1]}
+
+ENCODE_BATCH_SIZE = 64
+"""Texts per forward pass of `encode_normalised` when the caller does not say (the worker's)."""
 
 
 def bundled_model_path() -> Path:
@@ -178,3 +185,36 @@ def load_cross_encoder(
 def model_name(model: SentenceTransformer | CrossEncoder, requested: str | None) -> str:
     """The stable name to record for a loaded model (see `resolve_model`)."""
     return resolve_model(requested)[1]
+
+
+def encode_normalised(model: SentenceTransformer | OnnxBiEncoder, texts: Sequence[str],
+                      batch_size: int = ENCODE_BATCH_SIZE, *, progress: bool = False
+                      ) -> np.ndarray:
+    """Embed `texts` as L2-normalised float32 vectors, one row per text, in input order.
+
+    Every caller (the worker, the Beam embed handler, evaluation, mining, `twinq search`)
+    embeds through here, so stored vectors and query vectors always agree: inner product is
+    the cosine.
+
+    Args:
+        model: A bi-encoder from `load_bi_encoder`.
+        texts: The texts; already cleaned (`twinq.shared.text.normalize_text`) where the
+            caller wants them to be.
+        batch_size: Texts per forward pass (the library sorts them by length first).
+            Defaults to `ENCODE_BATCH_SIZE`.
+        progress: Show the library's progress bar. Defaults to False.
+
+    Returns:
+        float32 array of shape (len(texts), dimension); (0, dimension) for no text.
+
+    Example:
+        >>> encode_normalised(load_bi_encoder(), ["How do I reset my password?"]).shape
+        (1, 384)
+    """
+    import numpy as np
+
+    if len(texts) == 0:
+        return np.zeros((0, model.get_embedding_dimension()), dtype=np.float32)
+    vectors = model.encode(list(texts), batch_size=batch_size, normalize_embeddings=True,
+                           convert_to_numpy=True, show_progress_bar=progress)
+    return np.asarray(vectors, dtype=np.float32)
