@@ -1,7 +1,7 @@
 """How the demo's sample questions rank (recall only, rerank only, fused) and are decided.
 
 The questions with a twin are ranked three ways; then every question is decided as the worker
-does (`twinq.shared.rerank.calibrate` on the fused list, the reranker's own `min_probability`):
+does (`twinq.shared.calibration.calibrate` on the fused list, the reranker's own `min_probability`):
 paraphrases should be answered from their twin, questions with no twin refused.
 
 Reads a demo work folder (snapshot + cached reranker) left by `make demo` / `twinq demo`:
@@ -16,33 +16,37 @@ import copy
 import json
 from pathlib import Path
 
-import numpy as np
-
 from common import REPO
+
+from twinq.shared.constants import DEFAULT_RECALL_K, DEFAULT_RERANK_DEPTH
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "demo")
-    parser.add_argument("--depth", type=int, default=20)
+    parser.add_argument("--depth", type=int, default=DEFAULT_RERANK_DEPTH)
     args = parser.parse_args()
 
-    from twinq.shared.models import load_bi_encoder, load_cross_encoder
-    from twinq.shared.rerank import calibrate, fuse, load_rerank_defaults, rerank
+    from twinq.shared.calibration import calibrate
+    from twinq.shared.fusion import fuse
+    from twinq.shared.models import encode_normalised, load_cross_encoder
+    from twinq.shared.opened_snapshot import open_snapshot
+    from twinq.shared.rerank import rerank
+    from twinq.shared.rerank_config import TUNED_FUSION_METHOD, load_rerank_config
     from twinq.shared.search import search_shards
-    from twinq.shared.snapshot import load_snapshot
 
     demo = REPO / "pipelines" / "demo"
     group_of = {r["id"]: r["group"] for r in map(json.loads, (demo / "faq.jsonl").read_text().splitlines())}
     questions = [json.loads(line) for line in (demo / "questions.jsonl").read_text().splitlines()]
     reranker = max((args.workdir / "").glob("reranker-*/training.json"), key=lambda p: p.stat().st_mtime).parent
-    snapshot = load_snapshot(args.workdir / "root")
+    opened = open_snapshot(args.workdir / "root")
     texts = [q["query"] for q in questions]
-    vectors = load_bi_encoder(snapshot.manifest["model"]["name"]).encode(texts, normalize_embeddings=True)
-    hits = [h[: args.depth] for h in search_shards(snapshot, np.asarray(vectors), 50)]
+    vectors = encode_normalised(opened.bi_encoder, texts)
+    hits = [h[: args.depth] for h in search_shards(opened.snapshot, vectors, DEFAULT_RECALL_K)]
     rerank(texts, hits, load_cross_encoder(str(reranker)), depth=args.depth)
-    defaults = load_rerank_defaults(str(reranker))
-    tuned = defaults.fusion or {"method": "zscore", "weight": 0.5}
+    defaults = load_rerank_config(str(reranker))
+    method, weight = defaults.resolve_fusion(fallback=TUNED_FUSION_METHOD)
+    tuned = {"method": method, "weight": weight}
     twins = [(q, h) for q, h in zip(questions, hits) if q.get("group")]
 
     def correct(method: str, weight: float, key: str = "score") -> int:

@@ -32,10 +32,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.fusion_alternatives import DEPTH, reorder, rerank_scores  # noqa: E402
-from twinq.pipelines.evaluate import (Candidates, load_beir, ranked_ids,  # noqa: E402
-                                read_training_json, recall_candidates)
+from twinq.pipelines.beir import load_beir  # noqa: E402
+from twinq.pipelines.candidates import Candidates, ranked_ids, recall_candidates  # noqa: E402
 from twinq.pipelines.metrics import retrieval_metrics  # noqa: E402
-from twinq.shared.rerank import fuse_scores  # noqa: E402
+from twinq.shared.fusion import fuse_scores  # noqa: E402
+from twinq.shared.rerank_config import TUNED_FUSION_METHOD, load_rerank_config  # noqa: E402
 
 VERDICTS = ("twin", "not", "unsure")
 
@@ -86,20 +87,19 @@ def main() -> None:
     parser.add_argument("--verdicts", help="score again with the judged twins added")
     args = parser.parse_args()
 
-    from twinq.shared.models import load_bi_encoder, set_threads
-    from twinq.shared.snapshot import load_snapshot
+    from twinq.shared.models import set_threads
+    from twinq.shared.opened_snapshot import open_snapshot
 
     set_threads(2)
     queries, qrels = load_beir(f"{args.beir}/queries.jsonl", f"{args.beir}/qrels/test.tsv")
     queries = {q: t for q, t in queries.items() if q in qrels}
-    snapshot = load_snapshot(args.root)
+    opened = open_snapshot(args.root)
     cands: dict[str, Candidates]
-    cands, _ = recall_candidates(snapshot, load_bi_encoder(snapshot.manifest["model"]["name"]),
-                                 queries, 100)
+    cands, _ = recall_candidates(opened.snapshot, opened.bi_encoder, queries, 100)
     runs = {"recall": {q: ranked_ids(c) for q, c in cands.items()}}
     if args.reranker:
         forward, _ = rerank_scores(args.reranker, queries, cands, Path(args.cache))
-        weight = float(read_training_json(args.reranker).get("fusion", {}).get("weight", 0.5))
+        weight = load_rerank_config(args.reranker).resolve_fusion(fallback=TUNED_FUSION_METHOD)[1]
         fused = {q: fuse_scores(c.recall[:DEPTH], forward[q], "zscore", weight)
                  for q, c in cands.items()}
         runs["fused"] = reorder(cands, fused)

@@ -29,10 +29,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from twinq.pipelines.evaluate import (Candidates, load_beir, ranked_ids,  # noqa: E402
-                                read_training_json, recall_candidates)
+from twinq.pipelines.beir import load_beir  # noqa: E402
+from twinq.pipelines.candidates import Candidates, ranked_ids, recall_candidates  # noqa: E402
 from twinq.pipelines.metrics import paired_gain, per_query, retrieval_metrics  # noqa: E402
-from twinq.shared.rerank import fuse_scores, score_pairs, zscore  # noqa: E402
+from twinq.shared.fusion import fuse_scores, zscore  # noqa: E402
+from twinq.shared.rerank import score_pairs  # noqa: E402
+from twinq.shared.rerank_config import (DEFAULT_FUSION_WEIGHT, TUNED_FUSION_METHOD,  # noqa: E402
+                                        load_rerank_config)
 
 DEPTH = 20
 
@@ -99,7 +102,7 @@ def fusion_variants(name: str, cands: dict[str, Candidates], forward: dict[str, 
     for alpha in (10, 20, 40, 80):
         raw = {q: forward[q] + alpha * recall[q] for q in forward}
         scorer.report(f"{name} raw logit + {alpha}·cosine", reorder(cands, raw))
-    rrf = {q: fuse_scores(recall[q], forward[q], "rrf") for q in forward}
+    rrf = {q: fuse_scores(recall[q], forward[q], "rrf", DEFAULT_FUSION_WEIGHT) for q in forward}
     scorer.report(f"{name} reciprocal-rank fusion", reorder(cands, rrf))
 
 
@@ -162,8 +165,8 @@ def main() -> None:
                         help="skip the pseudo-relevance-feedback variants (recall stage only)")
     args = parser.parse_args()
 
-    from twinq.shared.models import load_bi_encoder, set_threads
-    from twinq.shared.snapshot import load_snapshot
+    from twinq.shared.models import encode_normalised, set_threads
+    from twinq.shared.opened_snapshot import open_snapshot
 
     set_threads(args.threads)
     queries, qrels = load_beir(f"{args.beir}/queries.jsonl", f"{args.beir}/qrels/test.tsv")
@@ -171,23 +174,22 @@ def main() -> None:
     if args.max_queries:
         queries = dict(list(queries.items())[:args.max_queries])
     qrels = {q: qrels[q] for q in queries}
-    snapshot = load_snapshot(args.root)
-    bi = load_bi_encoder(snapshot.manifest["model"]["name"])
+    opened = open_snapshot(args.root)
+    snapshot, bi = opened.snapshot, opened.bi_encoder
     cands, _ = recall_candidates(snapshot, bi, queries, 100)
     scorer = Scorer(cands, qrels)
     forwards = []
     for model_dir in args.rerankers:
         forward, swapped = rerank_scores(model_dir, queries, cands, Path(args.cache))
-        tuned = float(read_training_json(model_dir).get("fusion", {}).get("weight", 0.5))
+        tuned = load_rerank_config(model_dir).resolve_fusion(fallback=TUNED_FUSION_METHOD)[1]
         fusion_variants(Path(model_dir).name, cands, forward, swapped, tuned, scorer)
         forwards.append(forward)
     if len(forwards) > 1:
         ensemble_variants(cands, forwards, scorer)
     if args.no_feedback:
         return
-    vectors = bi.encode(list(queries.values()), batch_size=64, normalize_embeddings=True,
-                        convert_to_numpy=True, show_progress_bar=False)
-    recall_feedback(snapshot, np.asarray(vectors, dtype=np.float64), cands, scorer)
+    vectors = encode_normalised(bi, list(queries.values()))
+    recall_feedback(snapshot, vectors.astype(np.float64), cands, scorer)
 
 
 if __name__ == "__main__":

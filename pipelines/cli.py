@@ -137,15 +137,15 @@ def search_command(
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Search the published snapshot in-process (no queue, no rerank)."""
-    from twinq.shared.models import load_bi_encoder
+    from twinq.shared.models import encode_normalised
+    from twinq.shared.opened_snapshot import open_snapshot
     from twinq.shared.search import search_shards
     from twinq.shared.text import normalize_text
 
     settings = _settings(config, root=root and str(root), model=model)
-    snapshot = snap.load_snapshot(settings.root)
-    encoder = load_bi_encoder(settings.model or snapshot.manifest["model"]["name"],
-                              backend=settings.backend)
-    vectors = encoder.encode([normalize_text(question)], normalize_embeddings=True)
+    opened = open_snapshot(settings.root, model=settings.model, backend=settings.backend)
+    snapshot = opened.snapshot
+    vectors = encode_normalised(opened.bi_encoder, [normalize_text(question)])
     hits = search_shards(snapshot, vectors, top_k)[0]
     if json_out:
         print(json.dumps({"snapshot": snapshot.version,

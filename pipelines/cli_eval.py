@@ -1,5 +1,5 @@
-"""`twinq eval pairs`, `twinq eval retrieval` (twinq.pipelines.evaluate) and `twinq eval decide`
-(twinq.pipelines.evaluate_decision)."""
+"""`twinq eval pairs`, `twinq eval retrieval` and `twinq eval decide` (twinq.pipelines.
+evaluate_pairs, evaluate_retrieval and evaluate_decision)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+
+from twinq.shared.constants import DEFAULT_RERANK_DEPTH
 
 eval_app = typer.Typer(rich_markup_mode=None,
                        help="Evaluate the reranker on pairs, or the whole retrieval path.",
@@ -29,7 +31,7 @@ def pairs_command(
     from rich.console import Console
     from rich.table import Table
 
-    from twinq.pipelines.evaluate import evaluate_pairs
+    from twinq.pipelines.evaluate_pairs import evaluate_pairs
 
     report = evaluate_pairs(model, [str(p) for p in pairs], symmetric=symmetric,
                             out=str(out) if out else None)
@@ -52,7 +54,8 @@ def retrieval_command(
     qrels: Path = typer.Option(..., "--qrels", help="BEIR qrels TSV (with header)."),
     reranker: Optional[str] = typer.Option(None, "--reranker", help="Cross-encoder to compare."),
     recall_k: int = typer.Option(100, "--recall-k", help="Candidates recalled per query."),
-    rerank_depth: int = typer.Option(20, "--rerank-depth", help="Candidates reranked."),
+    rerank_depth: int = typer.Option(DEFAULT_RERANK_DEPTH, "--rerank-depth",
+                                     help="Candidates reranked."),
     fusion_weight: Optional[float] = typer.Option(None, "--fusion-weight",
                                                   help="z-score weight (default: training.json)."),
     symmetric: bool = typer.Option(False, "--symmetric",
@@ -66,7 +69,7 @@ def retrieval_command(
     """
     from rich.console import Console
 
-    from twinq.pipelines.evaluate import evaluate_retrieval, retrieval_table
+    from twinq.pipelines.evaluate_retrieval import evaluate_retrieval, retrieval_table
 
     report = evaluate_retrieval(root, str(queries), str(qrels), reranker=reranker,
                                 recall_k=recall_k, rerank_depth=rerank_depth,

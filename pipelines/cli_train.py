@@ -75,7 +75,8 @@ def reranker_command(
     """
     from rich.console import Console
 
-    from twinq.pipelines.train import TrainSettings, train_reranker
+    from twinq.pipelines.train import train_reranker
+    from twinq.pipelines.train_settings import TrainSettings
 
     settings = TrainSettings(
         pairs=[str(p) for p in pairs], out=str(out), base=base,

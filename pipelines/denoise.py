@@ -32,11 +32,11 @@ def teacher_calibration(teacher: str, threshold: float) -> Calibration:
     Raises:
         BadInput: the teacher has no calibration, or the threshold is not in (0, 1).
     """
-    from twinq.shared.rerank import load_rerank_defaults
+    from twinq.shared.rerank_config import load_rerank_config
 
     if not 0.0 < threshold < 1.0:
         raise BadInput(f"--denoise-threshold must lie in (0, 1), got {threshold}")
-    calibration = load_rerank_defaults(teacher).calibration
+    calibration = load_rerank_config(teacher).calibration
     if calibration is None:
         raise BadInput(f"--denoise-with {teacher}: no calibration in its training.json; give a "
                        "reranker trained by `twinq train reranker`")
@@ -68,7 +68,7 @@ def drop_likely_twins(mined: MiningResult, teacher: str, threshold: float = 0.5,
     calibration = teacher_calibration(teacher, threshold)
     pairs = [(anchor.q1, text) for anchor, texts in mined.groups for text in texts]
     probability = calibration.predict_logits(
-        score_pairs(load_cross_encoder(teacher), pairs, batch_size=batch_size))
+        score_pairs(load_cross_encoder(teacher), pairs, batch_size, scale="logit"))
     groups, i = [], 0
     for anchor, texts in mined.groups:
         kept = [t for t, p in zip(texts, probability[i:i + len(texts)]) if p <= threshold]

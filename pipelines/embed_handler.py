@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
-from twinq.shared.models import load_bi_encoder, resolve_model, set_threads
+from twinq.shared.models import (ENCODE_BATCH_SIZE, encode_normalised, load_bi_encoder,
+                                 resolve_model, set_threads)
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -42,7 +43,7 @@ class EmbedHandler(ModelHandler[str, PredictionResult, "SentenceTransformer"]):
         backend: str = "torch",
         min_batch_size: int = BATCH_SIZE,
         max_batch_size: int = BATCH_SIZE,
-        encode_batch_size: int = 64,
+        encode_batch_size: int = ENCODE_BATCH_SIZE,
         progress_total: int | None = None,
     ) -> None:
         """
@@ -55,7 +56,7 @@ class EmbedHandler(ModelHandler[str, PredictionResult, "SentenceTransformer"]):
                 `BATCH_SIZE`: a fixed size, as an offline job wants.
             max_batch_size: Largest batch Beam forms. Defaults to `BATCH_SIZE`.
             encode_batch_size: Sub-batch size inside `encode`, after its length sort.
-                Defaults to 64.
+                Defaults to `ENCODE_BATCH_SIZE`.
             progress_total: Expected number of texts, for progress lines with an ETA.
         """
         if min_batch_size > max_batch_size:
@@ -81,11 +82,9 @@ class EmbedHandler(ModelHandler[str, PredictionResult, "SentenceTransformer"]):
         inference_args: dict[str, Any] | None = None,
     ) -> Iterable[PredictionResult]:
         start = time.perf_counter()
-        vectors = model.encode(list(batch), batch_size=self._encode_batch_size,
-                               normalize_embeddings=True, convert_to_numpy=True,
-                               show_progress_bar=False)
+        vectors = encode_normalised(model, batch, self._encode_batch_size)
         self._report(len(batch), start)
-        return [PredictionResult(text, vec.astype("float32"), self.model_id())
+        return [PredictionResult(text, vec.copy(), self.model_id())
                 for text, vec in zip(batch, vectors)]
 
     def model_id(self) -> str:

@@ -16,10 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from twinq.pipelines.decision_set import (DecisionRows, beir_queries, decision_metrics, decision_rows,
-                                    fit_decision, read_dev_rows, read_unrelated, score_queries)
-from twinq.pipelines.evaluate import load_beir, write_report_files
+from twinq.pipelines.beir import load_beir
+from twinq.pipelines.decision_fit import (DecisionRows, decision_metrics, decision_rows,
+                                          fit_decision, read_dev_rows)
+from twinq.pipelines.report_files import write_report_files
+from twinq.pipelines.serving_queries import beir_queries, score_queries
+from twinq.pipelines.unrelated_questions import read_unrelated
 from twinq.shared.calibration import FEATURES, sigmoid
+from twinq.shared.constants import DEFAULT_RECALL_K
 from twinq.shared.errors import BadInput
 
 ABLATIONS: dict[str, tuple[str, ...]] = {
@@ -33,8 +37,9 @@ ABLATIONS: dict[str, tuple[str, ...]] = {
 
 def evaluate_decision(root: str, queries_path: str, qrels_path: str, reranker: str, *,
                       removed_share: float = 0.5, unrelated: str | None = "none",
-                      seed: int = 13, max_queries: int | None = None, recall_k: int = 50,
-                      depth: int = 20, out: str | None = None) -> dict[str, Any]:
+                      seed: int = 13, max_queries: int | None = None,
+                      recall_k: int = DEFAULT_RECALL_K, depth: int | None = None,
+                      out: str | None = None) -> dict[str, Any]:
     """Score the twin decision of `reranker` on a BEIR query set with some twins removed.
 
     Args:
@@ -49,39 +54,44 @@ def evaluate_decision(root: str, queries_path: str, qrels_path: str, reranker: s
             Defaults to "none".
         seed: Seed for which queries lose their twins. Defaults to 13.
         max_queries: The first N queries only. Defaults to all.
-        recall_k: Candidates recalled per query. Defaults to 50 (the worker's).
-        depth: Candidates reranked. Defaults to 20 (the worker's).
+        recall_k: Candidates recalled per query. Defaults to the worker's, `DEFAULT_RECALL_K`.
+        depth: Candidates reranked. Defaults to the depth the decision was fitted at, else
+            the worker's (`RerankConfig.resolve_depth`).
         out: Write report.json, report.md and decision.png here. Defaults to None.
 
     Raises:
         BadInput: bad files, a removed share outside 0..1, or a reranker without a decision.
+        ConfigError: the reranker's training.json is malformed.
+        SnapshotInvalid: the snapshot fails its checks or does not match its bi-encoder.
     """
-    from twinq.shared.models import load_bi_encoder, load_cross_encoder
-    from twinq.shared.rerank import load_rerank_defaults
-    from twinq.shared.snapshot import load_snapshot
+    from twinq.shared.models import load_cross_encoder
+    from twinq.shared.opened_snapshot import open_snapshot
+    from twinq.shared.rerank_config import load_rerank_config
 
     if not 0.0 <= removed_share <= 1.0:
         raise BadInput(f"--removed-share must be in 0..1, got {removed_share}")
-    defaults = load_rerank_defaults(reranker)
-    if defaults.decision is None or defaults.fusion is None:
+    config = load_rerank_config(reranker)
+    if config.decision is None or config.fusion is None:
         raise BadInput(f"{reranker}: no training.json with a decision model and fusion; train it "
                        "with `twinq train reranker`")
+    method, weight = config.resolve_fusion()
     queries, qrels = load_beir(queries_path, qrels_path)
     if max_queries:
         queries = dict(list(queries.items())[:max_queries])
     serving = beir_queries(queries, qrels, removed_share=removed_share, seed=seed)
     extra = read_unrelated(unrelated)
     serving.add_unrelated(extra, len(extra))
-    snapshot = load_snapshot(root)
-    bi = load_bi_encoder(snapshot.manifest["model"]["name"])
+    opened = open_snapshot(root)
+    snapshot = opened.snapshot
     model = load_cross_encoder(reranker)
-    scored = score_queries(snapshot, bi, model, serving, recall_k=recall_k, depth=depth)
-    rows = decision_rows(scored, defaults.fusion["weight"])
-    decision = defaults.decision
+    scored = score_queries(snapshot, opened.bi_encoder, model, serving, recall_k=recall_k,
+                           depth=config.resolve_depth(None, depth))
+    rows = decision_rows(scored, weight, method)
+    decision = config.decision
     p = decision.predict(rows.features)
     report: dict[str, Any] = {
         "snapshot": snapshot.version, "reranker": reranker, "removed_share": removed_share,
-        "seed": seed, "unrelated": unrelated, "fusion_weight": defaults.fusion["weight"],
+        "seed": seed, "unrelated": unrelated, "fusion_weight": weight,
         "decision": decision.to_dict(),
         "shipped": decision_metrics(p, rows, float(decision.min_probability or 1.0)),
         "raw_sigmoid": _raw(rows), "curve": coverage_curve(p, rows.labels),

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from twinq.pipelines.splits import build_clusters, is_positive, question_key
+from twinq.shared.models import encode_normalised
 from twinq.shared.pairs import LabelledPair
 
 if TYPE_CHECKING:
@@ -36,6 +37,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BANDS: tuple[tuple[int, int], ...] = ((1, 5), (6, 20), (21, 50))
 """1-based inclusive rank bands after excluding the anchor's cluster."""
+
+PROGRESS_OVER = 5000
+"""Questions to embed above which mining shows a progress bar."""
 
 
 @dataclass
@@ -55,12 +59,6 @@ class MiningResult:
         """(anchor, mined text, 0) pairs, in anchor order."""
         return [LabelledPair(anchor.q1, text, 0) for anchor, mined in self.groups
                 for text in mined]
-
-
-def _encode(model: SentenceTransformer, texts: Sequence[str], batch_size: int) -> np.ndarray:
-    return np.asarray(model.encode(list(texts), batch_size=batch_size, normalize_embeddings=True,
-                                   convert_to_numpy=True, show_progress_bar=len(texts) > 5000),
-                      dtype=np.float32)
 
 
 def _neighbours_in_memory(vectors: np.ndarray, anchors: np.ndarray, k: int
@@ -116,7 +114,8 @@ def mine_hard_negatives(
         texts.setdefault(question_key(p.q2), p.q2)
     keys = list(texts)
     position = {k: i for i, k in enumerate(keys)}
-    vectors = _encode(model, [texts[k] for k in keys], batch_size)
+    vectors = encode_normalised(model, [texts[k] for k in keys], batch_size,
+                                progress=len(keys) > PROGRESS_OVER)
     anchors = [p for p in pairs if is_positive(p)]
     anchor_rows = np.array([position[question_key(p.q1)] for p in anchors], dtype=np.int64)
     positive_rows = np.array([position[question_key(p.q2)] for p in anchors], dtype=np.int64)

@@ -11,10 +11,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from twinq.pipelines.decision_set import (DecisionRows, Scored, ServingQueries, beir_queries,
-                                    decision_rows, dev_queries, fit_decision, read_unrelated,
-                                    split_unrelated, tune_fusion)
-from twinq.pipelines.evaluate import Candidates
+from twinq.pipelines.candidates import Candidates
+from twinq.pipelines.decision_fit import DecisionRows, decision_rows, fit_decision
+from twinq.pipelines.fusion_tuning import tune_fusion
+from twinq.pipelines.serving_queries import Scored, ServingQueries, beir_queries, dev_queries
+from twinq.pipelines.unrelated_questions import read_unrelated, split_unrelated
 from twinq.shared.errors import BadInput
 from twinq.shared.pairs import LabelledPair
 

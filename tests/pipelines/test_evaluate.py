@@ -1,4 +1,5 @@
-"""Evaluation runners: pair reports, BEIR retrieval with the own-id rule, fusion tuning."""
+"""Evaluation: candidate rankings, fusion tuning, BEIR files, and the pairs and retrieval
+reports end to end on tiny models."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from twinq.pipelines.evaluate import (Candidates, argmax_weight, build_runs, load_beir, ranked_ids,
-                                tune_weight)
+from twinq.pipelines.beir import load_beir
+from twinq.pipelines.candidates import Candidates, build_runs, ranked_ids, recall_run
+from twinq.pipelines.fusion_tuning import argmax_weight, tune_weight
 
 TEXTS = ["How do I learn python?", "Best way to learn python?", "How do I cook rice?",
          "How to cook rice well?", "Is chess hard?", "How difficult is chess?"]
@@ -23,6 +25,11 @@ def test_build_runs_reorders_only_the_reranked_head() -> None:
     assert runs["rerank"]["q"] == ["c", "b", "a", "d"]
     assert runs["fused"]["q"] == ["c", "b", "a", "d"]  # weight 1 = rerank order
     assert build_runs({"q": c}, {"q": np.array([0.1, 0.2, 0.9])}, 0.0)["fused"]["q"] == ["a", "b", "c", "d"]
+    assert recall_run({"q": c}) == {"q": ["a", "b", "c", "d"]}
+    # The method is the caller's: rrf over recall ranks (1, 2, 3) and rerank ranks (3, 2, 1)
+    # gives a = c = 1/61 + 1/63 (tied, recall order kept) above b = 2/62.
+    assert build_runs({"q": c}, {"q": np.array([0.1, 0.2, 0.9])}, 0.5, "rrf")["fused"]["q"] == [
+        "a", "c", "b", "d"]
     assert ranked_ids(Candidates([["x", "y"], ["z"]], ["X", "Z"], np.array([1.0, 0.5]))) == ["x", "y", "z"]
 
 
@@ -76,7 +83,7 @@ def test_load_beir_skips_header(tmp_path: Path) -> None:
 def test_eval_retrieval_cli_reports_three_variants(tmp_path: Path, quick_snapshot,
                                                    tiny_cross_encoder_path: str) -> None:
     from twinq.pipelines.cli_eval import eval_app
-    from twinq.pipelines.evaluate import evaluate_retrieval
+    from twinq.pipelines.evaluate_retrieval import evaluate_retrieval
 
     root, _ = quick_snapshot(TEXTS)
     queries, qrels = _beir(tmp_path)
@@ -99,7 +106,7 @@ def test_eval_retrieval_cli_reports_three_variants(tmp_path: Path, quick_snapsho
 
 
 def test_rerank_candidates_symmetric_averages_both_orders(tiny_cross_encoder_path: str) -> None:
-    from twinq.pipelines.evaluate import rerank_candidates
+    from twinq.pipelines.candidates import rerank_candidates
     from twinq.shared.models import load_cross_encoder
     from twinq.shared.rerank import score_pairs
 

@@ -12,7 +12,8 @@ TOPICS = ["python", "cooking", "guitar", "running", "taxes", "travel", "chess", 
 
 
 def test_swap_augment_doubles_and_mirrors() -> None:
-    from twinq.pipelines.train import swap_augment, to_dataset
+    from twinq.pipelines.train_data import swap_augment
+    from twinq.pipelines.trainer import to_dataset
 
     pairs = [LabelledPair("a", "b", 1), LabelledPair("c", "d", 0), LabelledPair("e", "f", None)]
     out = swap_augment(pairs)
@@ -57,11 +58,14 @@ def test_train_reranker_cli_writes_loadable_model(tmp_path: Path, tiny_cross_enc
     assert meta["fusion"]["method"] == "zscore" and 0.0 <= meta["fusion"]["weight"] <= 1.0
     assert meta["fusion"]["tuned"] is True and "rule" in meta["fusion"]
     # The twin decision: fitted on serving-like dev queries of all three kinds, and loadable.
-    from twinq.shared.rerank import load_rerank_defaults
+    from twinq.shared.rerank_config import load_rerank_config
 
-    defaults = load_rerank_defaults(out)
-    assert defaults.decision is not None and 0.0 <= defaults.decision.min_probability <= 1.0
-    assert defaults.calibration is not None and defaults.calibration.features == ("rerank",)
+    config = load_rerank_config(out)
+    assert config.decision is not None and 0.0 <= config.decision.min_probability <= 1.0
+    assert config.calibration is not None and config.calibration.features == ("rerank",)
+    assert config.rerank_depth == meta["rerank_depth"] == 20 and config.max_length == 64
+    assert list(meta)[:6] == ["base", "threshold", "fusion", "decision", "calibration",
+                              "rerank_depth"]
     kinds = meta["decision_dev"]["kinds"]
     assert kinds["answerable"] > 0 and kinds["answerable"] == kinds["twin_removed"]
     assert kinds["unrelated"] > 0
@@ -87,7 +91,8 @@ def test_train_reranker_cli_writes_loadable_model(tmp_path: Path, tiny_cross_enc
 def test_labelled_pairs_are_kept_in_full_and_split_question_disjointly(
         tmp_path: Path, tiny_bi_encoder_path: str) -> None:
     from twinq.pipelines.splits import question_key
-    from twinq.pipelines.train import TrainSettings, prepare_data
+    from twinq.pipelines.train_data import prepare_data
+    from twinq.pipelines.train_settings import TrainSettings
 
     pairs = tmp_path / "pairs.tsv"
     _write_positive_pairs(pairs)
@@ -119,7 +124,9 @@ def test_same_seed_trains_the_same_model(tmp_path: Path, tiny_bi_encoder_path: s
     head is new and randomly initialised, the step that was once left unseeded."""
     import torch
 
-    from twinq.pipelines.train import TrainSettings, fit, prepare_data
+    from twinq.pipelines.train_data import prepare_data
+    from twinq.pipelines.train_settings import TrainSettings
+    from twinq.pipelines.trainer import fit
 
     pairs = tmp_path / "pairs.tsv"
     _write_positive_pairs(pairs)
@@ -138,7 +145,7 @@ def test_same_seed_trains_the_same_model(tmp_path: Path, tiny_bi_encoder_path: s
 def test_parse_bands() -> None:
     import pytest
 
-    from twinq.pipelines.train import parse_bands
+    from twinq.pipelines.train_settings import parse_bands
     from twinq.shared.errors import BadInput
 
     assert parse_bands("1-5, 6-20,21-50") == [(1, 5), (6, 20), (21, 50)]
@@ -151,7 +158,9 @@ def test_parse_bands() -> None:
 def test_listwise_groups_hold_the_twin_and_mined_negatives_outside_its_cluster(
         tmp_path: Path, tiny_bi_encoder_path: str) -> None:
     from twinq.pipelines.splits import build_clusters, question_key
-    from twinq.pipelines.train import TrainSettings, prepare_data, to_group_dataset
+    from twinq.pipelines.train_data import prepare_data
+    from twinq.pipelines.train_settings import TrainSettings
+    from twinq.pipelines.trainer import to_group_dataset
 
     pairs = tmp_path / "pairs.tsv"
     _write_positive_pairs(pairs)
@@ -183,7 +192,7 @@ def test_listwise_loss_is_softmax_cross_entropy_over_the_group(
     randoms (two anchors, so a random would change the value)."""
     import torch
 
-    from twinq.pipelines.train import _hard_negatives_only_loss
+    from twinq.pipelines.trainer import _hard_negatives_only_loss
     from twinq.shared.models import load_cross_encoder
 
     model = load_cross_encoder(tiny_cross_encoder_path)
@@ -207,7 +216,8 @@ def test_listwise_training_runs_and_records_its_cost(tmp_path: Path, tiny_bi_enc
                                                      tiny_cross_encoder_path: str) -> None:
     import pytest
 
-    from twinq.pipelines.train import TrainSettings, train_reranker
+    from twinq.pipelines.train import train_reranker
+    from twinq.pipelines.train_settings import TrainSettings
     from twinq.shared.errors import BadInput
 
     pairs = tmp_path / "pairs.tsv"
@@ -229,7 +239,8 @@ def test_a_teacher_vets_the_training_negatives_only(tmp_path: Path, tiny_bi_enco
     import json
     import shutil
 
-    from twinq.pipelines.train import TrainSettings, prepare_data
+    from twinq.pipelines.train_data import prepare_data
+    from twinq.pipelines.train_settings import TrainSettings
 
     pairs = tmp_path / "pairs.tsv"
     _write_positive_pairs(pairs)
@@ -254,7 +265,7 @@ def test_a_teacher_vets_the_training_negatives_only(tmp_path: Path, tiny_bi_enco
 
 def test_easy_negatives_take_turns_and_never_pick_the_anchors_cluster() -> None:
     from twinq.pipelines.splits import build_clusters, question_key
-    from twinq.pipelines.train import easy_negatives
+    from twinq.pipelines.train_data import easy_negatives
 
     pairs = [LabelledPair(f"How do I learn {t}?", f"What is the best way to learn {t}?", None)
              for t in TOPICS] + [LabelledPair("Is chess hard?", "Is chess easy?", 0)]
