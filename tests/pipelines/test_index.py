@@ -133,7 +133,10 @@ def test_index_build_bad_input_exits_2(tmp_path: Path, tiny_bi_encoder_path: str
     assert twinq(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
-    assert snap.current_version(tmp_path / "root") is None if (tmp_path / "root").exists() else True
+    # Nothing published and nothing complete, whether or not the build got to make the root.
+    root = tmp_path / "root"
+    assert not (root / snap.CURRENT).exists() and snap.current_version(root) is None
+    assert not any(info.complete for info in snap.list_versions(root))
 
 
 def test_parquet_with_a_corrupt_data_page_exits_2_with_one_line(
