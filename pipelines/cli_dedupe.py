@@ -33,6 +33,10 @@ def dedupe_command(
                                        help="Least cosine of a pair worth scoring."),
     method: str = typer.Option("centre", "--method", help=f"Clustering: {' or '.join(METHODS)} "
                                "(centre: every member a twin of the canonical one)."),
+    veto_below: Optional[float] = typer.Option(
+        None, "--veto-below", help="A pair scored below this keeps its questions apart even "
+        "when both are twins of one centre; default: 0.5 with probabilities, none with "
+        "cosines; 0: none."),
     symmetric: bool = typer.Option(True, "--symmetric/--one-order",
                                    help="Average the logits of both orders."),
     backend: Optional[str] = typer.Option(None, "--backend", help="Cross-encoder backend: torch, "
@@ -61,6 +65,7 @@ def dedupe_command(
     opts = DedupeOptions(root=Path(settings.root), out=out, reranker=settings.reranker,
                          neighbours=neighbours, min_probability=min_probability,
                          recall_floor=recall_floor, method=method,  # type: ignore[arg-type]
+                         veto_below=veto_below,
                          symmetric=symmetric, backend=settings.backend, threads=settings.threads,
                          batch_size=batch_size, beam_args=list(beam_args or []))
     result = dedupe(opts)

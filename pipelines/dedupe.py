@@ -46,6 +46,10 @@ DEFAULT_RECALL_FLOOR = 0.75
 cost (about 130 pairs/s per 2 CPU cores, twice that for both orders), so the floor decides the
 run time; on Quora with all-MiniLM-L6-v2 it keeps 97% of the true twin pairs found among the
 10 nearest neighbours (docs/dedupe.md)."""
+DEFAULT_VETO_PROBABILITY = 0.5
+"""With calibrated probabilities, a pair scored below this is a known non-twin (the model finds
+"not a twin" the likelier answer): it keeps the two questions out of one cluster even when both
+are twins of its centre. Cosines carry no such meaning, so recall-only runs veto nothing."""
 DEFAULT_MIN_COSINE = 0.85
 """The edge threshold in recall-only mode (no reranker with a decision model): a cosine. On all
 of Quora with all-MiniLM-L6-v2, 0.80 and 0.85 give the best pairwise F1 (0.49); 0.85 is the
@@ -68,6 +72,10 @@ class DedupeOptions:
             `min_probability` (recall-only: `DEFAULT_MIN_COSINE`, as a cosine).
         recall_floor: Least cosine of a pair worth scoring. Defaults to `DEFAULT_RECALL_FLOOR`.
         method: "centre" (the chaining guard) or "components" (none). Defaults to "centre".
+        veto_below: A scored pair below this keeps its two questions apart (see
+            `cluster_pairs`); None takes the default for the score (probabilities:
+            `DEFAULT_VETO_PROBABILITY`, capped at the threshold; cosines: no veto); 0 vetoes
+            nothing.
         symmetric: Average the logits of both orders. Defaults to True.
         backend: Cross-encoder backend ("torch", "onnx", ...). Defaults to "torch".
         threads: Torch threads per Beam worker process. Defaults to torch's choice.
@@ -82,6 +90,7 @@ class DedupeOptions:
     min_probability: float | None = None
     recall_floor: float = DEFAULT_RECALL_FLOOR
     method: Method = "centre"
+    veto_below: float | None = None
     symmetric: bool = True
     backend: str = "torch"
     threads: int | None = None
@@ -100,6 +109,7 @@ class EdgeScore:
         reranker: The reranker folder used, or None.
         calibration: The logit-to-probability map (the pair calibration, or the decision model
             with zero margins when the reranker has none).
+        calibration_name: "calibration" or "decision": which map of training.json is used.
         note: One line saying why recall scores are used, or None.
     """
 
@@ -110,6 +120,12 @@ class EdgeScore:
     calibration: Calibration | None = None
     calibration_name: str | None = None
     note: str | None = None
+
+    def veto(self, given: float | None) -> float | None:
+        """The veto level: `given` (0 = none), else the default for this kind of score."""
+        if given is not None:
+            return given or None
+        return min(DEFAULT_VETO_PROBABILITY, self.threshold) if self.kind == "probability" else None
 
     def scores(self, recall: np.ndarray, rerank: np.ndarray) -> np.ndarray:
         """Edge scores of pairs from their cosines and (averaged) logits."""
@@ -183,6 +199,8 @@ def check_options(opts: DedupeOptions) -> tuple[Snapshot, EdgeScore]:
         raise BadInput(f"--recall-floor must be a cosine in [-1, 1], got {opts.recall_floor}")
     if opts.method not in METHODS:
         raise BadInput(f"--method must be one of {', '.join(METHODS)}, got {opts.method!r}")
+    if opts.veto_below is not None and not 0.0 <= opts.veto_below <= 1.0:
+        raise BadInput(f"--veto-below must be in [0, 1], got {opts.veto_below}")
     if opts.batch_size < 1:
         raise BadInput(f"--batch-size must be at least 1, got {opts.batch_size}")
     if opts.out.exists() and not opts.out.is_dir():
@@ -303,7 +321,8 @@ def dedupe(opts: DedupeOptions, *, clock: Any = time.perf_counter) -> DedupeResu
         mark = clock()
         pairs = read_pairs(work)
         names, a, b, scores = score_table(pairs, score)
-        clusters = cluster_pairs(names, a, b, scores, score.threshold, method=opts.method)
+        clusters = cluster_pairs(names, a, b, scores, score.threshold, method=opts.method,
+                                 veto_below=score.veto(opts.veto_below))
         timings["cluster_s"] = round(clock() - mark, 3)
         mark = clock()
         records = R.cluster_records(clusters, names, R.texts_of(snapshot, clusters, names))
@@ -319,5 +338,5 @@ def dedupe(opts: DedupeOptions, *, clock: Any = time.perf_counter) -> DedupeResu
     return DedupeResult(opts.out, records, summary)
 
 
-__all__ = ["DEFAULT_MIN_COSINE", "DEFAULT_NEIGHBOURS", "DEFAULT_RECALL_FLOOR", "Cluster",
+__all__ = ["DEFAULT_MIN_COSINE", "DEFAULT_VETO_PROBABILITY", "DEFAULT_NEIGHBOURS", "DEFAULT_RECALL_FLOOR", "Cluster",
            "DedupeOptions", "DedupeResult", "EdgeScore", "check_options", "dedupe", "edge_score"]

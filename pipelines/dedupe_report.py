@@ -108,6 +108,7 @@ def summary(opts: DedupeOptions, snapshot: Snapshot, score: EdgeScore, counters:
         "threshold": {"value": score.threshold, "source": score.threshold_source},
         "note": score.note,
         "neighbours": opts.neighbours, "recall_floor": opts.recall_floor, "method": opts.method,
+        "veto_below": score.veto(opts.veto_below) if opts.method == "centre" else None,
         "counts": {
             "rows": snapshot.rows,
             "rows_searched": int(counters.get("rows_searched", 0)),

@@ -114,6 +114,18 @@ def test_dedupe_does_not_chain_where_connected_components_would(hand_made_root: 
         (CHAIN[2], [CHAIN[2], CHAIN[3], CHAIN[1]])]  # best twin first; both ends left alone
 
 
+def test_dedupe_a_known_non_twin_keeps_two_twins_of_the_centre_apart(hand_made_root: Path,
+                                                                       tmp_path: Path) -> None:
+    # Chain questions 1 and 3 are both twins of 2, but were scored against each other at 0.788:
+    # below a veto of 0.8 they are known non-twins, so 2 keeps 3 (its better twin) and 1 pairs
+    # with 0 instead.
+    result = _run(hand_made_root, tmp_path / "out", veto_below=0.8)
+    chain = [r["member_texts"] for r in result.clusters if set(r["member_texts"]) & set(CHAIN)]
+    assert sorted(map(sorted, chain)) == [[CHAIN[0], CHAIN[1]], [CHAIN[2], CHAIN[3]]]
+    assert result.summary["veto_below"] == 0.8
+    assert _run(hand_made_root, tmp_path / "default").summary["veto_below"] is None  # cosines
+
+
 def test_cluster_pairs_a_known_non_twin_vetoes_the_bridge() -> None:
     # A~B 0.9, B~C 0.8, A-C scored 0.1: B is the centre and keeps A, its better twin.
     names = ["A", "B", "C"]
@@ -225,6 +237,7 @@ def test_dedupe_with_a_reranker_scores_both_orders_and_calibrates(
     assert summary["score"] == "probability" and summary["note"] is None
     assert summary["threshold"] == {"value": 0.6, "source": "training.json"}
     assert summary["models"]["calibration"] == "calibration" and summary["models"]["symmetric"]
+    assert summary["veto_below"] == 0.5
     pairs = pq.read_table(out / "pairs.parquet").to_pylist()
     assert summary["counts"]["pairs_reranked"] == len(pairs) > 0
     text = {f"q{i}": t for i, t in enumerate(TEXTS)}
@@ -267,6 +280,7 @@ def test_dedupe_reranker_without_a_decision_model_uses_recall_scores(
     ("published", ["--min-probability", "1.5"], "--min-probability must be in (0, 1]"),
     ("published", ["--min-probability", "nan"], "--min-probability must be in (0, 1]"),
     ("published", ["--neighbours", "0"], "--neighbours must be at least 1"),
+    ("published", ["--veto-below", "1.5"], "--veto-below must be in [0, 1]"),
     ("published", ["--reranker", "{broken}"], "no decision model"),
 ])
 def test_dedupe_bad_input_exits_2_with_one_line_and_writes_nothing(
