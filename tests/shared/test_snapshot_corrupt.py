@@ -275,17 +275,17 @@ def _failures(engine: Any) -> float:
 def test_worker_refuses_counts_and_logs_once_per_version(
         quick_snapshot: Any, tiny_bi_encoder: Any, caplog: Any, monkeypatch: Any,
         corruption: str) -> None:
-    import twinq.worker.engine as engine_module
+    import twinq.worker.served as served_module
 
     root, v1 = quick_snapshot(TEXTS)
     engine = _engine(root, tiny_bi_encoder)
     _, v2 = quick_snapshot(TEXTS[:4])
     CORRUPTIONS[corruption](root, v2)
-    with caplog.at_level(logging.DEBUG, logger="twinq.worker.engine"):
+    with caplog.at_level(logging.DEBUG, logger="twinq.worker.served"):
         for _ in range(3):
             assert engine.check_for_update() is None
         assert _failures(engine) == 1
-        monkeypatch.setattr(engine_module, "RETRY_FAILED_VERSION_S", 0.0)  # retried, counted
+        monkeypatch.setattr(served_module, "RETRY_FAILED_VERSION_S", 0.0)  # retried, counted
         for _ in range(3):
             assert engine.check_for_update() is None
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
