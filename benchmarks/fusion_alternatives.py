@@ -33,11 +33,13 @@ from twinq.pipelines.beir import load_beir  # noqa: E402
 from twinq.pipelines.candidates import Candidates, ranked_ids, recall_candidates  # noqa: E402
 from twinq.pipelines.metrics import paired_gain, per_query, retrieval_metrics  # noqa: E402
 from twinq.shared.fusion import fuse_scores, zscore  # noqa: E402
+from twinq.shared.constants import DEFAULT_RERANK_DEPTH  # noqa: E402
 from twinq.shared.rerank import score_pairs  # noqa: E402
 from twinq.shared.rerank_config import (DEFAULT_FUSION_WEIGHT, TUNED_FUSION_METHOD,  # noqa: E402
                                         load_rerank_config)
 
-DEPTH = 20
+DEPTH = DEFAULT_RERANK_DEPTH
+"""Candidates reranked per query: the worker's default."""
 
 
 class Scorer:
