@@ -110,6 +110,7 @@ class EdgeScore:
         calibration: The logit-to-probability map (the pair calibration, or the decision model
             with zero margins when the reranker has none).
         calibration_name: "calibration" or "decision": which map of training.json is used.
+        max_length: The token cut-off the reranker was trained with, or None.
         note: One line saying why recall scores are used, or None.
     """
 
@@ -120,6 +121,7 @@ class EdgeScore:
     calibration: Calibration | None = None
     calibration_name: str | None = None
     note: str | None = None
+    max_length: int | None = None
 
     def veto(self, given: float | None) -> float | None:
         """The veto level: `given` (0 = none), else the default for this kind of score."""
@@ -162,20 +164,21 @@ def edge_score(opts: DedupeOptions) -> EdgeScore:
         BadInput: a threshold outside (0, 1]; a training.json that is malformed or lacks its
             decision model (`ConfigError`).
     """
-    from twinq.shared.rerank import load_rerank_defaults
+    from twinq.shared.rerank_config import load_rerank_config
 
     given = opts.min_probability
     if given is not None and not 0.0 < given <= 1.0:  # NaN fails the comparison too
         raise BadInput(f"--min-probability must be in (0, 1], got {given}")
     source = "--min-probability" if given is not None else None
     if opts.reranker:
-        defaults = load_rerank_defaults(opts.reranker) if Path(opts.reranker).is_dir() else None
-        if defaults is not None and defaults.decision is not None:
-            threshold = given if given is not None else defaults.decision.min_probability
-            pair_map = defaults.calibration or defaults.decision
+        config = load_rerank_config(opts.reranker) if Path(opts.reranker).is_dir() else None
+        if config is not None and config.decision is not None:
+            threshold = given if given is not None else config.min_probability
+            pair_map = config.calibration or config.decision
             return EdgeScore("probability", float(threshold or 0.5),
                              source or "training.json", opts.reranker, pair_map,
-                             "calibration" if defaults.calibration else "decision")
+                             "calibration" if config.calibration else "decision",
+                             max_length=config.max_length)
         note = (f"--reranker {opts.reranker} has no decision model (no twinq training.json): "
                 "the clusters use recall scores (cosine) only")
     else:
@@ -243,7 +246,7 @@ def run_beam(opts: DedupeOptions, snapshot: Snapshot, score: EdgeScore, work: Pa
     if score.kind == "probability":
         handler = KeyedModelHandler(T.PairScorer(
             str(score.reranker), threads=opts.threads, backend=opts.backend,
-            symmetric=opts.symmetric, min_batch_size=opts.batch_size,
+            symmetric=opts.symmetric, max_length=score.max_length, min_batch_size=opts.batch_size,
             max_batch_size=opts.batch_size))
         records = (pairs
                    | "ToExample" >> beam.Map(T.to_example)

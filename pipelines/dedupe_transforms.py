@@ -193,7 +193,8 @@ class PairScorer(ModelHandler[tuple[str, str], PredictionResult, "CrossEncoder"]
     """
 
     def __init__(self, model: str, *, threads: int | None = None, backend: str = "torch",
-                 symmetric: bool = True, min_batch_size: int = 512, max_batch_size: int = 512,
+                 symmetric: bool = True, max_length: int | None = None,
+                 min_batch_size: int = 512, max_batch_size: int = 512,
                  predict_batch_size: int = 64, progress_total: int | None = None) -> None:
         """
         Args:
@@ -202,6 +203,7 @@ class PairScorer(ModelHandler[tuple[str, str], PredictionResult, "CrossEncoder"]
             backend: "torch", "onnx" (int8), "onnx-fp32" or "openvino". Defaults to "torch".
             symmetric: Average the logits of (a, b) and (b, a): a twin relation has no order.
                 Defaults to True.
+            max_length: Token cut-off of a pair (training.json's). Defaults to the model's.
             min_batch_size: Smallest batch Beam forms (but for a bundle's last). Defaults to 512.
             max_batch_size: Largest batch Beam forms. Defaults to 512.
             predict_batch_size: Pairs per forward pass inside a batch. Defaults to 64.
@@ -212,6 +214,7 @@ class PairScorer(ModelHandler[tuple[str, str], PredictionResult, "CrossEncoder"]
         super().__init__(min_batch_size=min_batch_size, max_batch_size=max_batch_size)
         self._model, self._threads, self._backend = model, threads, backend
         self._symmetric, self._predict_batch_size = symmetric, predict_batch_size
+        self._max_length = max_length
         self._progress_total = progress_total
         self._done, self._started, self._last_log = 0, 0.0, 0.0
 
@@ -219,14 +222,16 @@ class PairScorer(ModelHandler[tuple[str, str], PredictionResult, "CrossEncoder"]
         from twinq.shared.models import load_cross_encoder, set_threads
 
         set_threads(self._threads)
-        return load_cross_encoder(self._model, backend=self._backend)  # type: ignore[return-value]
+        return load_cross_encoder(self._model, backend=self._backend,  # type: ignore[return-value]
+                                  max_length=self._max_length)
 
     def run_inference(self, batch: Sequence[tuple[str, str]], model: CrossEncoder,
                       inference_args: dict[str, Any] | None = None) -> Iterable[PredictionResult]:
         from twinq.shared.rerank import score_pairs
 
         start = time.perf_counter()
-        logits = score_pairs(model, list(batch), self._predict_batch_size, symmetric=self._symmetric)
+        logits = score_pairs(model, list(batch), self._predict_batch_size, symmetric=self._symmetric,
+                             scale="logit")
         self._report(len(batch), start)
         return [PredictionResult(pair, float(logit), self.model_id())
                 for pair, logit in zip(batch, logits)]

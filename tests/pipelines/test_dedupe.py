@@ -223,12 +223,21 @@ DECISION = {"method": "logistic", "features": ["rerank", "recall"], "mean": [0.0
 
 def test_dedupe_with_a_reranker_scores_both_orders_and_calibrates(
         hand_made_root: Path, tmp_path: Path, tiny_cross_encoder_path: str) -> None:
+    from itertools import combinations
+
     from twinq.shared.calibration import Calibration
     from twinq.shared.models import load_cross_encoder
     from twinq.shared.rerank import score_pairs
 
-    reranker = _reranker(tmp_path, tiny_cross_encoder_path,
-                         {"decision": DECISION, "calibration": PAIR_CALIBRATION})
+    # The tiny random model's logits differ only in the fifth decimal: centre and scale the
+    # pair calibration on them, so that probabilities spread across the threshold.
+    model = load_cross_encoder(tiny_cross_encoder_path, max_length=12)
+    every = score_pairs(model, list(combinations(TEXTS, 2)), symmetric=True)
+    calibration = {**PAIR_CALIBRATION, "mean": [float(np.median(every))],
+                   "scale": [float(every.std())], "weights": [1.0], "bias": 0.0}
+    reranker = _reranker(tmp_path, tiny_cross_encoder_path,  # trained on pairs cut at 12 tokens
+                         {"decision": DECISION, "calibration": calibration,
+                          "settings": {"max_length": 12}})
     out = tmp_path / "out"
     result = dedupe(DedupeOptions(root=hand_made_root, out=out, reranker=str(reranker),
                                   recall_floor=0.5, neighbours=4, batch_size=3,
@@ -241,16 +250,24 @@ def test_dedupe_with_a_reranker_scores_both_orders_and_calibrates(
     pairs = pq.read_table(out / "pairs.parquet").to_pylist()
     assert summary["counts"]["pairs_reranked"] == len(pairs) > 0
     text = {f"q{i}": t for i, t in enumerate(TEXTS)}
-    model = load_cross_encoder(str(reranker))
-    expected = score_pairs(model, [(text[p["a"]], text[p["b"]]) for p in pairs], symmetric=True)
-    assert [p["rerank"] for p in pairs] == pytest.approx(expected.tolist(), abs=1e-4)
-    probability = Calibration.from_dict(PAIR_CALIBRATION).predict_logits(expected)
-    assert [p["score"] for p in pairs] == pytest.approx(probability.tolist(), abs=1e-4)
-    edges = {(p["a"], p["b"]) for p in pairs if p["score"] >= 0.6}
+    texts = [(text[p["a"]], text[p["b"]]) for p in pairs]
+    expected = score_pairs(model, texts, symmetric=True)
+    assert [p["rerank"] for p in pairs] == pytest.approx(expected.tolist(), abs=1e-7)
+    for other in (score_pairs(model, texts),  # one order only
+                  score_pairs(load_cross_encoder(tiny_cross_encoder_path), texts, symmetric=True)):
+        assert np.abs(other - expected).max() > 1e-6  # the check above tells them apart
+    stored = np.array([p["rerank"] for p in pairs], dtype=np.float32)  # as Parquet holds them
+    probability = Calibration.from_dict(calibration).predict_logits(stored)
+    assert [p["score"] for p in pairs] == pytest.approx(probability.tolist(), abs=2e-6)
+    score = {(p["a"], p["b"]): p["score"] for p in pairs}
+    assert 0 < sum(s >= 0.6 for s in score.values()) < len(score)
+    assert result.clusters
     for record in result.clusters:
-        canonical = record["canonical_id"]
-        for member in record["member_ids"][1:]:
-            assert tuple(sorted((canonical, member))) in edges
+        ids = record["member_ids"]
+        for member in ids[1:]:  # every member a twin of the canonical one
+            assert score[tuple(sorted((ids[0], member)))] >= 0.6
+        for a, b in combinations(sorted(ids), 2):  # no two members known non-twins
+            assert score.get((a, b), 1.0) >= 0.5
 
 
 def test_dedupe_reranker_without_a_decision_model_uses_recall_scores(
