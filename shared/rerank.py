@@ -17,14 +17,6 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 
-# Re-exported for worker/engine.py until it imports them from their own modules (issue #20);
-# nothing else should import them from here.
-from twinq.shared.calibration import calibrate  # noqa: F401
-from twinq.shared.fusion import RRF_K, fuse, fuse_scores, zscore  # noqa: F401
-from twinq.shared.rerank_config import DEFAULT_FUSION_WEIGHT, TRAINING_FILE  # noqa: F401
-from twinq.shared.rerank_config import RerankConfig as RerankDefaults  # noqa: F401
-from twinq.shared.rerank_config import load_rerank_config as load_rerank_defaults  # noqa: F401
-
 if TYPE_CHECKING:
     from collections.abc import Sequence
 

@@ -21,12 +21,12 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from twinq.shared.errors import ConfigError
-from twinq.shared.models import load_cross_encoder, resolve_model
+from twinq.shared.calibration import calibrate
+from twinq.shared.fusion import fuse
+from twinq.shared.models import ENCODE_BATCH_SIZE, encode_normalised, load_cross_encoder, resolve_model
 from twinq.shared.protocol import ErrorCode, error_reply, models_info, ok_reply
-from twinq.shared.rerank import DEFAULT_FUSION_WEIGHT, calibrate, fuse, load_rerank_defaults, rerank
+from twinq.shared.rerank import rerank
+from twinq.shared.rerank_config import load_rerank_config
 from twinq.shared.search import search_shards
 from twinq.worker.metrics import prefixed
 from twinq.worker.served import SnapshotHolder
@@ -41,8 +41,6 @@ if TYPE_CHECKING:
     from twinq.worker.served import Served
 
 log = logging.getLogger(__name__)
-
-ENCODE_BATCH_SIZE = 64
 
 
 class Engine:
@@ -74,11 +72,9 @@ class Engine:
         self.cross_encoder = cross_encoder
         source, self.cross_encoder_name = (resolve_model(settings.reranker) if settings.reranker
                                            else (None, None))
-        # --- rerank settings: read here, resolved in _fusion, _threshold and _depth below ---
-        self.defaults = load_rerank_defaults(source)
-        if settings.min_probability is not None and self.defaults.decision is None:
-            raise ConfigError("min_probability needs a reranker with a decision model (a "
-                              "training.json written by `twinq train reranker`)")
+        # Fusion, decision and defaults from the reranker's training.json, checked once here.
+        self.rerank_config = load_rerank_config(source)
+        self.rerank_config.check_settings(settings)
 
     def start(self, *, watch: bool = True) -> None:
         """Load the reranker, then start the holder (the published snapshot, and a watcher
@@ -98,7 +94,7 @@ class Engine:
                           self.settings.rerank_depth,
                           ", both orders" if self.settings.rerank_symmetric else "",
                           self._fusion(None, None))
-            if self.defaults.decision is None:
+            if self.rerank_config.decision is None:
                 self.log.warning("reranker %s has no decision model (no training.json from "
                                  "`twinq train reranker`): duplicate_probability is null and "
                                  "no_twin is not decided", self.cross_encoder_name)
@@ -106,7 +102,7 @@ class Engine:
                 self.log.info("twin decision: no_twin below duplicate probability %.3f (%s)",
                               self._threshold(None),
                               "settings" if self.settings.min_probability is not None
-                              else f"95%-precision point on dev, {self.defaults.path}")
+                              else f"95%-precision point on dev, {self.rerank_config.path}")
         self.holder.start(watch=watch)
 
     def stop(self) -> None:
@@ -143,33 +139,18 @@ class Engine:
         return models_info(served.bi_encoder_name if served else "", self.cross_encoder_name,
                            self.settings.backend)
 
-    # --- rerank settings: request, else settings, else the reranker's training.json ---------
-    # The one spot that resolves fusion, threshold and depth; `self.defaults` (read in
-    # __init__) feeds it. Replace these three methods to resolve them another way.
+    # --- rerank settings: the request's, else the worker settings', else training.json's ------
 
     def _fusion(self, method: str | None, weight: float | None) -> tuple[str, float]:
-        """The request's choice, else the settings' (when set, "none" included), else the
-        reranker's training.json, else no fusion and weight 0.5."""
-        tuned = self.defaults.fusion or {}
-        method = method or self.settings.fusion or tuned.get("method", "none")
-        weight = next(w for w in (weight, self.settings.fusion_weight, tuned.get("weight"),
-                                  DEFAULT_FUSION_WEIGHT) if w is not None)
-        return str(method), float(weight)
+        return self.rerank_config.resolve_fusion(self.settings, method, weight)
 
     def _threshold(self, request: QueryRequest | None) -> float | None:
-        """The request's min_probability, else the settings', else the decision model's
-        default; None when there is no decision model (nothing to decide with)."""
-        if self.defaults.decision is None:
-            return None
-        for value in (request and request.min_probability, self.settings.min_probability,
-                      self.defaults.decision.min_probability):
-            if value is not None:
-                return float(value)
-        return None
+        return self.rerank_config.resolve_min_probability(
+            self.settings, request.min_probability if request else None)
 
     def _depth(self, request: QueryRequest) -> int:
-        depth = self.settings.rerank_depth if request.rerank_depth is None else request.rerank_depth
-        return min(depth, request.recall_k)
+        return self.rerank_config.resolve_depth(self.settings, request.rerank_depth,
+                                                request.recall_k)
 
     # --- answering ---------------------------------------------------------------------------
 
@@ -206,12 +187,10 @@ class Engine:
                                 worker_id=self.worker_id) for r in requests]
         start = self.clock()
         queries = [r.query for r in requests]
-        vectors = served.bi_encoder.encode(queries, batch_size=ENCODE_BATCH_SIZE,
-                                           normalize_embeddings=True, convert_to_numpy=True,
-                                           show_progress_bar=False)
+        vectors = encode_normalised(served.bi_encoder, queries, ENCODE_BATCH_SIZE)
         embedded = self.clock()
         k = max(r.recall_k for r in requests)
-        hits = search_shards(served.snapshot, np.asarray(vectors, dtype=np.float32), k)
+        hits = search_shards(served.snapshot, vectors, k)
         hits = [h[: r.recall_k] for h, r in zip(hits, requests)]
         searched = self.clock()
         chosen = [i for i, r in enumerate(requests) if r.rerank and self.cross_encoder is not None]
@@ -230,12 +209,12 @@ class Engine:
                 stage_ms: dict[str, float], queue_ms: float, busy_ms: float) -> dict[str, Any]:
         """Fuse, calibrate, cut to `top_k`, decide the twin, and build the reply."""
         fuse(hits, *self._fusion(request.fusion, request.fusion_weight))
-        if request.min_probability is not None and self.defaults.decision is None:
+        if request.min_probability is not None and self.rerank_config.decision is None:
             return error_reply(request.id, ErrorCode.BAD_REQUEST,
                                "min_probability needs a reranker with a decision model; this "
                                "worker has none", worker_id=self.worker_id,
                                snapshot=served.snapshot.version)
-        calibrate(hits, self.defaults.decision)
+        calibrate(hits, self.rerank_config.decision)
         top = hits[: request.top_k]
         threshold = self._threshold(request)
         no_twin = None

@@ -22,19 +22,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from twinq.shared.errors import SnapshotInvalid, SnapshotNotFound, TwinqError
-from twinq.shared.models import load_bi_encoder, resolve_model
-from twinq.shared.snapshot import age_seconds, current_version, load_snapshot
+from twinq.shared.errors import SnapshotNotFound, TwinqError
+from twinq.shared.models import encode_normalised, load_bi_encoder
+from twinq.shared.opened_snapshot import OpenedSnapshot, open_snapshot
+from twinq.shared.snapshot import age_seconds, current_version
 from twinq.worker.metrics import prefixed
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
     from twinq.shared.config import Settings
-    from twinq.shared.snapshot import Snapshot
     from twinq.worker.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
@@ -43,13 +42,8 @@ RETRY_FAILED_VERSION_S = 60.0
 """Seconds before a version that failed to load is tried again (its files may be repaired)."""
 
 
-@dataclass(frozen=True)
-class Served:
-    """A snapshot together with the bi-encoder that matches it: they are swapped as one."""
-
-    snapshot: Snapshot
-    bi_encoder: SentenceTransformer
-    bi_encoder_name: str
+Served = OpenedSnapshot
+"""What the holder serves: a snapshot with its checked bi-encoder, swapped as one."""
 
 
 class SnapshotHolder:
@@ -188,31 +182,27 @@ class SnapshotHolder:
         """
         root = self.settings.root
         assert root is not None  # checked in __init__
-        snapshot = load_snapshot(root, version, checksums=True)
-        model_meta = snapshot.manifest["model"]
-        built_with = model_meta["name"]
-        wanted = resolve_model(self.settings.model)[1] if self.settings.model else built_with
-        if wanted != built_with:
-            self.log.warning("snapshot %s was built with %s but the worker uses %s (--model)",
-                             version, built_with, wanted)
+        opened = open_snapshot(root, version, model=self.settings.model,
+                               backend=self.settings.backend, load_encoder=self._encoder_for,
+                               logger=self.log)
+        return opened
+
+    def _encoder_for(self, name: str) -> SentenceTransformer:
+        """The bi-encoder `name`: the served or pending one when it is the same model, the one
+        given at construction (tests), else loaded and warmed up."""
         current = self._served or self._pending
-        if current is not None and current.bi_encoder_name == wanted:
-            model = current.bi_encoder
-        elif self._given_bi_encoder is not None:
-            model = self._given_bi_encoder
-        else:
-            start = time.perf_counter()
-            model = load_bi_encoder(wanted, backend=self.settings.backend)
-            # One throwaway encode: the first call pays for lazy initialisation (about a
-            # second on a CPU), which must not land on the first user's request.
-            model.encode(["warm up"], show_progress_bar=False)
-            if self.metrics:
-                self.metrics.model_load.labels(model="bi_encoder").set(time.perf_counter() - start)
-        dim = model.get_embedding_dimension()
-        if dim != model_meta["dimension"]:  # `_refuse` logs it, once
-            raise SnapshotInvalid(f"{version}: model {wanted} gives {dim}-dimensional vectors, "
-                                  f"the snapshot holds {model_meta['dimension']}")
-        return Served(snapshot, model, wanted)
+        if current is not None and current.bi_encoder_name == name:
+            return current.bi_encoder
+        if self._given_bi_encoder is not None:
+            return self._given_bi_encoder
+        start = time.perf_counter()
+        model = load_bi_encoder(name, backend=self.settings.backend)
+        # One throwaway encode: the first call pays for lazy initialisation (about a second on
+        # a CPU), which must not land on the first user's request.
+        encode_normalised(model, ["warm up"])
+        if self.metrics:
+            self.metrics.model_load.labels(model="bi_encoder").set(time.perf_counter() - start)
+        return model
 
     def swap_pending(self) -> tuple[str | None, str] | None:
         """Serve the pending version, if any. Call only between batches.

@@ -6,6 +6,7 @@ site-packages would collide with any other project that did the same.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -15,9 +16,17 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_wheel_owns_only_the_twinq_name(tmp_path: Path) -> None:
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path),
-                    str(ROOT)], check=True, capture_output=True, timeout=300)
-    wheel, = tmp_path.glob("twinq-*.whl")
+    # Built from a copy: an in-tree build would leave build/ and egg-info in the checkout.
+    source = tmp_path / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    for folder in ("shared", "worker", "pipelines"):
+        shutil.copytree(ROOT / folder, source / folder, ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
+                    str(tmp_path / "dist"), str(source)], check=True, capture_output=True,
+                   timeout=300)
+    wheel, = (tmp_path / "dist").glob("twinq-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
     assert tops == {"twinq"}
