@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +80,7 @@ def truth_labels(texts: list[str]) -> np.ndarray:
     return np.array([clusters.get(question_key(t), next(fresh)) for t in texts], dtype=np.int64)
 
 
-def sample_clusters(truth: np.ndarray, questions: int, seed: int) -> np.ndarray:
+def sample_clusters(truth: Truth, questions: int, seed: int) -> np.ndarray:
     """Row numbers of whole true clusters, in random cluster order, until `questions` rows."""
     by_cluster: dict[int, list[int]] = {}
     for row, label in enumerate(truth.tolist()):
@@ -144,13 +145,38 @@ def measured(cmd: list[str], log_path: Path) -> dict[str, float]:
     return {"seconds": round(float(seconds), 2), "peak_rss_mib": round(int(kib) / 1024, 1)}
 
 
-def scores_of(labels: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+@dataclass
+class Truth:
+    """True cluster labels of the rows, and which rows no training file holds (held out)."""
+
+    labels: np.ndarray
+    heldout: np.ndarray
+
+
+def seen_questions(files: list[Path]) -> set[str]:
+    """Question keys of every pair file a reranker may have trained on."""
+    from twinq.pipelines.splits import question_key
+    from twinq.shared.pairs import read_pairs
+
+    existing = [f for f in files if f.is_file()]
+    return {question_key(q) for p in (read_pairs(existing).pairs if existing else [])
+            for q in (p.q1, p.q2)}
+
+
+def scores_of(labels: np.ndarray, truth: Truth) -> dict[str, float]:
+    """Pairwise and B-cubed scores on every row, and (``heldout_*``) on the held-out rows only:
+    the reranker never saw those questions in training."""
     from twinq.pipelines.dedupe_metrics import cluster_scores
 
-    return {k: round(v, 4) for k, v in cluster_scores(labels, truth).items() if k in SCORES}
+    scores = {k: round(v, 4) for k, v in cluster_scores(labels, truth.labels).items()
+              if k in SCORES}
+    if truth.heldout.any():
+        held = cluster_scores(labels[truth.heldout], truth.labels[truth.heldout])
+        scores.update({f"heldout_{k}": round(held[k], 4) for k in SCORES})
+    return scores
 
 
-def sweep_pairs(out: Path, ids: list[str], truth: np.ndarray, thresholds: list[float]
+def sweep_pairs(out: Path, ids: list[str], truth: Truth, thresholds: list[float]
                 ) -> dict[str, list[dict[str, float]]]:
     """Clusters from a run's scored pairs at each threshold, for each clustering variant."""
     import pyarrow.parquet as pq
@@ -180,7 +206,7 @@ def sweep_pairs(out: Path, ids: list[str], truth: np.ndarray, thresholds: list[f
     return curves
 
 
-def default_scores(out: Path, ids: list[str], truth: np.ndarray) -> dict[str, float]:
+def default_scores(out: Path, ids: list[str], truth: Truth) -> dict[str, float]:
     """Scores of the clusters the run wrote (its default threshold, the guard on)."""
     import pyarrow.parquet as pq
 
@@ -251,7 +277,7 @@ def memory_total_mib() -> float:
 # ----------------------------------------------------------------------------- the run
 
 def run_dedupe(name: str, root: Path, out: Path, args: argparse.Namespace, ids: list[str],
-               truth: np.ndarray, reranker: str | None) -> dict[str, Any]:
+               truth: Truth, reranker: str | None) -> dict[str, Any]:
     """One `twinq dedupe` subprocess: time, memory, summary, scores at its default threshold
     and across thresholds."""
     run_out = out / f"run-{name}"
@@ -259,6 +285,13 @@ def run_dedupe(name: str, root: Path, out: Path, args: argparse.Namespace, ids: 
            "--out", str(run_out), "--neighbours", str(args.neighbours),
            "--recall-floor", str(args.recall_floor)]
     if reranker:
+        if args.backend != "torch":  # the export is cached beside the model: work on a copy
+            import shutil
+
+            copy = out / "reranker"
+            if not copy.is_dir():
+                shutil.copytree(reranker, copy, ignore=shutil.ignore_patterns("checkpoint*"))
+            reranker = str(copy)
         cmd += ["--reranker", reranker, "--backend", args.backend]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
@@ -283,7 +316,7 @@ def run_dedupe(name: str, root: Path, out: Path, args: argparse.Namespace, ids: 
     return result
 
 
-def run_community(out: Path, vectors: np.ndarray, truth: np.ndarray, sizes: list[int],
+def run_community(out: Path, vectors: np.ndarray, truth: Truth, sizes: list[int],
                   thresholds: list[float]) -> dict[str, Any]:
     """community_detection: a threshold sweep in-process; time and peak RSS per corpus size in
     subprocesses at its best threshold; the size at which it would fill this machine's RAM."""
@@ -318,35 +351,48 @@ def run_community(out: Path, vectors: np.ndarray, truth: np.ndarray, sizes: list
             "seconds_at_oom_rows_estimate": round(float(np.polyval(seconds[::-1], oom_rows)))}
 
 
+def _row(name: str, row: dict[str, float], seconds: float | str, rss: float | str) -> str:
+    held = (f"{row['heldout_pairwise_f1']:.4f} | {row['heldout_bcubed_f1']:.4f}"
+            if "heldout_pairwise_f1" in row else "- | -")
+    return (f"| {name} | {row['threshold']:g} | {row['pairwise_precision']:.4f} | "
+            f"{row['pairwise_recall']:.4f} | **{row['pairwise_f1']:.4f}** | {row['bcubed_f1']:.4f} "
+            f"| {held} | {seconds} | {rss} |")
+
+
 def report_markdown(report: dict[str, Any]) -> str:
-    lines = [f"# twinq dedupe on Quora ({report['rows']} questions, {report['true_clusters']} "
-             "true clusters)", "", f"Machine: {report['machine']}", "",
-             "| method | threshold | pairwise P | pairwise R | pairwise F1 | B-cubed F1 | time (s) "
-             "| peak RSS (MiB) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"# twinq dedupe on Quora ({report['rows']:,} questions, {report['true_clusters']:,} "
+             f"true clusters, {report['true_pairs']:,} true pairs; held out from training: "
+             f"{report['heldout_rows']:,} questions)", "", f"Machine: {report['machine']}", "",
+             "| method | threshold | pairwise P | pairwise R | pairwise F1 | B-cubed F1 "
+             "| held-out pairwise F1 | held-out B-cubed F1 | time (s) | peak RSS (MiB) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, run in report["runs"].items():
         for label, row in (("default", run["default"]), ("best", run["best"])):
-            lines.append(f"| twinq dedupe, {name} ({label}) | {row['threshold']:g} | "
-                         f"{row['pairwise_precision']:.4f} | {row['pairwise_recall']:.4f} | "
-                         f"{row['pairwise_f1']:.4f} | {row['bcubed_f1']:.4f} | {run['seconds']:.0f} "
-                         f"| {run['peak_rss_mib']:.0f} |")
+            lines.append(_row(f"twinq dedupe, {name} ({label})", row, f"{run['seconds']:.0f}",
+                              f"{run['peak_rss_mib']:.0f}"))
     cd = report["community_detection"]
-    best = cd["best"]
     probe = max(cd["probes"], key=lambda p: p["rows"])
-    lines.append(f"| community_detection (best) | {best['threshold']:g} | "
-                 f"{best['pairwise_precision']:.4f} | {best['pairwise_recall']:.4f} | "
-                 f"{best['pairwise_f1']:.4f} | {best['bcubed_f1']:.4f} | {best['seconds']:.0f} | "
-                 f"{probe['peak_rss_mib']:.0f} ({probe['rows']} rows) |")
-    lines += ["", "Chaining guard (pairwise F1 at each run's default threshold):", ""]
+    lines.append(_row("community_detection (best)", cd["best"], f"{cd['best']['seconds']:.0f}",
+                      f"{probe['peak_rss_mib']:.0f}"))
+    lines += ["", "Chaining guard: pairwise F1 (precision) at each run's default threshold", ""]
     for name, run in report["runs"].items():
         t = run["default"]["threshold"]
         row = {k: next(r for r in v if r["threshold"] == t) for k, v in run["sweep"].items()}
-        lines.append(f"- {name}: " + ", ".join(f"{k} {v['pairwise_f1']:.4f} (P "
-                                               f"{v['pairwise_precision']:.3f})"
+        lines.append(f"- {name}: " + ", ".join(f"{k} {v['pairwise_f1']:.4f} "
+                                               f"({v['pairwise_precision']:.3f})"
                                                for k, v in row.items()))
-    lines += ["", f"community_detection memory: {cd['probes']}; fit a+bn+cn^2 = "
-              f"{[f'{x:.3g}' for x in cd['memory_fit_mib']]} MiB; fills "
-              f"{cd['memory_total_mib']} MiB at about {cd['oom_rows_estimate']:,} rows "
-              f"(about {cd['seconds_at_oom_rows_estimate']:,} s there)."]
+    for name, run in report["runs"].items():
+        counts, timings = run["summary"]["counts"], run["summary"]["timings_s"]
+        lines.append(f"- {name}: {counts['candidate_pairs']:,} candidate pairs, "
+                     f"{counts['pairs_reranked']:,} reranked; seconds: " + ", ".join(
+                         f"{k} {v:.0f}" for k, v in timings.items()))
+    probes = "; ".join(f"{p['rows']:,} rows: {p['seconds']:.1f} s, {p['peak_rss_mib']:.0f} MiB"
+                       for p in cd["probes"])
+    lines += ["", f"community_detection at {cd['best']['threshold']:g}: {probes}. Fit a + bn + "
+              f"cn^2: memory {[f'{x:.3g}' for x in cd['memory_fit_mib']]} MiB, time "
+              f"{[f'{x:.3g}' for x in cd['seconds_fit']]} s; it would fill this machine's "
+              f"{cd['memory_total_mib']:,} MiB at about {cd['oom_rows_estimate']:,} rows, "
+              f"after about {cd['seconds_at_oom_rows_estimate']:,} s."]
     return "\n".join(lines) + "\n"
 
 
@@ -396,6 +442,11 @@ def main() -> None:
     parser.add_argument("--no-recall-only", action="store_true", help="Skip the recall-only run.")
     parser.add_argument("--cd-sizes", default="5000,10000,20000,40000",
                         help="Corpus sizes of the community_detection memory probes.")
+    parser.add_argument("--seen", type=Path, action="append",
+                        default=[REPO / "runs" / "quora-beir" / "train_pairs.tsv",
+                                 REPO / "runs" / "quora-beir" / "labelled_train.tsv"],
+                        help="Pair files the reranker trained on: rows with their questions are "
+                        "left out of the held-out scores.")
     parser.add_argument("--cd-probe", help=argparse.SUPPRESS)
     parser.add_argument("--cd-threshold", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -409,26 +460,32 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     ids, texts, vectors = load_rows(args.root)
-    truth = truth_labels(texts)
+    labels = truth_labels(texts)
     root = args.root
     if args.questions:
-        keep = sample_clusters(truth, args.questions, args.seed)
-        ids, texts, vectors, truth = ([ids[i] for i in keep], [texts[i] for i in keep],
-                                      vectors[keep], truth[keep])
+        keep = sample_clusters(labels, args.questions, args.seed)
+        ids, texts, vectors, labels = ([ids[i] for i in keep], [texts[i] for i in keep],
+                                       vectors[keep], labels[keep])
         root = args.out / "snapshot"
         if not (root / "CURRENT").is_file():
             from twinq.shared.constants import DEFAULT_MODEL
 
             write_subset(root, ids, texts, vectors, DEFAULT_MODEL)
     order = np.argsort(ids, kind="stable")  # rows by id, as the snapshot's names sort them
-    ids = [ids[i] for i in order]
-    vectors, truth = vectors[order], truth[order]
+    ids, texts = [ids[i] for i in order], [texts[i] for i in order]
+    vectors, labels = vectors[order], labels[order]
     from twinq.pipelines.dedupe_metrics import cluster_scores
+    from twinq.pipelines.splits import question_key
 
-    true_pairs = cluster_scores(truth, truth)["true_pairs"]
-    report: dict[str, Any] = {"machine": machine(), "rows": len(ids),
-                              "true_clusters": int(len(set(truth.tolist()))),
-                              "true_pairs": int(true_pairs), "root": str(root), "runs": {}}
+    seen = seen_questions(args.seen)
+    truth = Truth(labels, np.array([question_key(t) not in seen for t in texts], dtype=bool))
+    report: dict[str, Any] = {
+        "machine": machine(), "rows": len(ids), "true_clusters": int(len(set(labels.tolist()))),
+        "true_pairs": int(cluster_scores(labels, labels)["true_pairs"]), "root": str(root),
+        "heldout_rows": int(truth.heldout.sum()),
+        "heldout_true_pairs": int(cluster_scores(labels[truth.heldout],
+                                                 labels[truth.heldout])["true_pairs"]),
+        "seen_files": [str(f) for f in args.seen if f.is_file()], "runs": {}}
     if not args.no_recall_only:
         report["runs"]["recall only"] = run_dedupe("recall", root, args.out, args, ids, truth, None)
     if args.reranker:
