@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from twinq.shared import constants as C
+from twinq.shared.fusion import fusion_methods
 from twinq.shared.errors import ConfigError
 
 Backend = Literal["torch", "onnx", "onnx-fp32", "openvino"]
-FusionMethod = Literal["none", "zscore", "rrf"]
 ENV_PREFIX = "TWINQ_"
 CONFIG_ENV = "TWINQ_CONFIG"
 
@@ -47,7 +47,7 @@ class Settings:
     top_k: int = C.DEFAULT_TOP_K
     recall_k: int = C.DEFAULT_RECALL_K
     rerank_depth: int = C.DEFAULT_RERANK_DEPTH
-    fusion: FusionMethod | None = None
+    fusion: str | None = None  # a name in twinq.shared.fusion.FUSIONS
     """Fusion of recall and rerank scores; None takes the reranker's training.json (else none)."""
     fusion_weight: float | None = None
     """Weight of the rerank z-score in `zscore` fusion; None takes the reranker's tuned value."""
@@ -172,8 +172,8 @@ def _prefix_problems(s: Settings) -> Iterator[str]:
 def _choice_problems(s: Settings) -> Iterator[str]:
     if s.backend not in get_args(Backend):
         yield f"backend must be one of {get_args(Backend)}"
-    if s.fusion is not None and s.fusion not in get_args(FusionMethod):
-        yield f"fusion must be one of {get_args(FusionMethod)}"
+    if s.fusion is not None and s.fusion not in fusion_methods():
+        yield f"fusion must be one of {fusion_methods()}"
     if not isinstance(s.rerank_symmetric, bool):
         yield "rerank_symmetric must be true or false"
 

@@ -11,9 +11,9 @@ first-class. Every method is one function in `FUSIONS`, registered with `@fusion
 It receives one query's candidates with the reranked ones first: ``recall`` holds every
 candidate's recall score, ``rerank`` the rerank scores of the first ``len(rerank)`` of them.
 It returns a score for every candidate, higher is better; the candidates beyond the reranked
-head stay after it, in recall order, whatever their score (`fuse`). A new method must also be
-named in `twinq.shared.config.FusionMethod`, which settings and requests are checked against
-(a test fails until it is).
+head stay after it, in recall order, whatever their score (`fuse`). Settings, requests and
+training.json are checked against the registered names, so registering is all a new method
+takes.
 
 Example:
     >>> fuse_scores([0.9, 0.8, 0.7], [0.0, 2.0, 1.0], "zscore", 0.7).round(3).tolist()

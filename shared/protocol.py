@@ -24,12 +24,12 @@ import json
 import re
 from dataclasses import asdict, dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, Any, get_args
+from typing import TYPE_CHECKING, Any
 
 from twinq.shared import constants as C
 from twinq.shared.bounded_json import (PayloadError, dumps_utf8, encodable, read_members,
                                        read_object, safe_text)
-from twinq.shared.config import FusionMethod
+from twinq.shared.fusion import fusion_methods
 from twinq.shared.errors import ProtocolError
 from twinq.shared.text import normalize_text
 
@@ -236,8 +236,8 @@ def parse_request(fields: Mapping[bytes | str, bytes | str], settings: Settings)
     if not isinstance(rerank, bool):
         raise _bad(f"rerank must be true or false, not {type(rerank).__name__}")
     fusion = payload.get("fusion")
-    if fusion is not None and fusion not in get_args(FusionMethod):
-        raise _bad(f"fusion must be one of {', '.join(get_args(FusionMethod))}, got {fusion!r:.40}")
+    if fusion is not None and fusion not in fusion_methods():
+        raise _bad(f"fusion must be one of {', '.join(fusion_methods())}, got {fusion!r:.40}")
     min_probability = _number(payload, "min_probability", 0, 1, whole=False)
     if min_probability is not None and not rerank:
         raise _bad("min_probability needs rerank: probabilities come from the reranker")

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import get_args
+from typing import Any
 
 import numpy as np
 import pytest
 
-from twinq.shared.config import FusionMethod
 from twinq.shared.fusion import FUSIONS, fuse, fuse_scores, fusion, fusion_methods, zscore
 from twinq.shared.search import Hit
 
@@ -93,8 +92,19 @@ def test_fuse_refuses_bad_options(method: str, weight: float) -> None:
         fuse_scores([0.1], [1.0], method, weight)
 
 
-def test_fusion_registry_names_the_methods_settings_and_requests_accept() -> None:
-    assert fusion_methods() == get_args(FusionMethod) == ("none", "zscore", "rrf")
+def test_fusion_registry_names_the_methods_settings_and_requests_accept(monkeypatch: Any) -> None:
+    from twinq.shared.config import load_settings
+    from twinq.shared.errors import ConfigError
+    from twinq.shared.protocol import parse_request
+
+    assert fusion_methods() == ("none", "zscore", "rrf")
+    with pytest.raises(ConfigError):
+        load_settings(env={}, overrides={"fusion": "max"})
+    # Registering a method is all it takes: settings and requests accept it at once.
+    monkeypatch.setitem(FUSIONS, "max", lambda recall, rerank, weight: np.maximum(recall, 0))
+    settings = load_settings(env={}, overrides={"fusion": "max"})
+    request = parse_request({"payload": '{"id": "r1", "query": "q", "fusion": "max"}'}, settings)
+    assert settings.fusion == request.fusion == "max"
 
 
 @pytest.mark.parametrize("method", ["none", "zscore", "rrf"])
