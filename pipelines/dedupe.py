@@ -179,8 +179,9 @@ def edge_score(opts: DedupeOptions) -> EdgeScore:
                              source or "training.json", opts.reranker, pair_map,
                              "calibration" if config.calibration else "decision",
                              max_length=config.max_length)
-        note = (f"--reranker {opts.reranker} has no decision model (no twinq training.json): "
-                "the clusters use recall scores (cosine) only")
+        why = "no twinq training.json" if Path(opts.reranker).is_dir() else "not a local folder"
+        note = (f"--reranker {opts.reranker} has no decision model ({why}): the clusters use "
+                "recall scores (cosine) only")
     else:
         note = "no --reranker: the clusters use recall scores (cosine) only"
     threshold = given if given is not None else DEFAULT_MIN_COSINE
