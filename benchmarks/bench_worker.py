@@ -9,7 +9,10 @@ Both use the same snapshot (>= 20,000 Quora questions), recall_k 50, rerank dept
 order (fusion "none") so the results can be compared, and the same cross-encoder.
 
     .venv/bin/python benchmarks/bench_worker.py --queries 300 [--root R] [--reranker DIR] \
-        [--backend onnx] [--naive-backend torch]
+        [--backend onnx] [--naive-backend torch] [--baseline-rev REV]
+
+With --baseline-rev, (c) runs the worker of an earlier commit (extracted with `git archive`)
+in the same run, on the same snapshot and queries: a before/after of a change to the worker.
 
 Goals: b/a >= 1.5 in queries per second on one backend, with the same results (issue 3);
 b/a >= 3 with the worker on int8 (--backend onnx) against the naive loop on torch fp32 (issue 7).
@@ -90,42 +93,78 @@ def _wait_for_consumers(url: str, settings: Any, processes: list[subprocess.Pope
 
     from twinq.worker.client import TwinqClient
 
-    r = redis.Redis.from_url(url)
+    from twinq.shared.constants import HEARTBEAT_PREFIX
+
+    # Readiness is each worker's heartbeat (state idle or busy, a snapshot served) on this
+    # stream: an idle consumer may not be listed in XINFO CONSUMERS before its first entry.
+    r = redis.Redis.from_url(url, decode_responses=True)
     for _ in range(1200):
         dead = [p for p in processes if p.poll() is not None]
         if dead:
             raise SystemExit(f"a worker exited with {dead[0].returncode}; see {log_name}")
-        try:
-            if len(r.xinfo_consumers(settings.stream, settings.group)) >= len(processes):
-                break
-        except redis.ResponseError:  # the group does not exist yet
-            pass
+        beats = [r.hgetall(key) for key in r.scan_iter(f"{HEARTBEAT_PREFIX}*")]
+        ready = [b for b in beats if b.get("stream") == settings.stream
+                 and b.get("state") in ("idle", "busy") and b.get("snapshot")]
+        if len(ready) >= len(processes):
+            break
         time.sleep(0.25)
     else:
         r.close()
-        raise SystemExit(f"{len(processes)} workers did not all join the group within 300 s; "
+        raise SystemExit(f"{len(processes)} workers did not all get ready within 300 s; "
                          f"see {log_name}")
     r.close()
     with TwinqClient(url, settings) as client:
         client.submit_many(["warm up"] * 8 * len(processes), timeout_s=120)
 
 
+LAUNCH = ("import sys, typer; from {package}.cli import worker_command; app = typer.Typer(); "
+          "app.command()(worker_command); typer.main.get_command(app)(args=sys.argv[1:])")
+"""Runs the `worker` command of a tree directly: an old tree's `twinq` front door would find the
+installed entry points, which name this tree's modules."""
+
+
+def tree_worker(rev: str, work: Path) -> tuple[list[str], dict[str, str], Path]:
+    """The command, environment and folder that run the worker of commit `rev`.
+
+    Trees before the code moved under the `twinq` name import `worker.cli`; later ones get a
+    folder with a `twinq` package whose subpackages link to the tree's folders.
+    """
+    tree = work / f"tree-{rev}"
+    tree.mkdir()
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    if '"twinq.worker"' in (tree / "pyproject.toml").read_text():
+        shim = work / f"path-{rev}" / "twinq"
+        shim.mkdir(parents=True)
+        (shim / "__init__.py").write_text("")
+        for folder in ("shared", "worker", "pipelines"):
+            (shim / folder).symlink_to(tree / folder)
+        return ([sys.executable, "-c", LAUNCH.format(package="twinq.worker")],
+                {"PYTHONPATH": str(shim.parent)}, tree)
+    return [sys.executable, "-c", LAUNCH.format(package="worker")], {"PYTHONPATH": str(tree)}, tree
+
+
 def worker_run(root: Path, reranker: str, queries: list[str], backend: str, url: str, *,
-               workers: int = 1, threads: int | None = None) -> tuple[list, list, float]:
+               workers: int = 1, threads: int | None = None,
+               launch: tuple[list[str], dict[str, str], Path] | None = None
+               ) -> tuple[list, list, float]:
     import redis
 
     from twinq.shared.config import load_settings
 
     tag = uuid.uuid4().hex[:8]
-    env = {**os.environ, "TWINQ_STREAM": f"bench:{tag}", "TWINQ_GROUP": f"bench-{tag}",
+    command, extra_env, cwd = launch or ([sys.executable, "-m", "twinq.shared.cli", "worker"], {},
+                                         REPO)
+    env = {**os.environ, **extra_env, "TWINQ_STREAM": f"bench:{tag}", "TWINQ_GROUP": f"bench-{tag}",
            "TWINQ_BACKEND": backend, "TWINQ_MAX_STREAM_LENGTH": str(len(queries) * 2)}
     if threads:
         env["TWINQ_THREADS"] = str(threads)
     settings = load_settings(env=env)
     log = open(Path(tempfile.gettempdir()) / f"bench-worker-{tag}.log", "w")
-    processes = [subprocess.Popen([sys.executable, "-m", "twinq.shared.cli", "worker", "--root", str(root),
-                                   "--reranker", reranker, "--redis-url", url], env=env,
-                                  stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    processes = [subprocess.Popen([*command, "--root", str(root), "--reranker", reranker,
+                                   "--redis-url", url], env=env, stdout=log,
+                                  stderr=subprocess.STDOUT, cwd=cwd)
                  for _ in range(workers)]
     try:
         _wait_for_consumers(url, settings, processes, log.name)
@@ -172,6 +211,8 @@ def main() -> None:
                         "with --threads threads: one process per core is how twinq scales.")
     parser.add_argument("--threads", type=int, help="TWINQ_THREADS per worker process.")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--baseline-rev", help="Also run the worker of this commit as (c), in "
+                        "the same run: a before/after of a worker change.")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(tempfile.mkdtemp(prefix="twinq-bench-worker-"))
@@ -185,6 +226,11 @@ def main() -> None:
                                        workers=args.workers, threads=args.threads)
     qps_a, qps_b = len(queries) / sum(lat_a), len(queries) / total_b
     same = sum(a == b for a, b in zip(top_a, top_b)) / len(queries)
+    if args.baseline_rev:
+        lat_c, top_c, total_c = worker_run(root, reranker, queries, args.backend, args.redis_url,
+                                           workers=args.workers, threads=args.threads,
+                                           launch=tree_worker(args.baseline_rev, work))
+        qps_c = len(queries) / total_c
 
     def pct(values: list[float], p: int) -> float:
         return float(np.percentile(values, p) * 1000)
@@ -197,6 +243,11 @@ def main() -> None:
     print(f"| (b) {args.workers} worker(s) through Redis, burst | {qps_b:.1f} | {pct(lat_b, 50):.0f} | {pct(lat_b, 95):.0f} |")
     print(f"ratio b/a: {qps_b / qps_a:.2f} (goals: >= 1.5 on one backend, issue 3; >= 3 for "
           f"worker onnx over naive torch, issue 7); same top-1 result: {same:.1%}")
+    if args.baseline_rev:
+        print(f"| (c) the same at {args.baseline_rev}, burst | {qps_c:.1f} | {pct(lat_c, 50):.0f} "
+              f"| {pct(lat_c, 95):.0f} |")
+        print(f"ratio b/c (this tree over {args.baseline_rev}): {qps_b / qps_c:.2f}; same top-1 "
+              f"result as (c): {sum(b == c for b, c in zip(top_b, top_c)) / len(queries):.1%}")
     print("(b)'s latency includes queueing: every query was submitted at once.")
 
 
