@@ -178,11 +178,60 @@ def scores_of(labels: np.ndarray, truth: Truth) -> dict[str, float]:
     return scores
 
 
-def sweep_pairs(out: Path, ids: list[str], truth: Truth, thresholds: list[float]
-                ) -> dict[str, list[dict[str, float]]]:
-    """Clusters from a run's scored pairs at each threshold, for each clustering variant."""
+def endpoint_margins(a: np.ndarray, b: np.ndarray, values: np.ndarray, n: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Each pair's value minus the best value among the other scored pairs of its first (and
+    of its second) question: the margin a hit has over the next candidate when that question
+    is asked as a query. 0 for a question with one scored pair."""
+    node = np.concatenate([a, b])
+    pair = np.concatenate([np.arange(len(values))] * 2)
+    value = np.concatenate([values, values])
+    order = np.lexsort((-value, node))
+    node, pair, value = node[order], pair[order], value[order]
+    start = np.r_[0, np.flatnonzero(np.diff(node)) + 1]
+    first, first_pair = np.full(n, np.nan), np.full(n, -1)
+    second = np.full(n, np.nan)
+    first[node[start]], first_pair[node[start]] = value[start], pair[start]
+    has_second = np.append(start[1:] - start[:-1] > 1, len(node) - start[-1] > 1)
+    second[node[start[has_second]]] = value[start[has_second] + 1]
+    margins = []
+    for end in (a, b):
+        other = np.where(first_pair[end] == np.arange(len(values)), second[end], first[end])
+        margins.append(np.where(np.isnan(other), 0.0, values - other))
+    return margins[0], margins[1]
+
+
+def score_maps(pairs: Any, a: np.ndarray, b: np.ndarray, n: int, reranker: str
+               ) -> dict[str, np.ndarray]:
+    """Other edge scores from the same reranked pairs, to compare with the pair calibration:
+    the twin decision model with each question asked as a query (margins over its other scored
+    candidates; the larger of the two views), and an even z-score mix of cosine and logit."""
+    from twinq.shared.calibration import FEATURES
+    from twinq.shared.rerank_config import load_rerank_config
+
+    decision = load_rerank_config(reranker).decision
+    recall = pairs.column("recall").to_numpy().astype(np.float64)
+    logit = pairs.column("rerank").to_numpy().astype(np.float64)
+    views = []
+    for rerank_margin, recall_margin in zip(endpoint_margins(a, b, logit, n),
+                                            endpoint_margins(a, b, recall, n)):
+        features = np.zeros((len(logit), len(FEATURES)))
+        features[:, 0], features[:, 1], features[:, 2], features[:, 3] = (
+            logit, recall, rerank_margin, recall_margin)
+        views.append(decision.predict(features))
+    z = (recall - recall.mean()) / recall.std() + (logit - logit.mean()) / logit.std()
+    return {"decision model, both views": np.maximum(*views), "z(cosine)+z(logit)": z,
+            "cosine of the same pairs": recall}
+
+
+def sweep_pairs(out: Path, ids: list[str], truth: Truth, thresholds: list[float],
+                kind: str, reranker: str | None) -> dict[str, list[dict[str, float]]]:
+    """Clusters from a run's scored pairs at each threshold: the run's own clustering (the
+    guard with its default veto), other clustering variants, and (reranked runs) other maps
+    from the same pairs to an edge score, each at 15 quantiles of its own scores."""
     import pyarrow.parquet as pq
 
+    from twinq.pipelines.dedupe import DEFAULT_VETO_PROBABILITY
     from twinq.pipelines.dedupe_clusters import cluster_pairs
     from twinq.pipelines.dedupe_metrics import labels_from_clusters
 
@@ -191,20 +240,26 @@ def sweep_pairs(out: Path, ids: list[str], truth: Truth, thresholds: list[float]
     a = np.array([row[x] for x in pairs.column("a").to_pylist()], dtype=np.int64)
     b = np.array([row[x] for x in pairs.column("b").to_pylist()], dtype=np.int64)
     s = pairs.column("score").to_numpy()
+    own_veto = (lambda t: min(DEFAULT_VETO_PROBABILITY, t)) if kind == "probability" else None
+    variants: list[tuple[str, np.ndarray, list[float], dict[str, Any]]] = [
+        ("guard (default veto)", s, thresholds, {"veto_below": own_veto}),
+        ("centre, no veto", s, thresholds, {}),
+        ("centre, veto below t", s, thresholds, {"veto_below": lambda t: t}),
+        ("components", s, thresholds, {"method": "components"})]
+    if reranker:
+        for name, other in score_maps(pairs, a, b, len(ids), reranker).items():
+            cuts = sorted({round(float(q), 6) for q in np.quantile(other, np.linspace(0.1, 0.9, 15))})
+            variants.append((f"{name} (centre, no veto)", other, cuts, {}))
     curves: dict[str, list[dict[str, float]]] = {}
-    variants: dict[str, Any] = {
-        "centre": {}, "centre-veto<t": {"veto_below": lambda t: t},
-        "centre-veto<t/2": {"veto_below": lambda t: t / 2},
-        "centre-veto<0.5": {"veto_below": lambda t: 0.5},
-        "components": {"method": "components"}}
-    for name, kwargs in variants.items():
+    for name, scores, cuts, kwargs in variants:
         curve = []
-        for t in thresholds:
+        for t in cuts:
             given = {k: v(t) if callable(v) else v for k, v in kwargs.items()}
-            clusters = cluster_pairs(ids, a, b, s, t, **given)
+            clusters = cluster_pairs(ids, a, b, scores, t, **given)
             labels = labels_from_clusters(len(ids), [c.members for c in clusters])
             curve.append({"threshold": t, **scores_of(labels, truth)})
         curves[name] = curve
+        log.info("sweep %s: best %s", name, max(curve, key=lambda r: r["pairwise_f1"]))
     return curves
 
 
@@ -299,8 +354,14 @@ def run_dedupe(name: str, root: Path, out: Path, args: argparse.Namespace, ids: 
         cmd += ["--threads", str(args.threads)]
     if args.beam_arg:
         cmd += ["--", *args.beam_arg]
-    log.info("%s: %s", name, " ".join(cmd))
-    cost = measured(cmd, out / f"run-{name}.log")
+    cost_file = run_out / "bench_cost.json"
+    if args.reuse_runs and cost_file.is_file() and (run_out / "summary.json").is_file():
+        log.info("%s: reusing %s", name, run_out)
+        cost = json.loads(cost_file.read_text())
+    else:
+        log.info("%s: %s", name, " ".join(cmd))
+        cost = measured(cmd, out / f"run-{name}.log")
+        cost_file.write_text(json.dumps(cost))
     summary = json.loads((run_out / "summary.json").read_text())
     if reranker:
         thresholds = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
@@ -311,8 +372,8 @@ def run_dedupe(name: str, root: Path, out: Path, args: argparse.Namespace, ids: 
     result = {"command": " ".join(cmd[2:]), **cost, "summary": summary,
               "default": {"threshold": summary["threshold"]["value"],
                           **default_scores(run_out, ids, truth)},
-              "sweep": sweep_pairs(run_out, ids, truth, thresholds)}
-    best = max(result["sweep"]["centre"], key=lambda r: r["pairwise_f1"])
+              "sweep": sweep_pairs(run_out, ids, truth, thresholds, summary["score"], reranker)}
+    best = max(result["sweep"]["guard (default veto)"], key=lambda r: r["pairwise_f1"])
     result["best"] = best
     log.info("%s: %.0fs, %.0f MiB; default %s; best %s", name, cost["seconds"],
              cost["peak_rss_mib"], result["default"], best)
@@ -389,7 +450,8 @@ def report_markdown(report: dict[str, Any]) -> str:
     lines += ["", "Chaining guard: pairwise F1 (precision) at each run's default threshold", ""]
     for name, run in report["runs"].items():
         t = run["default"]["threshold"]
-        row = {k: next(r for r in v if r["threshold"] == t) for k, v in run["sweep"].items()}
+        row = {k: next(r for r in v if r["threshold"] == t) for k, v in run["sweep"].items()
+               if any(r["threshold"] == t for r in v)}
         lines.append(f"- {name}: " + ", ".join(f"{k} {v['pairwise_f1']:.4f} "
                                                f"({v['pairwise_precision']:.3f})"
                                                for k, v in row.items()))
@@ -398,6 +460,14 @@ def report_markdown(report: dict[str, Any]) -> str:
         lines.append(f"- {name}: {counts['candidate_pairs']:,} candidate pairs, "
                      f"{counts['pairs_reranked']:,} reranked; seconds: " + ", ".join(
                          f"{k} {v:.0f}" for k, v in timings.items()))
+    lines += ["", "Best threshold of each variant (pairwise F1 / held-out pairwise F1 / B-cubed F1):",
+              ""]
+    for name, run in report["runs"].items():
+        for variant, curve in run["sweep"].items():
+            top = max(curve, key=lambda r: r["pairwise_f1"])
+            lines.append(f"- {name}, {variant}: at {top['threshold']:g}: {top['pairwise_f1']:.4f}"
+                         f" / {top.get('heldout_pairwise_f1', float('nan')):.4f} / "
+                         f"{top['bcubed_f1']:.4f}")
     probes = "; ".join(f"{p['rows']:,} rows: {p['seconds']:.1f} s, {p['peak_rss_mib']:.0f} MiB"
                        for p in cd["probes"])
     lines += ["", f"community_detection at {cd['best']['threshold']:g}: {probes}. Fit a + bn + "
@@ -423,7 +493,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
     for name, run in runs.items():
         ax = prob_ax if run["summary"]["score"] == "probability" else cos_ax
         for variant, curve in run["sweep"].items():
-            style = "-o" if variant == "centre" else "-." if variant == "components" else ":"
+            if "(centre, no veto)" in variant:
+                continue  # other score scales: in report.json and report.md, not on this axis
+            style = "-o" if variant.startswith("guard") else "-." if variant == "components" else ":"
             ax.plot([r["threshold"] for r in curve], [r["pairwise_f1"] for r in curve], style,
                     label=f"{name}: {variant}", markersize=3)
     cos_ax.set_xlabel("cosine threshold")
@@ -447,11 +519,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=13)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-dedupe")
     parser.add_argument("--neighbours", type=int, default=10)
-    parser.add_argument("--recall-floor", type=float, default=0.75)
+    parser.add_argument("--recall-floor", type=float, default=0.8)
     parser.add_argument("--backend", default="torch")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--beam-arg", action="append", default=[], help="Extra Beam flag.")
     parser.add_argument("--no-recall-only", action="store_true", help="Skip the recall-only run.")
+    parser.add_argument("--reuse-runs", action="store_true", help="Reuse the dedupe runs already "
+                        "under --out (their pairs, summary and measured cost): sweep again only.")
     parser.add_argument("--cd-sizes", default="5000,10000,20000,40000",
                         help="Corpus sizes of the community_detection memory probes.")
     parser.add_argument("--seen", type=Path, action="append",

@@ -29,7 +29,7 @@ def dedupe_command(
     min_probability: Optional[float] = typer.Option(
         None, "--min-probability", help="Edge threshold in (0, 1]; default: the reranker's "
         "min_probability (recall-only: 0.85, a cosine)."),
-    recall_floor: float = typer.Option(0.75, "--recall-floor",
+    recall_floor: float = typer.Option(0.8, "--recall-floor",
                                        help="Least cosine of a pair worth scoring."),
     method: str = typer.Option("centre", "--method", help=f"Clustering: {' or '.join(METHODS)} "
                                "(centre: every member a twin of the canonical one)."),
