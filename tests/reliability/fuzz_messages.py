@@ -2,8 +2,9 @@
 
 A strategy draws a `Template`; `Template.render(request_id)` gives the stream fields and the
 expectation, so that every fuzzed message carries an id unique to the run (ids are idempotency
-keys: two messages sharing one would be answered once). Expectations follow
-architecture.md section 4, written here independently of `twinq.shared.protocol`:
+keys: two messages sharing one would be answered once). Expectations follow the queue protocol
+(the README's "Concepts" and `twinq.shared.queue`'s guarantees), written here independently of
+`twinq.shared.protocol`:
 
     reply  an error reply (`ok` false, a code from `codes`) on `reply_key`
     dead   no usable reply address: a dead-letter entry, nothing else
