@@ -34,6 +34,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+@pytest.mark.timeout(1500)  # it trains the demo reranker: 5 minutes alone on 2 cores, more on a busy machine
 def test_demo_answers_every_sample_question_and_leaves_nothing_running(tmp_path: Path) -> None:
     report = tmp_path / "report.json"
     result = subprocess.run([sys.executable, "-m", "twinq.shared.cli", "demo", "--workdir",
