@@ -61,8 +61,8 @@ def is_positive(pair: LabelledPair) -> bool:
     return pair.label is None or pair.label == 1
 
 
-def build_clusters(pairs: Iterable[LabelledPair]) -> dict[str, int]:
-    """Map each question key to a cluster id (0..n-1, in order of first appearance)."""
+def _positive_union(pairs: Iterable[LabelledPair]) -> UnionFind:
+    """Every question of `pairs`, joined along the positive pairs."""
     uf = UnionFind()
     for p in pairs:
         a, b = question_key(p.q1), question_key(p.q2)
@@ -70,12 +70,18 @@ def build_clusters(pairs: Iterable[LabelledPair]) -> dict[str, int]:
         uf.add(b)
         if is_positive(p):
             uf.union(a, b)
+    return uf
+
+
+def _numbered(uf: UnionFind) -> dict[str, int]:
+    """Question key -> set id (0..n-1, in order of first appearance)."""
     ids: dict[str, int] = {}
-    out: dict[str, int] = {}
-    for key in uf.parent:
-        root = uf.find(key)
-        out[key] = ids.setdefault(root, len(ids))
-    return out
+    return {key: ids.setdefault(uf.find(key), len(ids)) for key in uf.parent}
+
+
+def build_clusters(pairs: Iterable[LabelledPair]) -> dict[str, int]:
+    """Map each question key to a cluster id (0..n-1, in order of first appearance)."""
+    return _numbered(_positive_union(pairs))
 
 
 NEGATIVE_GROUP_CAP = 64
@@ -90,20 +96,13 @@ def split_groups(pairs: Iterable[LabelledPair], cap: int = NEGATIVE_GROUP_CAP) -
     joined group holds at most `cap` questions. Deterministic in the order of `pairs`.
     """
     pairs = list(pairs)
-    uf = UnionFind()
-    for p in pairs:
-        a, b = question_key(p.q1), question_key(p.q2)
-        uf.add(a)
-        uf.add(b)
-        if is_positive(p):
-            uf.union(a, b)
+    uf = _positive_union(pairs)
     for p in pairs:
         if not is_positive(p):
             ra, rb = uf.find(question_key(p.q1)), uf.find(question_key(p.q2))
             if ra != rb and uf.size[ra] + uf.size[rb] <= cap:
                 uf.union(ra, rb)
-    ids: dict[str, int] = {}
-    return {key: ids.setdefault(uf.find(key), len(ids)) for key in uf.parent}
+    return _numbered(uf)
 
 
 @dataclass
