@@ -364,7 +364,7 @@ def run_dedupe(name: str, root: Path, out: Path, args: argparse.Namespace, ids: 
         cost_file.write_text(json.dumps(cost))
     summary = json.loads((run_out / "summary.json").read_text())
     if reranker:
-        thresholds = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
+        thresholds = [round(0.05 * i, 2) for i in range(1, 20)]
     else:
         thresholds = [round(0.70 + 0.02 * i, 2) for i in range(14)]  # cheap: pairs are stored
         thresholds = [t for t in thresholds if t >= args.recall_floor]
@@ -525,7 +525,8 @@ def main() -> None:
     parser.add_argument("--beam-arg", action="append", default=[], help="Extra Beam flag.")
     parser.add_argument("--no-recall-only", action="store_true", help="Skip the recall-only run.")
     parser.add_argument("--reuse-runs", action="store_true", help="Reuse the dedupe runs already "
-                        "under --out (their pairs, summary and measured cost): sweep again only.")
+                        "under --out (their pairs, summary and measured cost) and the "
+                        "community_detection results: sweep again only.")
     parser.add_argument("--cd-sizes", default="5000,10000,20000,40000",
                         help="Corpus sizes of the community_detection memory probes.")
     parser.add_argument("--seen", type=Path, action="append",
@@ -578,7 +579,13 @@ def main() -> None:
         report["runs"]["reranker"] = run_dedupe("reranker", root, args.out, args, ids, truth,
                                                 args.reranker)
     sizes = [int(s) for s in args.cd_sizes.split(",") if s] + [len(ids)]
-    report["community_detection"] = run_community(args.out, vectors, truth, sizes, CD_THRESHOLDS)
+    cd_file = args.out / "community_detection.json"
+    if args.reuse_runs and cd_file.is_file():
+        report["community_detection"] = json.loads(cd_file.read_text())
+    else:
+        report["community_detection"] = run_community(args.out, vectors, truth, sizes,
+                                                      CD_THRESHOLDS)
+        cd_file.write_text(json.dumps(report["community_detection"], indent=2) + "\n")
     (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "report.md").write_text(report_markdown(report))
     plot(report, args.out / "thresholds.png")
