@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from twinq.pipelines.beam_options import pipeline_options
 from twinq.pipelines.dedupe_clusters import METHODS, Cluster, Method, cluster_pairs
 from twinq.shared.errors import BadInput, SnapshotInvalid, SnapshotNotFound
 
@@ -219,15 +220,6 @@ def check_options(opts: DedupeOptions) -> tuple[Snapshot, EdgeScore]:
     return snapshot, score
 
 
-def _pipeline_options(beam_args: list[str]) -> Any:
-    from apache_beam.options.pipeline_options import PipelineOptions
-
-    args = list(beam_args)
-    if not any(a == "--runner" or a.startswith("--runner=") for a in args):
-        args.append("--runner=DirectRunner")  # pinned: an unpinned runner may pick Prism
-    return PipelineOptions(args)
-
-
 def run_beam(opts: DedupeOptions, snapshot: Snapshot, score: EdgeScore, work: Path
              ) -> dict[str, float]:
     """Find and score the candidate pairs with Beam; write them under `work`; return counters
@@ -238,7 +230,7 @@ def run_beam(opts: DedupeOptions, snapshot: Snapshot, score: EdgeScore, work: Pa
     from apache_beam.metrics.metric import MetricsFilter
     from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
-    pipeline = beam.Pipeline(options=_pipeline_options(opts.beam_args))
+    pipeline = beam.Pipeline(options=pipeline_options(opts.beam_args))
     pairs = (pipeline
              | "Shards" >> beam.Create(list(range(len(snapshot.shards))))
              | "Neighbours" >> beam.ParDo(T.ShardNeighbours(str(opts.root), snapshot.version,

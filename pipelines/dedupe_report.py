@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from twinq.pipelines.beam_options import runner_name
 from twinq.pipelines.dedupe_clusters import Cluster
 
 if TYPE_CHECKING:
@@ -123,21 +124,12 @@ def summary(opts: DedupeOptions, snapshot: Snapshot, score: EdgeScore, counters:
             "largest_cluster": max(sizes, default=0),
         },
         "size_histogram": {str(s): sizes[s] for s in sorted(sizes)},
-        "runner": _runner_name(opts.beam_args), "beam_args": list(opts.beam_args),
+        "runner": runner_name(opts.beam_args), "beam_args": list(opts.beam_args),
         "timings_s": {"search_s": round(counters.get("search_ms", 0) / 1000, 3),
                       "rerank_s": round(counters.get("rerank_s", 0.0), 3),
                       "rerank_load_s": round(counters.get("rerank_load_s", 0.0), 3), **timings},
         "files": list(OUTPUT_FILES),
     }
-
-
-def _runner_name(beam_args: list[str]) -> str:
-    for i, arg in enumerate(beam_args):
-        if arg.startswith("--runner="):
-            return arg.split("=", 1)[1]
-        if arg == "--runner" and i + 1 < len(beam_args):
-            return beam_args[i + 1]
-    return "DirectRunner"
 
 
 def _replace(out: Path, name: str, write: Any) -> None:

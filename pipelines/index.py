@@ -7,7 +7,7 @@
 A build that fails at any point leaves CURRENT untouched: the manifest is written only after
 validation passes, and publishing is an atomic rename.
 
-About 370 lines, a little past the style guide's ~350: the Beam graph is in
+About 355 lines, a little past the style guide's ~350: the Beam graph is in
 `index_transforms.py`; what remains is the one build procedure and its failure handling.
 """
 
@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from twinq.pipelines.beam_options import pipeline_options, runner_name
 from twinq.shared import snapshot as snap
 from twinq.shared.constants import SNAPSHOT_FORMAT_VERSION
 from twinq.shared.corpus import expand_paths, read_columns, resolve_fields
@@ -135,16 +136,6 @@ def _estimate_rows(paths: list[str]) -> int | None:
     return total
 
 
-def _pipeline_options(beam_args: list[str]) -> Any:
-    from apache_beam.options.pipeline_options import PipelineOptions
-
-    args = list(beam_args)
-    if not any(a == "--runner" or a.startswith("--runner=") for a in args):
-        # Pinned on purpose: an unpinned runner may pick Prism, which downloads a binary.
-        args.append("--runner=DirectRunner")
-    return PipelineOptions(args)
-
-
 def run_beam(opts: BuildOptions, paths: list[str], path: Path, model_name: str,
              previous_files: list[str]) -> dict[str, int]:
     """Build and run the Beam pipeline; return its counters.
@@ -166,7 +157,7 @@ def run_beam(opts: BuildOptions, paths: list[str], path: Path, model_name: str,
                                              max_batch_size=opts.batch_size,
                                              progress_total=_estimate_rows(paths)))
     budget = parse_bytes(opts.memory_budget)
-    pipeline = beam.Pipeline(options=_pipeline_options(opts.beam_args))
+    pipeline = beam.Pipeline(options=pipeline_options(opts.beam_args))
     read = (pipeline
             | "CorpusFiles" >> beam.Create(list(enumerate(paths)))
             | "ReadAndClean" >> beam.ParDo(T.ReadAndClean(opts.id_field, opts.text_field))
@@ -324,7 +315,7 @@ def build_snapshot(opts: BuildOptions) -> BuildResult:
                     "fingerprint": _fingerprint(path, entries),
                 },
                 "shards": entries,
-                "build": {"runner": _runner_name(opts.beam_args), "beam_args": opts.beam_args,
+                "build": {"runner": runner_name(opts.beam_args), "beam_args": opts.beam_args,
                           "stages_s": stages},
             }
             corpus = manifest["corpus"]
@@ -362,12 +353,3 @@ def _dim(path: Path, entries: list[dict[str, Any]]) -> int:
     import pyarrow.parquet as pq
 
     return pq.read_schema(path / entries[0]["data_file"]).field("embedding").type.list_size
-
-
-def _runner_name(beam_args: list[str]) -> str:
-    for i, arg in enumerate(beam_args):
-        if arg.startswith("--runner="):
-            return arg.split("=", 1)[1]
-        if arg == "--runner" and i + 1 < len(beam_args):
-            return beam_args[i + 1]
-    return "DirectRunner"
