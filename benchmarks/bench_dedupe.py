@@ -109,7 +109,7 @@ def write_subset(root: Path, ids: list[str], texts: list[str], vectors: np.ndarr
 
     version = snap.new_version(root)
     path = snap.version_dir(root, version)
-    snap.mark_building(path)
+    snap.mark_building(root, version)
     rows: list[list[dict[str, Any]]] = [[] for _ in range(shards)]
     for doc_id, text, vec in zip(ids, texts, vectors):
         rows[stable_shard(doc_id, shards)].append({
@@ -117,7 +117,7 @@ def write_subset(root: Path, ids: list[str], texts: list[str], vectors: np.ndarr
             "metadata": "{}", "embedding": vec.tolist()})
     entries = [snap.write_shard(path, s, pa.Table.from_pylist(r, schema=schema(vectors.shape[1])),
                                 "Flat", "benchmark subset", "") for s, r in enumerate(rows)]
-    snap.write_manifest(path, {
+    snap.write_manifest(root, version, {
         "format_version": SNAPSHOT_FORMAT_VERSION, "version": version, "created_at": snap.now_iso(),
         "model": {"name": model_name, "dimension": int(vectors.shape[1]), "normalized": True,
                   "max_seq_length": 256},

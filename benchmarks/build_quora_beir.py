@@ -161,7 +161,7 @@ def write_snapshot(corpus_path: Path, root: Path, shards: int = 4, batch_size: i
     embed_s = time.perf_counter() - start
     version = snap.new_version(root)
     path = snap.version_dir(root, version)
-    snap.mark_building(path)
+    snap.mark_building(root, version)
     rows: list[list[dict]] = [[] for _ in range(shards)]
     for doc, vec in zip(docs, vectors):
         rows[stable_shard(doc["_id"], shards)].append({
@@ -170,7 +170,7 @@ def write_snapshot(corpus_path: Path, root: Path, shards: int = 4, batch_size: i
             "embedding": vec.tolist()})
     entries = [snap.write_shard(path, s, pa.Table.from_pylist(r, schema=schema(vectors.shape[1])),
                                 "Flat", "benchmark: exact search", "") for s, r in enumerate(rows)]
-    snap.write_manifest(path, {
+    snap.write_manifest(root, version, {
         "format_version": SNAPSHOT_FORMAT_VERSION, "version": version, "created_at": snap.now_iso(),
         "model": {"name": DEFAULT_MODEL, "dimension": int(vectors.shape[1]), "normalized": True,
                   "max_seq_length": int(model.max_seq_length)},

@@ -20,7 +20,7 @@ console = Console(markup=False, emoji=False, highlight=False)
 """Everything printed here is data (corpus text, ids, versions, manifest fields): printed
 literally, so that a question containing `[/]` cannot crash the table, `[bold]` cannot vanish,
 `[link=...]` cannot become a hidden hyperlink and `:smile:` stays text."""
-RootOpt = typer.Option(None, "--root", help="Snapshot root directory (or TWINQ_ROOT).")
+RootOpt = typer.Option(None, "--root", help="Snapshot root: a folder, or s3://bucket/prefix, gs://... (or TWINQ_ROOT).")
 ConfigOpt = typer.Option(None, "--config", help="TOML settings file (or TWINQ_CONFIG).")
 
 
@@ -37,7 +37,7 @@ def _settings(config: Optional[Path], **flags: object) -> Settings:
 def build_command(
     ctx: typer.Context,
     corpus: list[str] = typer.Option(..., "--corpus", help="Corpus file or glob (CSV, TSV, JSONL, Parquet); repeatable."),
-    root: Optional[Path] = RootOpt,
+    root: Optional[str] = RootOpt,
     config: Optional[Path] = ConfigOpt,
     shards: int = typer.Option(4, help="Number of shards (ids are assigned by a stable hash)."),
     model: Optional[str] = typer.Option(None, help="Bi-encoder path or hub name (or TWINQ_MODEL); default: bundled all-MiniLM-L6-v2."),
@@ -58,10 +58,10 @@ def build_command(
     from twinq.pipelines.build_metrics import push_build_metrics
     from twinq.pipelines.index import BuildOptions, build_snapshot
 
-    settings = _settings(config, root=str(root) if root else None, model=model, threads=threads,
+    settings = _settings(config, root=root, model=model, threads=threads,
                          backend=backend)
     opts = BuildOptions(
-        corpus=corpus, root=Path(settings.root), shards=shards, model=settings.model, id_field=id_field,
+        corpus=corpus, root=settings.root, shards=shards, model=settings.model, id_field=id_field,
         text_field=text_field, publish=publish, memory_budget=memory_budget,
         index_factory=index_factory, reuse_from=None if reuse_from == "none" else reuse_from,
         threads=settings.threads, backend=settings.backend, batch_size=batch_size, canary=canary, beam_args=list(ctx.args))
@@ -91,9 +91,9 @@ def _print_summary(manifest: dict, published: bool) -> None:
 
 
 @index_app.command("list")
-def list_command(root: Optional[Path] = RootOpt, config: Optional[Path] = ConfigOpt) -> None:
+def list_command(root: Optional[str] = RootOpt, config: Optional[Path] = ConfigOpt) -> None:
     """List versions: complete or not, and which one is published."""
-    root = Path(_settings(config, root=root and str(root)).root)
+    root = _settings(config, root=root).root
     table = Table()
     for column in ("version", "published", "complete", "rows", "created"):
         table.add_column(column)
@@ -105,32 +105,32 @@ def list_command(root: Optional[Path] = RootOpt, config: Optional[Path] = Config
 
 
 @index_app.command("publish")
-def publish_command(version: str, root: Optional[Path] = RootOpt, config: Optional[Path] = ConfigOpt) -> None:
+def publish_command(version: str, root: Optional[str] = RootOpt, config: Optional[Path] = ConfigOpt) -> None:
     """Publish a complete version (atomic swap of CURRENT)."""
-    root = Path(_settings(config, root=root and str(root)).root)
+    root = _settings(config, root=root).root
     snap.publish(root, version)
     console.print(f"published {version}")
 
 
 @index_app.command("rollback")
-def rollback_command(root: Optional[Path] = RootOpt, config: Optional[Path] = ConfigOpt) -> None:
+def rollback_command(root: Optional[str] = RootOpt, config: Optional[Path] = ConfigOpt) -> None:
     """Publish the previously published version again."""
-    root = Path(_settings(config, root=root and str(root)).root)
+    root = _settings(config, root=root).root
     console.print(f"rolled back to {snap.rollback(root)}")
 
 
 @index_app.command("gc")
-def gc_command(root: Optional[Path] = RootOpt, config: Optional[Path] = ConfigOpt,
+def gc_command(root: Optional[str] = RootOpt, config: Optional[Path] = ConfigOpt,
                keep: int = typer.Option(3, help="Complete versions to keep.")) -> None:
     """Delete old versions and abandoned builds; never the published one."""
-    root = Path(_settings(config, root=root and str(root)).root)
+    root = _settings(config, root=root).root
     removed = snap.gc(root, keep)
     console.print(f"removed {len(removed)}: {', '.join(removed) or '-'}")
 
 
 def search_command(
     question: str = typer.Argument(..., help="The question to find twins for."),
-    root: Optional[Path] = RootOpt,
+    root: Optional[str] = RootOpt,
     config: Optional[Path] = ConfigOpt,
     top_k: int = typer.Option(10, help="Hits to show."),
     model: Optional[str] = typer.Option(None, help="Override the snapshot's bi-encoder."),

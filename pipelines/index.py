@@ -5,7 +5,11 @@
     then, outside Beam: assemble the manifest -> validate (counts, loads, canary) -> publish
 
 A build that fails at any point leaves CURRENT untouched: the manifest is written only after
-validation passes, and publishing is an atomic rename.
+validation passes, and publishing is a compare-and-swap of CURRENT.
+
+The root may be a local folder or a store URL (`s3://...`): each Beam worker writes its shards
+and their manifest entries straight to the root (`WriteShard`), so nothing assumes that the
+driver and the workers share a disk; the driver reads the entries back from the root.
 
 About 355 lines, a little past the style guide's ~350: the Beam graph is in
 `index_transforms.py`; what remains is the one build procedure and its failure handling.
@@ -17,7 +21,7 @@ import contextlib
 import hashlib
 import json
 import logging
-import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,9 +32,11 @@ from twinq.pipelines.beam_options import pipeline_options, runner_name
 from twinq.shared import snapshot as snap
 from twinq.shared.constants import SNAPSHOT_FORMAT_VERSION
 from twinq.shared.corpus import expand_paths, read_columns, resolve_fields
-from twinq.shared.errors import BadInput, SnapshotCorrupt, SnapshotInvalid
+from twinq.shared.errors import BadInput, SnapshotCorrupt, SnapshotInvalid, SnapshotNotFound
 from twinq.shared.index_choice import parse_bytes
 from twinq.shared.models import resolve_model
+from twinq.shared.snapshot_sync import download_files
+from twinq.shared.store import is_remote, open_store
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +46,8 @@ class BuildOptions:
     """Everything a build needs; the CLI fills it from flags."""
 
     corpus: list[str]
-    root: Path
+    root: str | Path
+    """A local folder or a store URL (`s3://bucket/prefix`)."""
     shards: int = 4
     model: str | None = None
     id_field: str | None = None
@@ -63,7 +70,8 @@ class BuildOptions:
 @dataclass
 class BuildResult:
     version: str
-    path: Path
+    path: Path | str
+    """Where the version lives: its local folder, or its URL in a store."""
     manifest: dict[str, Any]
     published: bool
 
@@ -86,6 +94,7 @@ def _check_inputs(opts: BuildOptions) -> list[str]:
     if opts.shards < 1:
         raise BadInput("--shards must be at least 1")
     parse_bytes(opts.memory_budget)
+    open_store(opts.root).check(create=True)  # a missing bucket or bad credentials: before any work
     paths = expand_paths(opts.corpus)
     for path in paths:
         if "://" not in path:
@@ -93,7 +102,8 @@ def _check_inputs(opts: BuildOptions) -> list[str]:
     return paths
 
 
-def _previous_data_files(opts: BuildOptions, model_name: str) -> tuple[str | None, list[str]]:
+def _previous_data_files(opts: BuildOptions, model_name: str
+                         ) -> tuple[str | None, list[tuple[str, str]]]:
     """Shard Parquet files of the snapshot to reuse vectors from, if its model is ours.
 
     A corrupt published snapshot (CURRENT or its manifest) under the build's own root only
@@ -101,17 +111,16 @@ def _previous_data_files(opts: BuildOptions, model_name: str) -> tuple[str | Non
     """
     if opts.reuse_from is None:
         return None, []
-    root = opts.root if opts.reuse_from == "auto" else Path(opts.reuse_from)
+    root = opts.root if opts.reuse_from == "auto" else opts.reuse_from
     try:
-        version = snap.current_version(root) if root.exists() else None
-        path = snap.version_dir(root, version) if version else None
-        manifest = snap.read_manifest(path) if path else None
-    except SnapshotInvalid as exc:
+        version = snap.current_version(root)
+        manifest = snap.read_manifest_at(root, version) if version else None
+    except (SnapshotInvalid, SnapshotNotFound) as exc:
         if opts.reuse_from != "auto":
             raise SnapshotCorrupt(f"--reuse-from {root}: {exc}") from exc
         log.warning("not reusing vectors: the published snapshot is unusable (%s)", exc)
         return None, []
-    if version is None or path is None or manifest is None:
+    if version is None or manifest is None:
         if opts.reuse_from != "auto":
             raise BadInput(f"--reuse-from {root}: no published snapshot there")
         return None, []
@@ -122,7 +131,8 @@ def _previous_data_files(opts: BuildOptions, model_name: str) -> tuple[str | Non
     if backend != opts.backend:
         log.info("not reusing %s: embedded with the %s backend, not %s", version, backend, opts.backend)
         return None, []
-    return version, [str(path / e["data_file"]) for e in manifest["shards"] if e["rows"]]
+    prefix = snap.version_key(version)
+    return version, [(str(root), f"{prefix}/{e['data_file']}") for e in manifest["shards"] if e["rows"]]
 
 
 def _estimate_rows(paths: list[str]) -> int | None:
@@ -136,8 +146,8 @@ def _estimate_rows(paths: list[str]) -> int | None:
     return total
 
 
-def run_beam(opts: BuildOptions, paths: list[str], path: Path, model_name: str,
-             previous_files: list[str]) -> dict[str, int]:
+def run_beam(opts: BuildOptions, paths: list[str], version: str, model_name: str,
+             previous_files: list[tuple[str, str]]) -> dict[str, int]:
     """Build and run the Beam pipeline; return its counters.
 
     Raises:
@@ -183,12 +193,12 @@ def run_beam(opts: BuildOptions, paths: list[str], path: Path, model_name: str,
          | "AllRows" >> beam.Flatten()
          | "KeyByShard" >> beam.Map(T.shard_of(opts.shards))
          | "GroupShards" >> beam.GroupByKey()
-         | "WriteShards" >> beam.ParDo(T.WriteShard(str(path), opts.index_factory, budget))
-         | "ShardEntries" >> beam.io.WriteToText(str(path / "entries"), file_name_suffix=".jsonl"))
+         | "WriteShards" >> beam.ParDo(T.WriteShard(str(opts.root), version, opts.index_factory,
+                                                    budget)))
     _ = ((read[T.REJECTED], unique[T.REJECTED])
          | "AllRejects" >> beam.Flatten()
-         | "WriteRejects" >> beam.io.WriteToText(str(path / snap.REJECTS), shard_name_template="",
-                                                 num_shards=1))
+         | "OneRejectsList" >> beam.combiners.ToList()
+         | "WriteRejects" >> beam.Map(T.write_rejects(str(opts.root), version)))
     with _quiet_bad_input_logs():
         try:
             result = pipeline.run()
@@ -237,34 +247,38 @@ def _quiet_bad_input_logs() -> Iterator[None]:
         beam_log.removeFilter(quiet)
 
 
-def _collect_entries(path: Path, shards: int) -> list[dict[str, Any]]:
-    """Gather the shard entries Beam wrote, and write empty shards for hash buckets left empty."""
-    from twinq.pipelines.index_transforms import write_shard_records
+def _collect_entries(root: str | Path, version: str, shards: int) -> list[dict[str, Any]]:
+    """Gather the shard entries the workers wrote, and write empty shards for hash buckets left
+    empty."""
+    from twinq.pipelines.index_transforms import ENTRIES, store_shard_records
 
+    store = open_store(root)
+    prefix = f"{snap.version_key(version)}/{ENTRIES}"
     entries: dict[int, dict[str, Any]] = {}
-    for part in sorted(path.glob("entries*.jsonl")):
-        for line in part.read_text().splitlines():
-            entry = json.loads(line)
-            entries[int(entry["name"].split("-")[1])] = entry
-        part.unlink()
+    for name in store.list(prefix):
+        entry = json.loads(store.read_bytes(f"{prefix}/{name}") or b"null")
+        entries[int(entry["name"].split("-")[1])] = entry
+    store.remove_tree(prefix)
     if not entries:
-        rejects = path / snap.REJECTS
-        rejected = len(rejects.read_text().splitlines()) if rejects.exists() else 0
-        raise BadInput(f"empty corpus: no valid rows were found ({rejected} rejected)")
-    dim = _dim(path, list(entries.values()))
+        rejects = store.read_bytes(f"{snap.version_key(version)}/{snap.REJECTS}") or b""
+        raise BadInput(f"empty corpus: no valid rows were found ({len(rejects.splitlines())} "
+                       "rejected)")
+    dim = _dim(root, version, list(entries.values()))
     for i in range(shards):
         if i not in entries:
-            entries[i] = write_shard_records(path, i, [], "Flat", 0, dim=dim)
+            entries[i] = store_shard_records(str(root), version, i, [], "Flat", 0, dim=dim)
     return [entries[i] for i in range(shards)]
 
 
-def _fingerprint(path: Path, entries: list[dict[str, Any]]) -> str:
+def _fingerprint(root: str | Path, version: str, entries: list[dict[str, Any]]) -> str:
     """Content fingerprint: every (id, text key) pair, order-independent across runners."""
     import pyarrow.parquet as pq
 
+    store = open_store(root)
     pairs: list[str] = []
     for entry in entries:
-        table = pq.read_table(path / entry["data_file"], columns=["ids", "text_key"])
+        with store.open(f"{snap.version_key(version)}/{entry['data_file']}") as fh:
+            table = pq.read_table(fh, columns=["ids", "text_key"])
         for ids, key in zip(table.column("ids").to_pylist(), table.column("text_key").to_pylist()):
             pairs.append(f"{key}:{','.join(ids)}")
     return hashlib.sha256("\n".join(sorted(pairs)).encode()).hexdigest()[:32]
@@ -288,17 +302,15 @@ def build_snapshot(opts: BuildOptions) -> BuildResult:
     stages: dict[str, float] = {}
     source, model_name = resolve_model(opts.model)
     reused_version, previous_files = _previous_data_files(opts, model_name)
-    opts.root.mkdir(parents=True, exist_ok=True)
     version = snap.new_version(opts.root)
-    path = snap.version_dir(opts.root, version)
-    snap.mark_building(path)
+    snap.mark_building(opts.root, version)
     start = time.perf_counter()
     try:
         with timed(stages, "pipeline"):
-            counters = run_beam(opts, paths, path, model_name, previous_files)
+            counters = run_beam(opts, paths, version, model_name, previous_files)
         with timed(stages, "assemble"):
-            entries = _collect_entries(path, opts.shards)
-            dim = _dim(path, entries)
+            entries = _collect_entries(opts.root, version, opts.shards)
+            dim = _dim(opts.root, version, entries)
             manifest = {
                 "format_version": SNAPSHOT_FORMAT_VERSION, "version": version,
                 "created_at": snap.now_iso(),
@@ -312,7 +324,7 @@ def build_snapshot(opts: BuildOptions) -> BuildResult:
                     "rows_embedded": 0, "reused_from": reused_version,
                     "rows_duplicate_id": counters.get("rows_duplicate_id", 0),
                     "rows_repeated": counters.get("rows_repeated", 0),
-                    "fingerprint": _fingerprint(path, entries),
+                    "fingerprint": _fingerprint(opts.root, version, entries),
                 },
                 "shards": entries,
                 "build": {"runner": runner_name(opts.beam_args), "beam_args": opts.beam_args,
@@ -324,19 +336,34 @@ def build_snapshot(opts: BuildOptions) -> BuildResult:
                                      - corpus["rows_repeated"])
             _log_duplicate_ids(corpus)
         with timed(stages, "validate"):
-            manifest["validation"] = snap.validate(path, manifest, canary=opts.canary)
+            manifest["validation"] = _validate(opts.root, version, manifest, opts.canary)
         stages["total"] = round(time.perf_counter() - start, 3)
-        snap.write_manifest(path, manifest)
+        snap.write_manifest(opts.root, version, manifest)
     except BadInput:
-        shutil.rmtree(path, ignore_errors=True)
+        open_store(opts.root).remove_tree(snap.version_key(version))
         raise
     except BaseException:
-        (path / snap.BUILDING).unlink(missing_ok=True)  # abandoned: `gc` removes it
+        snap.abandon_build(opts.root, version)  # abandoned: `gc` removes it
         raise
     if opts.publish:
         with timed(stages, "publish"):
-            snap.publish(opts.root, version)
-    return BuildResult(version, path, manifest, opts.publish)
+            snap.publish(opts.root, version, verify=False)  # validated just above
+    location = (f"{open_store(opts.root).url}/{snap.version_key(version)}" if is_remote(opts.root)
+                else snap.version_dir(opts.root, version))
+    return BuildResult(version, location, manifest, opts.publish)
+
+
+def _validate(root: str | Path, version: str, manifest: dict[str, Any], canary: int
+              ) -> dict[str, Any]:
+    """`snap.validate` on the version's files: in place for a local root; for a store, on a
+    verified download (the checksums are checked as the files arrive), as a worker would
+    load it."""
+    if not is_remote(root):
+        return snap.validate(snap.version_dir(root, version), manifest, canary=canary)
+    with tempfile.TemporaryDirectory(prefix="twinq-validate-") as tmp:
+        folder = Path(tmp) / version
+        download_files(open_store(root), snap.version_key(version), manifest, folder)
+        return snap.validate(folder, manifest, canary=canary)
 
 
 def _log_duplicate_ids(corpus: dict[str, Any]) -> None:
@@ -349,7 +376,8 @@ def _log_duplicate_ids(corpus: dict[str, Any]) -> None:
                  corpus["rows_repeated"])
 
 
-def _dim(path: Path, entries: list[dict[str, Any]]) -> int:
+def _dim(root: str | Path, version: str, entries: list[dict[str, Any]]) -> int:
     import pyarrow.parquet as pq
 
-    return pq.read_schema(path / entries[0]["data_file"]).field("embedding").type.list_size
+    with open_store(root).open(f"{snap.version_key(version)}/{entries[0]['data_file']}") as fh:
+        return pq.read_schema(fh).field("embedding").type.list_size

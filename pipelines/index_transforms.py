@@ -147,8 +147,9 @@ class SplitReusable(beam.DoFn):
             yield beam.pvalue.TaggedOutput(self.TO_EMBED, record)
 
 
-def read_previous_embeddings(data_file: str) -> Iterator[tuple[str, bytes]]:
-    """(text_key, float32 vector bytes) pairs from one shard of the previous snapshot.
+def read_previous_embeddings(data_file: tuple[str, str]) -> Iterator[tuple[str, bytes]]:
+    """(text_key, float32 vector bytes) pairs from one shard of the previous snapshot, given
+    as (root, key): a worker reads it from the root itself, local or a store.
 
     Raises:
         SnapshotCorrupt: the shard cannot be read (one line; the build exits 2).
@@ -157,9 +158,13 @@ def read_previous_embeddings(data_file: str) -> Iterator[tuple[str, bytes]]:
 
     from twinq.shared.errors import SnapshotCorrupt, one_line
     from twinq.shared.snapshot import embeddings_of
+    from twinq.shared.store import open_store
 
+    root, key = data_file
+    data_file = f"{root}/{key}"
     try:
-        table = pq.read_table(data_file, columns=["text_key", "embedding"])
+        with open_store(root).open(key) as fh:
+            table = pq.read_table(fh, columns=["text_key", "embedding"])
         vectors = embeddings_of(table).astype("<f4", copy=False)
     except Exception as exc:  # pyarrow raises assorted types
         raise SnapshotCorrupt(f"cannot reuse vectors from {data_file}: {one_line(exc)} "
@@ -173,18 +178,70 @@ def attach_embedding(item: tuple[str, Any]) -> dict[str, Any]:
     return {**json.loads(record_json), "embedding": prediction.inference.astype("<f4").tobytes()}
 
 
-class WriteShard(beam.DoFn):
-    """Write one shard's Parquet and FAISS files; emit its manifest entry as JSON."""
+ENTRIES = "entries"
+"""Folder of the version where each shard's manifest entry is written, for the driver."""
 
-    def __init__(self, version_path: str, index_factory: str | None, max_index_bytes: int) -> None:
-        self._path, self._factory, self._budget = version_path, index_factory, max_index_bytes
+
+class WriteShard(beam.DoFn):
+    """Write one shard's Parquet and FAISS files and its manifest entry straight to the root.
+
+    Every write is keyed by the shard number, so a retried or repeated bundle (a runner may run
+    a step twice) rewrites the same objects with the same content. The driver reads the entries
+    from the root: no output of a Beam sink is trusted to arrive (the DaskRunner's
+    `WriteToText` wrote an empty file).
+    """
+
+    def __init__(self, root: str, version: str, index_factory: str | None,
+                 max_index_bytes: int) -> None:
+        self._root, self._version = root, version
+        self._factory, self._budget = index_factory, max_index_bytes
         self._embedded = Metrics.counter(NS, "rows_indexed")
 
     def process(self, item: tuple[int, Iterable[dict[str, Any]]]) -> Iterator[str]:
         shard, records = item
-        entry = write_shard_records(Path(self._path), shard, list(records), self._factory, self._budget)
+        entry = store_shard_records(self._root, self._version, shard, list(records),
+                                    self._factory, self._budget)
         self._embedded.inc(entry["rows"])
         yield json.dumps(entry)
+
+
+def store_shard_records(root: str, version: str, shard: int, records: list[dict[str, Any]],
+                        index_factory: str | None, max_index_bytes: int, dim: int | None = None
+                        ) -> dict[str, Any]:
+    """`write_shard_records` into the version under `root`, with its entry beside it: in place
+    for a local root, through a temporary folder and an upload for a store."""
+    import tempfile
+
+    from twinq.shared import snapshot as snap
+    from twinq.shared.store import is_remote, open_store
+
+    store = open_store(root)
+    if is_remote(root):
+        with tempfile.TemporaryDirectory(prefix="twinq-shard-") as tmp:
+            entry = write_shard_records(Path(tmp), shard, records, index_factory, max_index_bytes,
+                                        dim=dim)
+            snap.upload_shard(root, version, Path(tmp), entry)
+    else:
+        entry = write_shard_records(snap.version_dir(root, version), shard, records,
+                                    index_factory, max_index_bytes, dim=dim)
+    store.write_bytes(f"{snap.version_key(version)}/{ENTRIES}/{entry['name']}.json",
+                      json.dumps(entry).encode())
+    return entry
+
+
+def write_rejects(root: str, version: str):  # noqa: ANN201 - returns a Beam-friendly callable
+    """Write every rejected row (JSON lines) as the version's one rejects file, in one write."""
+
+    def write(lines: list[str]) -> int:
+        from twinq.shared import snapshot as snap
+        from twinq.shared.store import open_store
+
+        order = sorted(lines, key=lambda line: (json.loads(line)["source"], json.loads(line)["line"]))
+        body = "".join(f"{line}\n" for line in order)
+        open_store(root).write_bytes(f"{snap.version_key(version)}/{snap.REJECTS}", body.encode())
+        return len(lines)
+
+    return write
 
 
 def write_shard_records(path: Path, shard: int, records: list[dict[str, Any]],

@@ -1,14 +1,19 @@
 """The snapshot format: layout, manifest, validation, atomic publish, rollback and gc.
 
-    ROOT/CURRENT                    the published version; replaced by write-temp-then-rename
+    ROOT/CURRENT                    the published version; replaced by compare-and-swap
     ROOT/HISTORY                    published versions, oldest first (for rollback)
     ROOT/snapshots/<version>/       manifest.json, shard-NNNNN.faiss, shard-NNNNN.parquet,
                                     rejects.jsonl
 
+ROOT is a local folder or an object-store URL (`s3://bucket/prefix`, `gs://...`): the root's
+own files go through `twinq.shared.store`, so everything here works on both. Shards are loaded
+from a local folder: the root's own for a local root, a verified download for a store
+(`twinq.shared.snapshot_sync`).
+
 A version is complete only when its manifest exists and validates; nothing else is ever
 published or served.
 
-About 470 lines, past the style guide's ~350, on purpose: the format is one contract, and its
+About 520 lines, past the style guide's ~350, on purpose: the format is one contract, and its
 write side, read side and checks change together; split, a change to the layout would have to
 be made in three files at once.
 """
@@ -20,7 +25,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import socket
 import time
 from dataclasses import dataclass
@@ -31,6 +35,8 @@ from typing import TYPE_CHECKING, Any
 from twinq.shared.errors import (BadInput, ShardMismatch, SnapshotCorrupt, SnapshotInvalid,
                            SnapshotNotFound, one_line)
 from twinq.shared.snapshot_schema import check_manifest, plain_file_name, schema
+from twinq.shared.snapshot_sync import default_cache_dir, sync_version
+from twinq.shared.store import LocalStore, ObjectStore, is_remote, open_store
 
 if TYPE_CHECKING:
     import faiss
@@ -88,11 +94,21 @@ def check_version(version: str) -> str:
     return version
 
 
+def version_key(version: str) -> str:
+    """The version's folder, relative to the root (a key prefix in an object store)."""
+    return f"{SNAPSHOTS}/{check_version(version)}"
+
+
 def snapshots_dir(root: str | Path) -> Path:
+    """The versions folder of a local root."""
     return Path(root) / SNAPSHOTS
 
 
 def version_dir(root: str | Path, version: str) -> Path:
+    """A version's folder under a local root (a store root has no local folder: see
+    `twinq.shared.snapshot_sync`)."""
+    if is_remote(root):
+        raise BadInput(f"{root}: a store root has no local version folder")
     return snapshots_dir(root) / check_version(version)
 
 
@@ -103,8 +119,9 @@ def shard_files(i: int) -> tuple[str, str]:
 def new_version(root: str | Path, now: datetime | None = None) -> str:
     """A sortable UTC timestamp name that does not exist yet under `root`."""
     base = (now or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
+    taken = set(open_store(root).list(SNAPSHOTS))
     version, n = base, 1
-    while (snapshots_dir(root) / version).exists():
+    while version in taken:
         version, n = f"{base}-{n}", n + 1
     return version
 
@@ -117,31 +134,25 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_atomic(path: Path, data: str) -> None:
-    """Write to a temporary sibling, fsync, then rename: readers see the old or the new file."""
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+def mark_building(root: str | Path, version: str) -> None:
+    """Claim a new version for a running build, so that gc leaves it alone."""
+    store = open_store(root)
+    if store.list(version_key(version)):
+        raise FileExistsError(f"{version_key(version)} exists already")
+    store.make_dir(version_key(version))
+    store.write_bytes(f"{version_key(version)}/{BUILDING}",
+                      json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
+
+
+def abandon_build(root: str | Path, version: str) -> None:
+    """Drop a failed build's claim: what it wrote stays, unpublished, until `gc` removes it."""
+    open_store(root).remove(f"{version_key(version)}/{BUILDING}")
+
+
+def _build_alive(store: LocalStore | ObjectStore, version: str) -> bool:
     try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def mark_building(path: Path) -> None:
-    """Claim a version folder for a running build, so that gc leaves it alone."""
-    path.mkdir(parents=True, exist_ok=False)
-    (path / BUILDING).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
-
-
-def _build_alive(path: Path) -> bool:
-    try:
-        info = json.loads((path / BUILDING).read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
+        info = json.loads(store.read_bytes(f"{version_key(version)}/{BUILDING}") or b"")
+    except (OSError, ValueError, RecursionError, SnapshotCorrupt):
         return False
     if not isinstance(info, dict):
         return False
@@ -178,6 +189,14 @@ def write_shard(path: Path, i: int, table: pa.Table, key: str, reason: str, para
     }
 
 
+def upload_shard(root: str | Path, version: str, folder: Path, entry: dict[str, Any]) -> None:
+    """Put a shard's two files, written by `write_shard` into `folder`, under the version in
+    `root` (nothing to do when `folder` is the version's own local folder)."""
+    store = open_store(root)
+    for name in (entry["index_file"], entry["data_file"]):
+        store.put_file(folder / name, f"{version_key(version)}/{name}")
+
+
 def embeddings_of(table: pa.Table) -> Any:
     """The `embedding` column as a contiguous float32 matrix."""
     import numpy as np
@@ -188,48 +207,70 @@ def embeddings_of(table: pa.Table) -> Any:
     return np.ascontiguousarray(flat.reshape(-1, dim) if dim else flat.reshape(0, 0), dtype=np.float32)
 
 
-def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
+def write_manifest(root: str | Path, version: str, manifest: dict[str, Any]) -> None:
     """Write the manifest that completes a version; one that readers would refuse is never
     written (`check_manifest`)."""
-    check_manifest(manifest, path.name)
-    _write_atomic(path / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    (path / BUILDING).unlink(missing_ok=True)
+    check_manifest(manifest, version)
+    store = open_store(root)
+    text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    store.write_bytes(f"{version_key(version)}/{MANIFEST}", text.encode())
+    store.remove(f"{version_key(version)}/{BUILDING}")
 
 
-def _read_text(path: Path, label: str) -> str | None:
+def _decode(data: bytes | None, label: str) -> str | None:
     """A small file of the root (CURRENT, HISTORY, a manifest) as text, or None when absent.
 
     Raises:
-        SnapshotCorrupt: the file exists but cannot be read or is not UTF-8.
+        SnapshotCorrupt: the file is not UTF-8.
     """
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    if data is None:
         return None
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         byte = exc.object[exc.start:exc.start + 1]
         raise SnapshotCorrupt(f"{label}: not UTF-8 text (byte {byte!r} at offset "
                               f"{exc.start})") from exc
-    except OSError as exc:
-        raise SnapshotCorrupt(f"{label}: unreadable: {one_line(exc.strerror or exc)}") from exc
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
-    """The manifest of the version folder `path`, fully checked (`check_manifest`).
+def _read_text(path: Path, label: str) -> str | None:
+    """A local file as text, or None when absent (see `_decode`)."""
+    return _decode(LocalStore(path.parent).read_bytes(path.name), label)
+
+
+def parse_manifest(text: str | None, version: str) -> dict[str, Any]:
+    """A manifest's text, fully checked (`check_manifest`).
 
     Raises:
         SnapshotInvalid: no manifest yet (an incomplete build).
-        SnapshotCorrupt: the manifest is not UTF-8 JSON or breaks the schema.
+        SnapshotCorrupt: the manifest is not JSON or breaks the schema.
     """
-    label = f"{path.name}/{MANIFEST}"
-    text = _read_text(path / MANIFEST, label)
     if text is None:
-        raise SnapshotInvalid(f"{path.name}: no manifest (incomplete build)")
+        raise SnapshotInvalid(f"{version}: no manifest (incomplete build)")
     try:
         manifest = json.loads(text)
     except (ValueError, RecursionError) as exc:
-        raise SnapshotCorrupt(f"{label}: not valid JSON: {one_line(exc)}") from exc
-    return check_manifest(manifest, path.name)
+        raise SnapshotCorrupt(f"{version}/{MANIFEST}: not valid JSON: {one_line(exc)}") from exc
+    return check_manifest(manifest, version)
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of the local version folder `path` (see `parse_manifest`)."""
+    return parse_manifest(_read_text(path / MANIFEST, f"{path.name}/{MANIFEST}"), path.name)
+
+
+def read_manifest_at(root: str | Path, version: str) -> dict[str, Any]:
+    """The manifest of `version` under `root`, local or in a store (see `parse_manifest`).
+
+    Raises:
+        SnapshotNotFound: the version does not exist under `root`.
+    """
+    store = open_store(root)
+    key = version_key(version)
+    data = store.read_bytes(f"{key}/{MANIFEST}")
+    if data is None and not store.exists(key):
+        raise SnapshotNotFound(f"snapshot {version} not found under {store.url}")
+    return parse_manifest(_decode(data, f"{version}/{MANIFEST}"), version)
 
 
 def _member(path: Path, name: Any) -> Path:
@@ -343,8 +384,11 @@ def validate(path: Path, manifest: dict[str, Any], *, canary: int = 200) -> dict
 
 
 def load_snapshot(root: str | Path, version: str | None = None, *, mmap: bool = True,
-                  checksums: bool = True) -> Snapshot:
+                  checksums: bool = True, cache_dir: Path | None = None) -> Snapshot:
     """Open the published (or the named) complete version for serving.
+
+    A store root's version is first downloaded into `cache_dir` (default: the user's cache
+    folder), every file checked against its manifest checksum (`sync_version`).
 
     Raises:
         SnapshotNotFound: nothing is published, or the version does not exist.
@@ -353,11 +397,20 @@ def load_snapshot(root: str | Path, version: str | None = None, *, mmap: bool = 
     version = version or current_version(root)
     if version is None:
         raise SnapshotNotFound(f"no snapshot published under {root}")
-    path = version_dir(root, version)
-    if not path.is_dir():
-        raise SnapshotNotFound(f"snapshot {version} not found under {root}")
+    if is_remote(root):
+        path = sync_version(root, version, cache_dir or default_cache_dir())
+        checksums = False  # verified while downloading
+    else:
+        path = version_dir(root, version)
+        if not path.is_dir():
+            raise SnapshotNotFound(f"snapshot {version} not found under {root}")
+    return load_version(path, mmap=mmap, checksums=checksums)
+
+
+def load_version(path: Path, *, mmap: bool = True, checksums: bool = True) -> Snapshot:
+    """Open the complete version in the local folder `path` (see `load_snapshot`)."""
     manifest = read_manifest(path)
-    return Snapshot(version, path, manifest,
+    return Snapshot(path.name, path, manifest,
                     _open_shards(path, manifest, mmap=mmap, checksums=checksums))
 
 
@@ -367,7 +420,7 @@ def current_version(root: str | Path) -> str | None:
     Raises:
         SnapshotCorrupt: CURRENT is unreadable, not UTF-8, or names no valid version.
     """
-    text = _read_text(Path(root) / CURRENT, CURRENT)
+    text = _decode(open_store(root).read_bytes(CURRENT), CURRENT)
     version = (text or "").strip()
     if not version:
         return None
@@ -377,41 +430,74 @@ def current_version(root: str | Path) -> str | None:
         raise SnapshotCorrupt(f"{CURRENT}: {exc}") from exc
 
 
-def _history(root: Path) -> list[str]:
+def _history(store: LocalStore | ObjectStore) -> list[str]:
     """Published versions, oldest first; lines that are not version names are skipped."""
-    text = _read_text(root / HISTORY, HISTORY) or ""
+    text = _decode(store.read_bytes(HISTORY), HISTORY) or ""
     return [v for v in text.split() if _VERSION.fullmatch(v)]
 
 
-def publish(root: str | Path, version: str, *, record: bool = True) -> None:
+def verify_files(root: str | Path, version: str, manifest: dict[str, Any]) -> None:
+    """Every shard file of `version` is present and matches its manifest checksum.
+
+    A local version is also loaded (FAISS and Parquet readers accept it); a store's files are
+    hashed as they stream, without a copy on disk.
+
+    Raises:
+        SnapshotInvalid: a file is missing or altered.
+    """
+    if not is_remote(root):
+        _open_shards(version_dir(root, version), manifest, mmap=True, checksums=True)
+        return
+    store = open_store(root)
+    for entry in manifest["shards"]:
+        for kind, name in (("index", entry["index_file"]), ("data", entry["data_file"])):
+            key = f"{version_key(version)}/{name}"
+            try:
+                digest = store.sha256(key)
+            except FileNotFoundError:
+                raise SnapshotCorrupt(f"{version}/{name}: missing") from None
+            if digest != entry["sha256"][kind]:
+                raise SnapshotCorrupt(f"{version}/{name}: checksum mismatch (corrupted in the store)")
+
+
+def publish(root: str | Path, version: str, *, record: bool = True, verify: bool = True) -> None:
     """Point CURRENT at a complete version, atomically. Workers pick it up between batches.
+
+    CURRENT is replaced by compare-and-swap against the value read here: of two builds racing
+    to publish, one wins and the other gets `PublishConflict` (see `twinq.shared.store`).
+
+    Args:
+        verify: check every file's checksum first; a build that has just validated the
+            version skips it. Defaults to True.
 
     Raises:
         SnapshotNotFound / SnapshotInvalid: when the version is absent or incomplete.
+        PublishConflict: another publisher changed CURRENT meanwhile; nothing was written.
     """
-    root = Path(root)
-    path = version_dir(root, version)
-    if not path.is_dir():
-        raise SnapshotNotFound(f"snapshot {version} not found under {root}")
-    _open_shards(path, read_manifest(path), mmap=True, checksums=True)
-    history = _history(root) + [version] if record else []  # read first: fail before any write
-    _write_atomic(root / CURRENT, version + "\n")
+    store = open_store(root)
+    manifest = read_manifest_at(root, version)
+    if verify:
+        verify_files(root, version, manifest)
+    expected = store.read_bytes(CURRENT)
+    history = _history(store) + [version] if record else []  # read first: fail before any write
+    store.swap_bytes(CURRENT, (version + "\n").encode(), expected)
     if record:
-        _write_atomic(root / HISTORY, "\n".join(history[-100:]) + "\n")
+        store.write_bytes(HISTORY, ("\n".join(history[-100:]) + "\n").encode())
     log.info("published %s", version)
 
 
 def rollback(root: str | Path) -> str:
     """Publish the version that was published before the current one; return its name."""
-    root = Path(root)
+    store = open_store(root)
     current = current_version(root)
-    history = _history(root)
+    history = _history(store)
     while history and history[-1] == current:
         history.pop()
     for version in reversed(history):
-        if version != current and (version_dir(root, version) / MANIFEST).is_file():
+        if version != current and store.exists(f"{version_key(version)}/{MANIFEST}"):
             publish(root, version, record=False)
-            _write_atomic(root / HISTORY, "\n".join(history[: history.index(version) + 1]) + "\n")
+            kept = history[: history.index(version) + 1]
+            store.write_bytes(HISTORY, ("\n".join(kept) + "\n").encode())
             return version
     raise SnapshotNotFound("no earlier published snapshot to roll back to")
 
@@ -429,18 +515,18 @@ class VersionInfo:
 def list_versions(root: str | Path) -> list[VersionInfo]:
     """Every version folder, oldest first, with whether it is complete and published."""
     current = current_version(root)
+    store = open_store(root)
     infos = []
-    base = snapshots_dir(root)
-    for path in sorted(base.iterdir()) if base.is_dir() else []:
-        if not _VERSION.fullmatch(path.name):
+    for name in store.list(SNAPSHOTS):
+        if not _VERSION.fullmatch(name):
             continue
         try:
-            manifest = read_manifest(path)
+            manifest = read_manifest_at(root, name)
             rows, created, complete = manifest["corpus"]["rows_indexed"], manifest["created_at"], True
-        except SnapshotInvalid:
+        except (SnapshotInvalid, SnapshotNotFound):
             rows, created, complete = None, None, False
-        infos.append(VersionInfo(path.name, complete, path.name == current, rows, created,
-                                 not complete and _build_alive(path)))
+        infos.append(VersionInfo(name, complete, name == current, rows, created,
+                                 not complete and _build_alive(store, name)))
     return infos
 
 
@@ -454,11 +540,12 @@ def gc(root: str | Path, keep: int) -> list[str]:
     infos = list_versions(root)
     complete = [i for i in infos if i.complete]
     keep_set = {i.version for i in complete[-keep:]} | {i.version for i in infos if i.published}
+    store = open_store(root)
     removed = []
     for info in infos:
         if info.version in keep_set or info.building:
             continue
-        shutil.rmtree(version_dir(root, info.version))
+        store.remove_tree(version_key(info.version))
         removed.append(info.version)
     return removed
 

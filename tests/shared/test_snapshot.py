@@ -73,8 +73,7 @@ def test_gc_keeps_published_and_running_builds(quick_snapshot) -> None:
     snap.publish(root, v1)
     abandoned = snap.version_dir(root, "20200101T000000Z")
     abandoned.mkdir()
-    running = snap.version_dir(root, "20200102T000000Z")
-    snap.mark_building(running)  # this process is alive: its build must survive gc
+    snap.mark_building(root, "20200102T000000Z")  # this process is alive: its build must survive gc
     removed = snap.gc(root, keep=1)
     assert sorted(removed) == sorted(["20200101T000000Z", v2])
     assert {i.version for i in snap.list_versions(root)} == {v1, v3, "20200102T000000Z"}

@@ -22,6 +22,7 @@ from twinq.shared.cli import main as twinq
 from twinq.shared.config import load_settings
 from twinq.shared.errors import BadInput, SnapshotCorrupt, SnapshotInvalid
 from twinq.shared.snapshot_schema import check_manifest
+from twinq.shared.store import open_store
 
 VERSION = "20260101T000000Z"
 TEXTS = [f"question {i} about {topic}" for i, topic in enumerate(["billing", "login"] * 6)]
@@ -172,12 +173,13 @@ def test_any_bytes_in_current_history_or_building(tmp_path: Path, data: bytes) -
     building = tmp_path / "snapshots" / VERSION
     building.mkdir(parents=True, exist_ok=True)
     (building / snap.BUILDING).write_bytes(data)
-    for read in (lambda: snap.current_version(tmp_path), lambda: snap._history(tmp_path)):
+    store = open_store(tmp_path)
+    for read in (lambda: snap.current_version(tmp_path), lambda: snap._history(store)):
         try:
             read()
         except SnapshotCorrupt as exc:
             assert_one_line(exc)
-    assert snap._build_alive(building) in (True, False)
+    assert snap._build_alive(store, VERSION) in (True, False)
 
 
 def test_a_history_that_is_not_utf8_fails_publish_before_current_changes(
