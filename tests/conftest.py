@@ -11,6 +11,7 @@ import copy
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -106,11 +107,13 @@ def write_quick_snapshot(root: Path, texts: list[str], model: Any, *, model_name
 
     from twinq.shared import snapshot as snap
     from twinq.shared.constants import SNAPSHOT_FORMAT_VERSION
+    from twinq.shared.store import is_remote
     from twinq.shared.text import normalize_text, stable_shard, text_key
 
     version = snap.new_version(root)
-    path = snap.version_dir(root, version)
-    snap.mark_building(path)
+    snap.mark_building(root, version)
+    staging = tempfile.mkdtemp(prefix="twinq-shards-") if is_remote(root) else None
+    path = Path(staging) if staging else snap.version_dir(root, version)
     vectors = model.encode(texts, normalize_embeddings=True, convert_to_numpy=True).astype(np.float32)
     rows: list[list[dict]] = [[] for _ in range(shards)]
     for i, (text, vec) in enumerate(zip(texts, vectors)):
@@ -124,6 +127,9 @@ def write_quick_snapshot(root: Path, texts: list[str], model: Any, *, model_name
     for s, shard_rows in enumerate(rows):
         table = pa.Table.from_pylist(shard_rows, schema=snapshot_schema(vectors.shape[1]))
         entries.append(snap.write_shard(path, s, table, "Flat", "test", ""))
+        snap.upload_shard(root, version, path, entries[-1])
+    if staging:
+        shutil.rmtree(staging)
     manifest = {
         "format_version": SNAPSHOT_FORMAT_VERSION, "version": version, "created_at": snap.now_iso(),
         "model": {"name": model_name, "dimension": int(vectors.shape[1]), "normalized": True,
@@ -132,7 +138,7 @@ def write_quick_snapshot(root: Path, texts: list[str], model: Any, *, model_name
                    "rows_indexed": len(texts), "rows_reused": 0, "fingerprint": uuid.uuid4().hex},
         "shards": entries, "build": {"runner": "test", "stages_s": {}},
     }
-    snap.write_manifest(path, manifest)
+    snap.write_manifest(root, version, manifest)
     if publish:
         snap.publish(root, version)
     return version
