@@ -30,7 +30,10 @@ class Settings:
     """Every setting twinq reads. Each field maps to `TWINQ_<FIELD>` and a TOML key `<field>`."""
 
     root: str | None = None
-    """Snapshot root directory."""
+    """Snapshot root: a local folder, or a store URL (`s3://bucket/prefix`, `gs://...`)."""
+    cache_dir: str | None = None
+    """Where a worker keeps its verified copies of a store root's versions (at most two);
+    None: `$XDG_CACHE_HOME/twinq`, else `~/.cache/twinq`."""
     redis_url: str | None = None
     """`redis://` or `rediss://` URL; None starts an embedded server where that makes sense."""
     stream: str = C.STREAM
@@ -111,7 +114,7 @@ FLOAT_RANGES: dict[str, tuple[float, float]] = {
 TEXT_SETTINGS = ("stream", "group", "dead_stream", "reply_prefix", "metrics_host")
 """Settings that must be a non-empty string."""
 
-OPTIONAL_TEXT_SETTINGS = ("root", "redis_url", "model", "reranker")
+OPTIONAL_TEXT_SETTINGS = ("root", "cache_dir", "redis_url", "model", "reranker")
 """Settings that are None (unset) or a non-empty string."""
 
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")

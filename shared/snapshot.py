@@ -36,7 +36,7 @@ from twinq.shared.errors import (BadInput, ShardMismatch, SnapshotCorrupt, Snaps
                            SnapshotNotFound, one_line)
 from twinq.shared.snapshot_schema import check_manifest, plain_file_name, schema
 from twinq.shared.snapshot_sync import default_cache_dir, sync_version
-from twinq.shared.store import LocalStore, ObjectStore, is_remote, open_store
+from twinq.shared.store import LocalStore, ObjectStore, PublishConflict, is_remote, open_store
 
 if TYPE_CHECKING:
     import faiss
@@ -398,7 +398,7 @@ def load_snapshot(root: str | Path, version: str | None = None, *, mmap: bool = 
     if version is None:
         raise SnapshotNotFound(f"no snapshot published under {root}")
     if is_remote(root):
-        path = sync_version(root, version, cache_dir or default_cache_dir())
+        path = sync_version(root, version, cache_dir or default_cache_dir(), keep_all=True)
         checksums = False  # verified while downloading
     else:
         path = version_dir(root, version)
@@ -480,7 +480,11 @@ def publish(root: str | Path, version: str, *, record: bool = True, verify: bool
         verify_files(root, version, manifest)
     expected = store.read_bytes(CURRENT)
     history = _history(store) + [version] if record else []  # read first: fail before any write
-    store.swap_bytes(CURRENT, (version + "\n").encode(), expected)
+    try:
+        store.swap_bytes(CURRENT, (version + "\n").encode(), expected)
+    except PublishConflict as exc:
+        raise PublishConflict(f"{exc}: another build published first; {version} stays "
+                              f"complete and unpublished (twinq index publish {version})") from exc
     if record:
         store.write_bytes(HISTORY, ("\n".join(history[-100:]) + "\n").encode())
     log.info("published %s", version)

@@ -3,8 +3,11 @@
 FAISS and the Parquet readers want local files (FAISS memory-maps only local ones), so a
 worker serving from `s3://...` serves a verified local copy:
 
-    CACHE/<store>/<version>/            manifest.json and the shard files, all verified
-    CACHE/<store>/.<version>.partial-*  a download in progress (removed when it fails)
+    CACHE/<store>/snapshots/<version>/            manifest.json and the shard files, verified
+    CACHE/<store>/snapshots/.<version>.partial-*  a download in progress
+
+So `CACHE/<store>` is itself a local snapshot root (without CURRENT): every reader of local
+roots reads a cached version unchanged.
 
 A version folder appears only complete: files are downloaded into a partial folder, each one
 checked against the manifest's sha256, the manifest written last, and the folder renamed. A
@@ -46,9 +49,9 @@ def default_cache_dir() -> Path:
     return Path(base) / "twinq"
 
 
-def store_cache(cache_dir: Path, url: str) -> Path:
-    """The cache folder of one store root: readable name plus a hash, so that two roots never
-    share a folder."""
+def cache_root(cache_dir: Path, url: str) -> Path:
+    """The local root caching the store root `url`: readable name plus a hash, so that two
+    roots never share a folder."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", url)[-60:]
     return cache_dir / f"{slug}-{hashlib.sha256(url.encode()).hexdigest()[:10]}"
 
@@ -88,11 +91,12 @@ def download_files(store: LocalStore | ObjectStore, prefix: str, manifest: dict[
 
 
 def sync_version(root: str | Path, version: str, cache_dir: Path, *,
-                 keep: tuple[str, ...] = ()) -> Path:
+                 keep: tuple[str, ...] = (), keep_all: bool = False) -> Path:
     """The local, verified copy of `version` of the store `root`; download it if needed.
 
     Afterwards the cache holds `version` and the versions named in `keep` (the one being
-    served), nothing else: at most two versions on disk for a worker.
+    served), nothing else: at most two versions on disk for a worker. `keep_all` prunes nothing
+    (a one-off reader such as `twinq search` must not delete a worker's cached versions).
 
     Raises:
         SnapshotNotFound: the version is not in the store.
@@ -100,15 +104,15 @@ def sync_version(root: str | Path, version: str, cache_dir: Path, *,
         StoreError / StoreUnreachable: the store cannot be read.
     """
     store = open_store(root)
-    base = store_cache(cache_dir, store.url)
+    base = cache_root(cache_dir, store.url) / "snapshots"
     base.mkdir(parents=True, exist_ok=True)
     with open(base / _LOCK, "a+b") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # workers sharing a cache sync one at a time
-        return _sync_locked(store, base, version, keep)
+        return _sync_locked(store, base, version, None if keep_all else keep)
 
 
 def _sync_locked(store: LocalStore | ObjectStore, base: Path, version: str,
-                 keep: tuple[str, ...]) -> Path:
+                 keep: tuple[str, ...] | None) -> Path:
     folder = base / version
     if not (folder / _MANIFEST).is_file():
         prefix = f"snapshots/{version}"
@@ -130,7 +134,8 @@ def _sync_locked(store: LocalStore | ObjectStore, base: Path, version: str,
         finally:
             shutil.rmtree(partial, ignore_errors=True)
         log.info("synced %s from %s into %s", version, store.url, folder)
-    prune(base, keep=(version, *keep))
+    if keep is not None:
+        prune(base, keep=(version, *keep))
     return folder
 
 
@@ -149,7 +154,7 @@ def prune(base: Path, keep: tuple[str, ...]) -> list[str]:
 
 def cached_versions(root: str | Path, cache_dir: Path) -> list[str]:
     """Complete versions of `root` in the cache, oldest first (what a worker can serve offline)."""
-    base = store_cache(cache_dir, open_store(root).url)
+    base = cache_root(cache_dir, open_store(root).url) / "snapshots"
     if not base.is_dir():
         return []
     return sorted(p.name for p in base.iterdir() if (p / _MANIFEST).is_file()

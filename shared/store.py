@@ -38,8 +38,9 @@ from twinq.shared.errors import BadInput, SnapshotCorrupt, TwinqError, one_line
 LEASE = ".publish-lease"
 LEASE_STALE_S = 120.0
 """A publish takes milliseconds; a lease this old was left by a publisher that died."""
-_CONNECT_TIMEOUT_S = 5
-_READ_TIMEOUT_S = 60
+TIMEOUT_ENV = "TWINQ_STORE_TIMEOUT_S"
+"""Connect and read timeout of one store request, seconds (default 20): a hung store must
+fail a worker's poll in bounded time, so that it can say so and keep serving."""
 _ATTEMPTS = 3
 
 
@@ -202,6 +203,8 @@ class ObjectStore:
         self.bucket = self.base.split("/", 1)[0]
         try:
             self.fs = fsspec.filesystem(self.protocol, **self._options())
+            if hasattr(self.fs, "retries"):
+                self.fs.retries = 1  # botocore retries (_ATTEMPTS); s3fs's own loop would add 5x
         except (ImportError, ValueError) as exc:
             extra = {"gs": " (pip install 'twinq[gcs]')", "gcs": " (pip install 'twinq[gcs]')"}
             raise StoreError(f"{url}: no filesystem for {self.protocol}://: {one_line(exc)}"
@@ -214,8 +217,11 @@ class ObjectStore:
     def _options(self) -> dict[str, Any]:
         options: dict[str, Any] = {"use_listings_cache": False, "skip_instance_cache": True}
         if self.protocol in ("s3", "s3a"):
-            options["config_kwargs"] = {"connect_timeout": _CONNECT_TIMEOUT_S,
-                                        "read_timeout": _READ_TIMEOUT_S,
+            try:
+                timeout = float(os.environ.get(TIMEOUT_ENV) or 20)
+            except ValueError:
+                raise StoreError(f"{TIMEOUT_ENV} must be a number of seconds") from None
+            options["config_kwargs"] = {"connect_timeout": timeout, "read_timeout": timeout,
                                         "retries": {"max_attempts": _ATTEMPTS, "mode": "standard"}}
         return options
 
@@ -354,6 +360,10 @@ class ObjectStore:
         with self._errors(f"removing {key}"):
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm(self._path(key), recursive=True)
+            # Stores with real folders (SeaweedFS's filer) keep the emptied one, which a listing
+            # would show as a version; deleting its "key/" marker removes it. Elsewhere a no-op.
+            with contextlib.suppress(FileNotFoundError, OSError):
+                self.fs.rm_file(self._path(key) + "/")
 
     def remove(self, key: str) -> None:
         with self._errors(f"removing {key}"):

@@ -108,7 +108,10 @@ def serve(settings: Settings, *, worker_id: str | None = None,
 
 
 def worker_command(
-    root: str | None = typer.Option(None, "--root", help="Snapshot root to serve."),
+    root: str | None = typer.Option(None, "--root", help="Snapshot root to serve: a folder, or "
+                                    "s3://bucket/prefix, gs://... (synced into --cache-dir)."),
+    cache_dir: str | None = typer.Option(None, "--cache-dir", help="Local copies of a store "
+                                         "root's versions (default ~/.cache/twinq)."),
     reranker: str | None = typer.Option(None, "--reranker", help="Cross-encoder folder or hub "
                                         "name; without it replies carry recall scores only."),
     model: str | None = typer.Option(None, "--model", help="Bi-encoder override (default: the "
@@ -133,7 +136,8 @@ def worker_command(
 ) -> None:
     """Answer queries from the Redis stream (starts an embedded Redis when no URL is set)."""
     settings = load_settings(config, overrides={
-        "root": root, "reranker": reranker, "model": model, "redis_url": redis_url,
+        "root": root, "cache_dir": cache_dir, "reranker": reranker, "model": model,
+        "redis_url": redis_url,
         "metrics_port": metrics_port, "metrics_host": metrics_host, "batch_size": batch_size,
         "block_ms": block_ms, "threads": threads})
     serve(settings, worker_id=worker_id, embedded_port=embedded_port)

@@ -90,6 +90,10 @@ class WorkerMetrics:
         self.query_cache = Counter("twinq_query_cache", "Query-cache lookups, by result.",
                                    ["result"], registry=r)
         self.worker_up = Gauge("twinq_worker_up", "1 while the worker loop runs.", registry=r)
+        self.store_up = Gauge("twinq_snapshot_store_up", "1 when the snapshot root answered the "
+                              "last poll; 0 while it does not (the cached version serves).",
+                              registry=r)
+        self.store_up.set(1)
         for outcome in OUTCOMES:
             self.requests.labels(outcome=outcome)
         for stage in STAGES:

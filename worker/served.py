@@ -6,6 +6,12 @@ the consumer swaps it in between batches with `swap_pending()`, so one batch nev
 versions. A version that fails is refused, the old one keeps serving, the refusal is counted
 at most once per `RETRY_FAILED_VERSION_S`, and each distinct error is logged once.
 
+A store root (`s3://...`) is served from a local cache: a new version is downloaded and every
+file checked (`twinq.shared.snapshot_sync`), then loaded like a local one; the cache keeps the
+served and the new version only. When the store does not answer, the worker keeps serving what
+it has (at start, the newest cached version), says so once in the log, in `/readyz`'s detail
+and in `twinq_snapshot_store_up`, and picks up again by itself at the next poll that succeeds.
+
 Memory: FAISS maps only IVF indexes from disk (`IO_FLAG_MMAP` leaves their inverted lists on
 disk, shared through the page cache); Flat and HNSW indexes are read into memory, and Parquet
 columns are decoded into Arrow buffers. So between a load and its swap the worker holds two
@@ -22,12 +28,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from twinq.shared.errors import SnapshotNotFound, TwinqError
 from twinq.shared.models import encode_normalised, load_bi_encoder
 from twinq.shared.opened_snapshot import OpenedSnapshot, open_snapshot
 from twinq.shared.snapshot import age_seconds, current_version
+from twinq.shared.snapshot_sync import cache_root, cached_versions, default_cache_dir, sync_version
+from twinq.shared.store import StoreError, is_remote, open_store
 from twinq.worker.metrics import prefixed
 
 if TYPE_CHECKING:
@@ -44,6 +54,16 @@ RETRY_FAILED_VERSION_S = 60.0
 
 Served = OpenedSnapshot
 """What the holder serves: a snapshot with its checked bi-encoder, swapped as one."""
+
+
+@dataclass
+class StoreHealth:
+    """Whether the snapshot store answered the last poll (always True for a local root)."""
+
+    reachable: bool = True
+    error: str | None = None
+    since: float | None = None
+    """Wall time of the first failed poll of the current outage."""
 
 
 class SnapshotHolder:
@@ -76,14 +96,25 @@ class SnapshotHolder:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
+        self.remote = is_remote(settings.root)
+        self.cache_dir = Path(settings.cache_dir) if settings.cache_dir else default_cache_dir()
+        self._local_root: str | Path = (cache_root(self.cache_dir, open_store(settings.root).url)
+                                        if self.remote else settings.root)
+        self.store = StoreHealth()
 
     def start(self, *, watch: bool = True) -> None:
         """Serve the published version, if it loads, then watch `CURRENT` from a thread.
 
         A missing or invalid snapshot does not stop the start: the worker answers `not_ready`
-        until a valid version is published.
+        until a valid version is published. A store that does not answer does not either, when
+        the cache holds a version to serve meanwhile.
+
+        Raises:
+            StoreError: the store cannot be read and the cache holds no version (exit 2).
         """
         self.check_for_update()
+        if self._pending is None and not self.store.reachable:
+            self._pending = self._from_cache()
         self.swap_pending()
         if watch:
             self._watcher = threading.Thread(target=self._watch, name="twinq-reload", daemon=True)
@@ -127,9 +158,13 @@ class SnapshotHolder:
         """
         try:
             version = current_version(self.settings.root)  # type: ignore[arg-type]
+        except StoreError as exc:
+            self._store_down(exc)
+            return None
         except Exception as exc:  # any bad CURRENT is a counted refusal, never a watcher crash
             self._refuse("CURRENT", exc)
             return None
+        self._store_up()
         if version is None:
             if self._served is None and not self._warned_missing:
                 self._warned_missing = True
@@ -143,6 +178,9 @@ class SnapshotHolder:
             return None
         try:
             served = self._load(version)
+        except StoreError as exc:  # the download broke off: not the version's fault, retry soon
+            self._store_down(exc)
+            return None
         except Exception as exc:  # a version that cannot be served is refused, whatever broke
             self._refuse(version, exc)
             return None
@@ -180,12 +218,53 @@ class SnapshotHolder:
         Raises:
             SnapshotInvalid: the bi-encoder's vectors are not of the snapshot's dimension.
         """
-        root = self.settings.root
-        assert root is not None  # checked in __init__
-        opened = open_snapshot(root, version, model=self.settings.model,
-                               backend=self.settings.backend, load_encoder=self._encoder_for,
-                               logger=self.log)
-        return opened
+        checksums = True
+        if self.remote:  # download (verified) beside the served version; drop any older one
+            sync_version(self.settings.root, version, self.cache_dir,  # type: ignore[arg-type]
+                         keep=(self.version,) if self.version else ())
+            checksums = False  # checked as the files arrived
+        return open_snapshot(self._local_root, version, model=self.settings.model,
+                             backend=self.settings.backend, checksums=checksums,
+                             load_encoder=self._encoder_for, logger=self.log)
+
+    def _from_cache(self) -> Served:
+        """The newest cached version of the store root, for a start while the store is down.
+
+        Raises:
+            StoreError: the cache holds none (or none that loads).
+        """
+        for version in reversed(cached_versions(self.settings.root, self.cache_dir)):  # type: ignore[arg-type]
+            try:
+                served = open_snapshot(self._local_root, version, model=self.settings.model,
+                                       backend=self.settings.backend,
+                                       load_encoder=self._encoder_for, logger=self.log)
+            except Exception as exc:  # a damaged cached copy: try an older one
+                self._refuse(version, exc)
+                continue
+            self.log.warning("serving cached snapshot %s until %s answers", version,
+                             self.settings.root)
+            return served
+        raise StoreError(f"{self.store.error}; and no cached version in {self.cache_dir} to "
+                         "serve meanwhile")
+
+    def _store_down(self, exc: StoreError) -> None:
+        """Record an outage; log it once, and again only when it ends (`_store_up`)."""
+        if self.store.reachable:
+            self.store = StoreHealth(False, str(exc), time.time())
+            self.log.error("%s; still serving %s", exc, self.version or "nothing")
+        else:
+            self.store.error = str(exc)
+        if self.metrics:
+            self.metrics.store_up.set(0)
+
+    def _store_up(self) -> None:
+        if not self.store.reachable:
+            down_s = time.time() - (self.store.since or time.time())
+            self.log.info("snapshot store %s answers again (after %.0f s)", self.settings.root,
+                          down_s)
+            self.store = StoreHealth()
+        if self.metrics:
+            self.metrics.store_up.set(1)
 
     def _encoder_for(self, name: str) -> SentenceTransformer:
         """The bi-encoder `name`: the served or pending one when it is the same model, the one
@@ -228,7 +307,9 @@ class SnapshotHolder:
     def status(self) -> dict[str, Any]:
         """What the status page shows about the served snapshot."""
         served = self._served
+        store = {"root": self.settings.root, "reachable": self.store.reachable,
+                 "error": self.store.error, "down_since": self.store.since}
         if served is None:
-            return {"version": None, "age_s": None, "rows": 0}
+            return {"version": None, "age_s": None, "rows": 0, "store": store}
         return {"version": served.snapshot.version, "age_s": age_seconds(served.snapshot),
-                "rows": served.snapshot.rows}
+                "rows": served.snapshot.rows, "store": store}

@@ -106,6 +106,12 @@ def worker_readiness(worker: Observed) -> tuple[bool, str]:
         worker.queue.ping()
     except QueueError as exc:
         return False, f"Redis does not answer: {exc}"
+    status = worker.engine.status()
+    store = status.get("store") or {}
+    if not store.get("reachable", True):
+        # Still ready: the served version answers; the detail says it may be stale.
+        return True, (f"ready (serving cached {status.get('version')}; snapshot store "
+                      f"unreachable: {store.get('error')})")
     return True, "ready"
 
 
@@ -133,6 +139,17 @@ def _age(seconds: float | None) -> str:
     return f"{seconds:.0f} s"
 
 
+def _store(store: dict[str, Any] | None) -> str:
+    if not store:
+        return "–"
+    root = html.escape(str(store.get("root")))
+    if store.get("reachable", True):
+        return f"<code>{root}</code>"
+    since = time.strftime("%H:%M:%S", time.localtime(store.get("down_since") or time.time()))
+    return (f"<code>{root}</code> <span class='stopped'>unreachable since {since}: "
+            f"{html.escape(str(store.get('error'))[:300])}</span> (serving the cached version)")
+
+
 def render_page(status: dict[str, Any]) -> str:
     """The HTML status page; every value is escaped (errors may quote user input)."""
     e = html.escape
@@ -144,6 +161,7 @@ def render_page(status: dict[str, Any]) -> str:
         ("Snapshot", e(status["version"] or "none loaded")),
         ("Snapshot age", _age(status["age_s"])),
         ("Indexed rows", f"{status['rows']:,}"),
+        ("Snapshot store", _store(status.get("store"))),
         ("Models", e(f"{models['bi_encoder'] or '–'} / reranker "
                      f"{models['cross_encoder'] or 'off'} ({models['backend']})")),
         ("Queue depth", _count(queue.get("length"))),
