@@ -20,7 +20,8 @@ def dedupe_command(
         "multi_processing` or `-- --runner FlinkRunner`."),
     out: Path = typer.Option(..., "--out", help="Output folder: clusters.parquet, clusters.jsonl, "
                              "pairs.parquet, summary.json, sizes.png."),
-    root: Optional[Path] = typer.Option(None, "--root", help="Snapshot root (or TWINQ_ROOT)."),
+    root: Optional[str] = typer.Option(None, "--root", help="Snapshot root: a folder or "
+                                       "s3://bucket/prefix, gs://... (or TWINQ_ROOT)."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML settings file (or TWINQ_CONFIG)."),
     reranker: Optional[str] = typer.Option(None, "--reranker", help="Reranker folder trained by "
                                            "twinq (or TWINQ_RERANKER); without a decision model "
@@ -57,12 +58,12 @@ def dedupe_command(
     from twinq.shared.config import load_settings
     from twinq.shared.errors import BadInput
 
-    settings = load_settings(config, overrides={"root": str(root) if root else None,
+    settings = load_settings(config, overrides={"root": root,
                                                 "reranker": reranker, "backend": backend,
                                                 "threads": threads})
     if not settings.root:
         raise BadInput("no snapshot root: pass --root or set TWINQ_ROOT")
-    opts = DedupeOptions(root=Path(settings.root), out=out, reranker=settings.reranker,
+    opts = DedupeOptions(root=settings.root, out=out, reranker=settings.reranker,
                          neighbours=neighbours, min_probability=min_probability,
                          recall_floor=recall_floor, method=method,  # type: ignore[arg-type]
                          veto_below=veto_below,

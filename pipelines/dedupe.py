@@ -84,7 +84,7 @@ class DedupeOptions:
         beam_args: Beam options (`--runner`, `--direct_num_workers`, ...).
     """
 
-    root: Path
+    root: str | Path
     out: Path
     reranker: str | None = None
     neighbours: int = DEFAULT_NEIGHBOURS
