@@ -238,6 +238,7 @@ def test_deploy_tree_has_expected_files():
         "kubernetes/worker-scaledobject.yaml",
         "kubernetes/index-cronjob.yaml",
         "kubernetes/pvc.yaml",
+        "kubernetes/storage-config.yaml",
         "kubernetes/kustomization.yaml",
         "systemd/twinq-worker.service",
         "systemd/twinq-reindex.service",
@@ -413,20 +414,27 @@ def test_dockerfile_basics():
     assert users and users[-1].split(":")[0] not in {"root", "0"}, "image must run as non-root"
 
 
+SNAPSHOT_ROOT = "s3://twinq/snapshots"
+CACHE_DIR = "/var/cache/twinq"
+AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+
+
 def test_compose_structure():
     compose = _load_yaml(COMPOSE)
     services = compose["services"]
-    assert {"redis", "worker", "indexer", "prometheus", "pushgateway", "grafana"} <= set(services)
+    assert {"redis", "s3", "s3-init", "worker", "indexer", "prometheus", "pushgateway",
+            "grafana"} <= set(services)
     assert services["redis"]["image"].startswith("redis:7")
     assert "--appendonly" in services["redis"]["command"]
     worker_cmd = " ".join(services["worker"]["command"])
     assert worker_cmd == (
-        "worker --root /data/twinq --redis-url redis://redis:6379/0 --metrics-port 9108 --metrics-host 0.0.0.0"
+        f"worker --root {SNAPSHOT_ROOT} --cache-dir {CACHE_DIR} --redis-url redis://redis:6379/0 "
+        "--metrics-port 9108 --metrics-host 0.0.0.0"
     )
     indexer = services["indexer"]
     assert indexer["profiles"] == ["batch"]
     indexer_cmd = " ".join(indexer["command"])
-    assert indexer_cmd.startswith("index build --corpus /data/corpus/*.jsonl --root /data/twinq --publish")
+    assert indexer_cmd.startswith(f"index build --corpus /data/corpus/*.jsonl --root {SNAPSHOT_ROOT} --publish")
     for name in ("worker", "indexer"):
         build = services[name]["build"]
         assert (COMPOSE.parent / build["context"] / build["dockerfile"]).is_file()
@@ -440,6 +448,42 @@ def test_compose_structure():
                 assert source in declared, f"{name}: volume {source} not declared"
     prom_mounts = {v.split(":")[1]: v.split(":")[0] for v in services["prometheus"]["volumes"]}
     assert prom_mounts.get("/etc/prometheus") == "./prometheus"
+
+
+def _compose_mount(volume: str) -> tuple[str, str]:
+    """(source, target) of a short-syntax compose volume; the source may hold `${X:-y}`."""
+    body = re.sub(r":(ro|rw)$", "", volume)
+    source, _, target = body.rpartition(":")
+    return source, target
+
+
+def test_compose_snapshots_on_object_storage():
+    """Snapshots go through the `s3` service, not a shared volume; each worker caches locally."""
+    compose = _load_yaml(COMPOSE)
+    services = compose["services"]
+    s3 = services["s3"]
+    assert s3["image"].startswith(("chrislusf/seaweedfs:", "minio/minio:"))
+    assert "healthcheck" in s3
+    s3_command = " ".join(s3.get("entrypoint", []) + s3.get("command", []))
+    assert "-s3" in s3_command and "-s3.port=8333" in s3_command
+    bucket = SNAPSHOT_ROOT.removeprefix("s3://").split("/")[0]
+    init = services["s3-init"]
+    assert bucket in " ".join(init["command"]), "the init step must create the root's bucket"
+    assert init["depends_on"]["s3"]["condition"] == "service_healthy"
+    for name in ("worker", "indexer", "s3-init"):
+        env = services[name]["environment"]
+        missing = [key for key in AWS_ENV if not env.get(key)]
+        assert not missing, f"{name}: missing {missing}"
+        assert env["AWS_ENDPOINT_URL"] == "http://s3:8333", name
+    for name in ("worker", "indexer"):
+        depends = services[name]["depends_on"]
+        assert depends["s3-init"]["condition"] == "service_completed_successfully", name
+        targets = [_compose_mount(v)[1] for v in services[name].get("volumes", [])]
+        assert not any(t == "/data" or t.startswith("/data/twinq") for t in targets), (
+            f"{name}: snapshots must not come from a volume")
+    worker_mounts = {target: source for source, target in map(_compose_mount, services["worker"]["volumes"])}
+    assert worker_mounts.get(CACHE_DIR) in set(compose["volumes"]), "worker cache on a named local volume"
+    assert "twinq-data" not in set(compose["volumes"])
 
 
 def test_docker_compose_config():
@@ -492,9 +536,53 @@ def test_worker_deployment_probes_and_grace():
     env = {item["name"]: item for item in container["env"]}
     assert "secretKeyRef" in env["TWINQ_REDIS_URL"]["valueFrom"]
     assert "TWINQ_THREADS" in env
-    claims = [v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"] if "persistentVolumeClaim" in v]
+
+
+def _env_from(container: dict) -> tuple[set[str], set[str]]:
+    """(ConfigMap names, Secret names) a container takes whole (envFrom)."""
+    sources = container.get("envFrom", [])
+    return ({s["configMapRef"]["name"] for s in sources if "configMapRef" in s},
+            {s["secretRef"]["name"] for s in sources if "secretRef" in s})
+
+
+def _storage_env(container: dict) -> None:
+    """The AWS endpoint from the storage ConfigMap, the keys from a Secret (never inline)."""
+    config_maps, secrets = _env_from(container)
+    (config_map,) = [doc for path in sorted(K8S.glob("*.yaml")) for doc in _load_yaml_docs(path)
+                     if doc.get("kind") == "ConfigMap" and doc["metadata"]["name"] in config_maps]
+    assert config_map["data"].get("AWS_ENDPOINT_URL", "").startswith("http")
+    assert "AWS_DEFAULT_REGION" in config_map["data"]
+    assert secrets, "AWS credentials must come from a Secret (envFrom secretRef)"
+    inline = {item["name"] for item in container.get("env", [])}
+    assert not inline & {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}, "credentials inline"
+
+
+def test_worker_reads_snapshots_from_object_storage_into_an_emptydir_cache():
+    spec = _k8s("Deployment")["spec"]["template"]["spec"]
+    container = spec["containers"][0]
+    args = [str(arg) for arg in container["args"]]
+    assert args[args.index("--root") + 1] == SNAPSHOT_ROOT
+    cache_dir = args[args.index("--cache-dir") + 1]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert not any("persistentVolumeClaim" in v for v in volumes.values()), "workers need no shared volume"
+    (cache_mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == cache_dir]
+    assert "emptyDir" in volumes[cache_mount["name"]]
+    assert not cache_mount.get("readOnly")
+    _storage_env(container)
+
+
+def test_index_cronjob_writes_to_object_storage():
+    template = _k8s("CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    container = template["containers"][0]
+    env = {item["name"]: item.get("value") for item in container.get("env", [])}
+    script = " ".join(container.get("command", []) + container.get("args", []))
+    script = script.replace('"$TWINQ_ROOT"', str(env.get("TWINQ_ROOT")))
+    assert script.count(f"--root {SNAPSHOT_ROOT}") == 2, "build and gc on the worker's root"
+    _storage_env(container)
+    claims = [v["persistentVolumeClaim"]["claimName"] for v in template["volumes"]
+              if "persistentVolumeClaim" in v]
     pvc_names = {doc["metadata"]["name"] for doc in _load_yaml_docs(K8S / "pvc.yaml")}
-    assert claims and set(claims) <= pvc_names
+    assert set(claims) <= pvc_names
 
 
 def test_scaledobject_redis_streams_trigger():
