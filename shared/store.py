@@ -357,13 +357,25 @@ class ObjectStore:
         return sorted({e.rstrip("/").rsplit("/", 1)[-1] for e in entries})
 
     def remove_tree(self, key: str) -> None:
+        """Delete every object under `key`, then its folders, innermost first.
+
+        Stores with real folders (SeaweedFS's filer) keep an emptied folder, which a listing
+        would show as a version forever; deleting its "folder/" key removes it. On AWS those
+        keys do not exist and the deletes are no-ops.
+        """
+        path = self._path(key)
         with self._errors(f"removing {key}"):
+            try:
+                found = self.fs.find(path, withdirs=True, detail=True)
+            except FileNotFoundError:
+                found = {}
+            folders = sorted((p for p, info in found.items() if info.get("type") == "directory"),
+                             key=len, reverse=True)
             with contextlib.suppress(FileNotFoundError):
-                self.fs.rm(self._path(key), recursive=True)
-            # Stores with real folders (SeaweedFS's filer) keep the emptied one, which a listing
-            # would show as a version; deleting its "key/" marker removes it. Elsewhere a no-op.
-            with contextlib.suppress(FileNotFoundError, OSError):
-                self.fs.rm_file(self._path(key) + "/")
+                self.fs.rm(path, recursive=True)
+            for folder in [*folders, path]:
+                with contextlib.suppress(FileNotFoundError, OSError):
+                    self.fs.rm_file(folder.rstrip("/") + "/")
 
     def remove(self, key: str) -> None:
         with self._errors(f"removing {key}"):
