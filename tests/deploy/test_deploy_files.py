@@ -44,6 +44,7 @@ EXPORTED_METRICS = frozenset(
         "twinq_reloads_total",
         "twinq_query_cache_total",
         "twinq_worker_up",
+        "twinq_snapshot_store_up",
         # index build (Pushgateway, job="twinq_index_build")
         "twinq_build_rows",
         "twinq_build_stage_seconds",
