@@ -331,3 +331,113 @@ def decode_reply(raw: bytes | str) -> dict[str, Any]:
     """Parse a reply popped from the reply list."""
     return json.loads(raw)
 
+
+
+# --- live updates (twinq:updates) ------------------------------------------------------------
+#
+# An update is one entry of the update stream (see `updates_stream`), with the same single
+# `payload` field as a request:
+#
+#     XADD twinq:updates * payload '{"op":"upsert","id":"faq-17","text":"how do I ...","metadata":{"answer":"..."}}'
+#     XADD twinq:updates * payload '{"op":"delete","id":"faq-17"}'
+#
+# `op` is `upsert` or `delete`; `id` follows the request id's rule; an upsert's `text` is
+# cleaned and limited like a query (`max_query_chars`); `metadata` (optional, upserts only) is
+# a JSON object. A delete carries only `op` and `id`. `reply_to` (optional, under
+# `reply_prefix`) asks for an error reply if a worker refuses the update; nothing is replied
+# to an update that applies. Every worker reads the whole stream (no consumer group).
+
+UPDATE_OPS = ("upsert", "delete")
+UPDATE_FIELDS = ("op", "id", "text", "metadata", "reply_to", "submitted_ms")
+UPDATES_SUFFIX = "updates"
+"""The update stream sits beside the query stream: `twinq:queries` -> `twinq:updates`."""
+
+
+def updates_stream(settings: Settings) -> str:
+    """The update stream's name: the query stream's with its last `:` part replaced by
+    `updates` (`twinq:queries` -> `twinq:updates`; a stream without `:` gets `:updates`)."""
+    head, sep, _ = settings.stream.rpartition(":")
+    return f"{head}:{UPDATES_SUFFIX}" if sep else f"{settings.stream}:{UPDATES_SUFFIX}"
+
+
+@dataclass(frozen=True)
+class Update:
+    """A parsed, validated update. `text` is None for a delete; `metadata` {} when absent."""
+
+    op: str
+    id: str
+    text: str | None = None
+    metadata: dict[str, Any] | None = None
+    reply_to: str | None = None
+    submitted_ms: int | None = None
+
+    def to_payload(self) -> dict[str, Any]:
+        """The JSON object of this update, without the fields left at None."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    def to_fields(self) -> dict[str, str]:
+        """The stream fields for `XADD`; `parse_update` reads them back."""
+        return encode_request(self.to_payload())
+
+
+def parse_update(fields: Mapping[bytes | str, bytes | str], settings: Settings) -> Update:
+    """Validate one update-stream entry, as `parse_request` validates a request.
+
+    Raises:
+        ProtocolError: `bad_request` (unknown op or field, bad id, empty text, metadata that is
+            not a JSON object, text or metadata on a delete) or `too_large` (text past
+            `max_query_chars`, payload past `payload_limit`), naming the problem.
+    """
+    payload = decode_payload(fields, settings)
+    unknown = sorted(set(payload) - set(UPDATE_FIELDS))
+    if unknown:
+        raise _bad(f"unknown field(s): {', '.join(unknown)}")
+    op = payload.get("op")
+    if op not in UPDATE_OPS:
+        raise _bad(f"op must be one of {', '.join(UPDATE_OPS)}, got {op!r:.40}")
+    update_id = _request_id(payload)
+    reply_to = (_reply_to(payload, update_id, settings) if payload.get("reply_to") is not None
+                else None)
+    submitted_ms = _number(payload, "submitted_ms", 0, 2**63 - 1)
+    if op == "delete":
+        extra = [k for k in ("text", "metadata") if payload.get(k) is not None]
+        if extra:
+            raise _bad(f"a delete takes only op and id, not {', '.join(extra)}")
+        return Update("delete", update_id, reply_to=reply_to, submitted_ms=submitted_ms)
+    value = payload.get("text")
+    if value is None:
+        raise _bad("text is required for an upsert")
+    if not isinstance(value, str):
+        raise _bad(f"text must be a string, not {type(value).__name__}")
+    text = normalize_text(value)
+    if not text:
+        raise _bad("text is empty")
+    if not encodable(text):
+        raise _bad("text is not valid Unicode (lone surrogate)")
+    if len(text) > settings.max_query_chars:
+        raise _bad(f"text is {len(text)} characters, over the limit of "
+                   f"{settings.max_query_chars}", ErrorCode.TOO_LARGE)
+    metadata = payload.get("metadata")
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict):
+        raise _bad(f"metadata must be a JSON object, not {type(metadata).__name__}")
+    if not encodable(json.dumps(metadata, ensure_ascii=False)):
+        raise _bad("metadata is not valid Unicode (lone surrogate)")
+    return Update("upsert", update_id, text, metadata, reply_to, submitted_ms)
+
+
+def update_reply_address(fields: Mapping[bytes | str, bytes | str], settings: Settings
+                         ) -> tuple[str, str] | None:
+    """(update id, reply key) of a refused update that names a usable `reply_to`, else None:
+    an update is answered only where it asks to be."""
+    raw = _field(fields, PAYLOAD_FIELD)
+    payload = None if raw is None else read_members(raw, ("id", "reply_to"),
+                                                    ADDRESS_PARSE_MAX_BYTES)
+    if payload is None or payload.get("reply_to") is None:
+        return None
+    try:
+        update_id = _request_id(payload)
+        return update_id, _reply_to(payload, update_id, settings)
+    except ProtocolError:
+        return None

@@ -437,6 +437,10 @@ class RedisQueue:
         if mine and mine[0]["pending"] == 0:
             self.client.xgroup_delconsumer(s.stream, s.group, worker_id)
 
+    def updates(self, stream: str) -> UpdateLog:
+        """The update log named `stream` on this queue's connection."""
+        return UpdateLog(self.client, stream)
+
     def cache_get(self, keys: Sequence[str]) -> list[bytes | None]:
         """The query cache's stored replies under `keys` (None where absent)."""
         return list(self.client.mget(keys)) if keys else []
@@ -448,6 +452,99 @@ class RedisQueue:
             for key, text in items:
                 pipe.set(key, text, ex=ttl_s)
             pipe.execute()
+
+
+def stream_id_key(entry_id: str | None) -> tuple[int, int]:
+    """A stream id ("<ms>-<seq>") as a sortable pair; None and "0" sort first."""
+    if not entry_id:
+        return (0, 0)
+    ms, _, seq = entry_id.partition("-")
+    return (int(ms), int(seq or 0))
+
+
+UPDATE_REPORT_TTL_S = 7 * 86_400
+"""Seconds the marker of a reported (dead-lettered) update is kept: every worker reads every
+update, and only the first to refuse it reports it (`UpdateLog.first_to_report`)."""
+
+
+class UpdateLog:
+    """The live update stream (`twinq.shared.protocol.updates_stream`): appended by askers,
+    read whole by every worker (XREAD from an id, no consumer group).
+
+    Guarantees: an update is durable once `append` returns its id as far as Redis' persistence
+    goes (AOF with `appendfsync always`: on disk); entries are never deleted one by one, and the
+    stream is trimmed only below a watermark that no served snapshot still needs (`trim_below`).
+
+    Args:
+        client: A redis-py client (a worker's or an asker's).
+        stream: The update stream's name.
+    """
+
+    def __init__(self, client: redis.Redis, stream: str) -> None:
+        self.client = client
+        self.stream = stream
+
+    def append(self, fields: Mapping[str, str]) -> str:
+        """XADD one update; returns its stream id (the update is then in Redis)."""
+        return _text(self.client.xadd(self.stream, dict(fields)))
+
+    def append_many(self, updates: Sequence[Mapping[str, str]]) -> list[str]:
+        """XADD many updates in one round trip, in order; returns their stream ids."""
+        pipe = self.client.pipeline(transaction=False)
+        for fields in updates:
+            pipe.xadd(self.stream, dict(fields))
+        return [_text(i) for i in pipe.execute()]
+
+    def read(self, after: str, count: int, block_ms: int | None = None) -> list[Entry]:
+        """Up to `count` entries after the id `after` (exclusive), oldest first; with
+        `block_ms`, wait that long for one when there is none."""
+        response = self.client.xread({self.stream: after or "0-0"}, count=count, block=block_ms)
+        return [e for _, items in response or [] for e in _entries(items)]
+
+    def head(self) -> dict[str, Any]:
+        """The stream's `length`, newest id (`last_id`, None when it never held an entry) and
+        oldest id still held (`first_id`)."""
+        try:
+            info = self.client.xinfo_stream(self.stream)
+        except redis.ResponseError:  # no such key: nothing was ever appended
+            return {"length": 0, "last_id": None, "first_id": None}
+        first = info.get("first-entry")
+        last_id = _text(info["last-generated-id"])
+        return {"length": info["length"], "last_id": None if last_id == "0-0" else last_id,
+                "first_id": _text(first[0]) if first else None}
+
+    def trim_below(self, watermark: str) -> int:
+        """XTRIM MINID: drop entries older than `watermark` (it stays); returns how many."""
+        return int(self.client.xtrim(self.stream, minid=watermark, approximate=False))
+
+    def first_to_report(self, entry_id: str, worker_id: str) -> bool:
+        """True for the first worker to ask about `entry_id` (SET NX): only it dead-letters and
+        answers a refused update, so N workers do not report it N times."""
+        key = f"{C.DONE_PREFIX}update:{self.stream}:{entry_id}"
+        return bool(self.client.set(key, worker_id, nx=True, ex=UPDATE_REPORT_TTL_S))
+
+    def dead_letter(self, dead_stream: str, entry: Entry, reason: str, worker_id: str
+                    ) -> dict[str, Any]:
+        """Append a refused update to `dead_stream` (see `dead_letter_fields`)."""
+        record = dead_letter_fields(entry, reason, worker_id, self.stream)
+        self.client.xadd(dead_stream, record, maxlen=DEAD_STREAM_MAXLEN, approximate=True)
+        return record
+
+    def served_watermarks(self) -> list[str]:
+        """The watermark every live worker reports in its heartbeat (`twinq:worker:*`, field
+        `watermark`; "" for a snapshot built without updates)."""
+        keys = list(self.client.scan_iter(match=C.HEARTBEAT_PREFIX + "*", count=500))
+        if not keys:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.hmget(key, ["watermark", "state", "update_stream"])
+        out = []
+        for mark, state, stream in pipe.execute():
+            if state in (b"stopped",) or (stream is not None and _text(stream) != self.stream):
+                continue
+            out.append(_text(mark) if mark is not None else "")
+        return out
 
 
 class AsyncRedisQueue:

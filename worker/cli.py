@@ -322,3 +322,42 @@ def submit_command(
     if missing:
         raise TwinqError(f"{missing} of {len(items)} questions got no reply within {timeout:g}s "
                          "(is a worker running?)")
+
+
+def add_command(
+    doc_id: str = typer.Option(..., "--id", help="The question's id ([A-Za-z0-9._:-], 1..128)."),
+    text: str = typer.Option(..., "--text", help="The question's text."),
+    metadata: str | None = typer.Option(None, "--metadata", help="A JSON object carried with "
+                                        "the question (e.g. '{\"answer\": \"...\"}')."),
+    redis_url: str | None = _REDIS,
+    config: Path | None = _CONFIG,
+) -> None:
+    """Add (or replace) a stored question live; prints the update's stream id once Redis holds
+    it. Every worker serves it within a second; the nightly build folds it in."""
+    meta = None
+    if metadata is not None:
+        try:
+            meta = json.loads(metadata)
+        except ValueError as exc:
+            raise BadInput(f"--metadata is not JSON: {exc}") from exc
+        if not isinstance(meta, dict):
+            raise BadInput(f"--metadata must be a JSON object, not {type(meta).__name__}")
+    settings = load_settings(config, overrides={"redis_url": redis_url})
+    with _client(settings) as client:
+        entry_id = _send(lambda: client.add(doc_id, text, meta),
+                         settings.redis_url or f"embedded, see {url_file()}")
+    typer.echo(entry_id)
+
+
+def delete_command(
+    doc_id: str = typer.Argument(..., help="The id of the stored question to remove."),
+    redis_url: str | None = _REDIS,
+    config: Path | None = _CONFIG,
+) -> None:
+    """Remove a stored question live (an unknown id is harmless); prints the update's stream
+    id once Redis holds it."""
+    settings = load_settings(config, overrides={"redis_url": redis_url})
+    with _client(settings) as client:
+        entry_id = _send(lambda: client.delete(doc_id),
+                         settings.redis_url or f"embedded, see {url_file()}")
+    typer.echo(entry_id)

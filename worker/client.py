@@ -22,9 +22,10 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from twinq.shared.config import load_settings
-from twinq.shared.errors import BadInput, TwinqError
-from twinq.shared.protocol import REQUEST_FIELDS, decode_reply, encode_request
-from twinq.shared.queue import AsyncRedisQueue, RedisQueue
+from twinq.shared.errors import BadInput, ProtocolError, TwinqError
+from twinq.shared.protocol import (REQUEST_FIELDS, decode_reply, encode_request, parse_update,
+                                   updates_stream)
+from twinq.shared.queue import AsyncRedisQueue, RedisQueue, UpdateLog
 from twinq.worker.embedded_redis import read_url_file, url_file
 
 if TYPE_CHECKING:
@@ -93,6 +94,27 @@ def _request(query: str, top_k: int | None, recall_k: int | None, rerank: bool,
     return request_id, settings.reply_prefix + request_id, encode_request(payload)
 
 
+def update_fields(op: str, doc_id: str, text: str | None, metadata: dict[str, Any] | None,
+                  settings: Settings) -> dict[str, str]:
+    """The stream fields of an update, checked as the worker will check them.
+
+    Raises:
+        BadInput: the update would be refused (bad id, empty or overlong text, metadata that
+            is not a JSON object); nothing is sent.
+    """
+    payload: dict[str, Any] = {"op": op, "id": doc_id, "submitted_ms": int(time.time() * 1000)}
+    if text is not None:
+        payload["text"] = text
+    if metadata is not None:
+        payload["metadata"] = metadata
+    fields = encode_request(payload)
+    try:
+        parse_update(fields, settings)
+    except ProtocolError as exc:
+        raise BadInput(f"{exc.code}: {exc.message}") from exc
+    return fields
+
+
 def _overloaded(depth: dict[str, int | None], settings: Settings) -> Overloaded | None:
     lag = depth["lag"] or 0
     if lag > settings.max_stream_length:
@@ -140,6 +162,29 @@ class TwinqClient:
         error = _overloaded(self.depth(), self.settings)
         if error:
             raise error
+
+    @property
+    def updates(self) -> UpdateLog:
+        """The live update stream (`twinq.shared.protocol.updates_stream`)."""
+        return self.queue.updates(updates_stream(self.settings))
+
+    def add(self, doc_id: str, text: str, metadata: dict[str, Any] | None = None) -> str:
+        """Add or replace the stored question `doc_id` live: every worker serves it within a
+        second, until a nightly build folds it into the snapshot.
+
+        Returns:
+            The update's stream id, once Redis holds it (on disk with AOF `appendfsync always`).
+
+        Raises:
+            BadInput: the update would be refused; nothing was sent.
+        """
+        return self.updates.append(update_fields("upsert", doc_id, text, metadata,
+                                                 self.settings))
+
+    def delete(self, doc_id: str) -> str:
+        """Remove the stored question `doc_id` live (an unknown id is harmless); returns the
+        update's stream id, as `add` does."""
+        return self.updates.append(update_fields("delete", doc_id, None, None, self.settings))
 
     def ask(self, query: str, *, top_k: int | None = None, recall_k: int | None = None,
             rerank: bool = True, timeout_s: float = 30, **knobs: Any) -> dict[str, Any]:
