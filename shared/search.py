@@ -33,6 +33,9 @@ class Hit:
     rerank_score: float | None = None
     score: float = 0.0
     duplicate_probability: float | None = None
+    source: str = "snapshot"
+    """Where the hit came from: "snapshot", or "live" (an update applied since the snapshot's
+    watermark; see `twinq.worker.live`)."""
 
     def to_dict(self, rank: int) -> dict[str, Any]:
         return {
@@ -40,7 +43,7 @@ class Hit:
             "recall_score": round(self.recall_score, 6),
             "rerank_score": None if self.rerank_score is None else round(self.rerank_score, 6),
             "duplicate_probability": self.duplicate_probability,
-            "metadata": self.metadata, "ids": self.ids,
+            "metadata": self.metadata, "ids": self.ids, "source": self.source,
         }
 
 

@@ -29,10 +29,12 @@ from typing import TYPE_CHECKING, Any
 
 from twinq.shared import constants as C
 from twinq.shared.errors import ConfigError, ProtocolError
-from twinq.shared.protocol import ErrorCode, QueryRequest, error_reply, parse_request, reply_address
+from twinq.shared.protocol import (ErrorCode, QueryRequest, error_reply, parse_request,
+                                   parse_update, reply_address, update_reply_address,
+                                   updates_stream)
 from twinq.shared.queue import (Entry, Outgoing, QueueError, QueueRefused, QueueUnavailable,
-                                RedisQueue, Written, conflict_reply, expected_write,
-                                group_missing)
+                                RedisQueue, UpdateLog, Written, conflict_reply, expected_write,
+                                group_missing, stream_id_key)
 from twinq.worker.metrics import RecentStats, WorkerMetrics, prefixed
 from twinq.worker.query_cache import QueryCache
 
@@ -41,6 +43,12 @@ if TYPE_CHECKING:
     from twinq.worker.engine import Engine
 
 log = logging.getLogger(__name__)
+
+UPDATE_READ_COUNT = 512
+"""Update-stream entries read per round trip."""
+UPDATE_SYNC_BUDGET_S = 0.5
+"""Longest time one pass spends applying updates once caught up, so that a flood of updates
+cannot starve queries; the first pass after start catches up whatever it takes."""
 
 
 class WorkerState(str, Enum):
@@ -125,6 +133,8 @@ class Consumer:
         self._last_beat = 0.0
         self._last_claim = 0.0
         self.started_at = clock()
+        self.updates_stream = updates_stream(settings)
+        self._caught_up = False
 
     def run(self) -> int:
         """Serve until `request_stop()` (or a first SIGTERM); return the exit code, 0."""
@@ -147,6 +157,9 @@ class Consumer:
             self._heartbeat()
             self._maybe_swap_snapshot()
             batch = self._claim_stale() or self._read_batch(self.settings.block_ms)
+            # After the read: an update acknowledged before a request was sent is applied
+            # before that request is answered (a delete takes effect before the next batch).
+            self._sync_updates()
             if batch:
                 self._handle(batch)
             self._failures = 0
@@ -202,6 +215,67 @@ class Consumer:
         if self._stop.is_set():
             return []
         return self.queue.read(self.worker_id, self.settings.batch_size, block_ms)
+
+    @property
+    def updates(self) -> UpdateLog:
+        """The live update stream on this worker's queue, read whole (see `_sync_updates`)."""
+        return self.queue.updates(self.updates_stream)
+
+    def _sync_updates(self) -> int:
+        """Read the update stream after the last applied id and apply it to the engine's live
+        delta (`twinq.worker.live`); refuse bad entries (`_refuse_update`). Returns how many
+        entries were read. Nothing is read before a snapshot is served: its watermark says
+        where to start."""
+        live = self.engine.live
+        if live is None:
+            return 0
+        deadline = None if not self._caught_up else time.monotonic() + UPDATE_SYNC_BUDGET_S
+        total = 0
+        while True:
+            entries = self.updates.read(live.applied_id, UPDATE_READ_COUNT)
+            if not entries:
+                break
+            good = []
+            for entry in entries:
+                try:
+                    good.append((entry.entry_id, parse_update(entry.fields, self.settings)))
+                except ProtocolError as exc:
+                    self._refuse_update(entry, ErrorCode(exc.code), exc.message)
+                except Exception as exc:  # a parser bug must not stop the updates
+                    self.log.exception("cannot parse update %s", entry.entry_id)
+                    self._refuse_update(entry, ErrorCode.INTERNAL, f"unparseable update: {exc!r}")
+            before = dict(live.applied)
+            self.engine.apply_updates(good)
+            live.advance(entries[-1].entry_id)
+            for op in ("upsert", "delete"):
+                self.metrics.updates.labels(outcome=op).inc(live.applied[op] - before[op])
+            total += len(entries)
+            if len(entries) < UPDATE_READ_COUNT or (deadline and time.monotonic() > deadline):
+                break
+        if not self._caught_up:
+            self._caught_up = True
+            self.log.info("live updates: caught up at %s (%d entries replayed after watermark "
+                          "%s, %d live rows)", live.applied_id, total, live.watermark, live.rows)
+        if total:
+            self.metrics.live_rows.set(live.rows)
+        return total
+
+    def _refuse_update(self, entry: Entry, code: ErrorCode, message: str) -> None:
+        """A bad update: skipped by every worker; the first to see it dead-letters it and
+        answers its `reply_to`, if it names one."""
+        self.metrics.updates.labels(outcome="refused").inc()
+        if not self.updates.first_to_report(entry.entry_id, self.worker_id):
+            self.log.debug("update %s refused (%s); reported by another worker",
+                           entry.entry_id, message)
+            return
+        record = self.updates.dead_letter(self.settings.dead_stream, entry,
+                                          f"{code.value}: {message}", self.worker_id)
+        self.log.warning("refused update %s: %s", entry.entry_id, record["reason"])
+        self.metrics.dead_letters.inc()
+        address = update_reply_address(entry.fields, self.settings)
+        if address is not None:
+            self._write_replies([Outgoing(*address, error_reply(
+                address[0], code, message, worker_id=self.worker_id), entry.digest())])
 
     def _handle(self, batch: list[Entry]) -> None:
         """Answer a batch, then ACK it. The procedure:
@@ -372,13 +446,22 @@ class Consumer:
         if now - self._last_beat < self.heartbeat_interval_s:
             return
         self._last_beat = now
+        live = self.engine.live
         self.queue.beat(self.worker_id, {
             "state": self.state.value, "snapshot": self.engine.version or "",
+            "update_stream": self.updates.stream,
+            "watermark": live.watermark if live is not None else "",
+            "applied": live.applied_id if live is not None else "",
             "pid": os.getpid(), "host": socket.gethostname(), "stream": self.settings.stream,
             "processed": self.processed, "started_at": int(self.started_at),
             "seen_at": int(self.clock())})
         self.depths = self.queue.depth()
         self.metrics.set_queue(self.depths)
+        if live is not None:
+            waiting = self.updates.read(live.applied_id, 1)  # the oldest update not applied
+            live.lag_s = (max(0.0, self.clock() - waiting[0].enqueued_ms / 1000) if waiting
+                          else 0.0)
+            self.metrics.set_live(live.rows, live.lag_s, stream_id_key(live.watermark)[0] / 1000)
 
     def _maybe_swap_snapshot(self) -> None:
         """Serve a newly loaded snapshot; called between batches only."""

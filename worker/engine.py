@@ -28,6 +28,7 @@ from twinq.shared.protocol import ErrorCode, error_reply, models_info, ok_reply
 from twinq.shared.rerank import rerank
 from twinq.shared.rerank_config import load_rerank_config
 from twinq.shared.search import search_shards
+from twinq.worker.live import LiveIndex, snapshot_ids, snapshot_watermark
 from twinq.worker.metrics import prefixed
 from twinq.worker.served import SnapshotHolder
 
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
     from sentence_transformers import CrossEncoder, SentenceTransformer
 
     from twinq.shared.config import Settings
-    from twinq.shared.protocol import QueryRequest
+    from twinq.shared.protocol import QueryRequest, Update
     from twinq.shared.search import Hit
     from twinq.worker.metrics import WorkerMetrics
     from twinq.worker.served import Served
@@ -75,6 +76,8 @@ class Engine:
         # Fusion, decision and defaults from the reranker's training.json, checked once here.
         self.rerank_config = load_rerank_config(source)
         self.rerank_config.check_settings(settings)
+        self._live: LiveIndex | None = None
+        self._live_served: Served | None = None
 
     def start(self, *, watch: bool = True) -> None:
         """Load the reranker, then start the holder (the published snapshot, and a watcher
@@ -130,8 +133,54 @@ class Engine:
         return self.holder.swap_pending()
 
     def status(self) -> dict[str, Any]:
-        """What the status page shows about the served snapshot."""
-        return self.holder.status()
+        """What the status page shows about the served snapshot (and its live delta)."""
+        status = self.holder.status()
+        live = self.live
+        if live is not None:
+            status["live"] = live.status()
+        return status
+
+    # --- live updates (`twinq.worker.live`); called from the consumer's thread only ----------
+
+    @property
+    def live(self) -> LiveIndex | None:
+        """The live delta over the served snapshot (rebased when a new one is served), or None
+        before a snapshot is served."""
+        served = self.holder.served
+        if served is None:
+            return None
+        if self._live_served is not served:
+            self._rebase_live(served)
+        return self._live
+
+    def _rebase_live(self, served: Served) -> None:
+        snapshot = served.snapshot
+        watermark = snapshot_watermark(snapshot.manifest)
+        dim = int(snapshot.manifest["model"]["dimension"])
+        ids = snapshot_ids(snapshot)
+        old, previous = self._live, self._live_served
+        if old is None:
+            self._live = LiveIndex(dim, watermark, ids)
+        else:
+            changed = previous is None or previous.bi_encoder_name != served.bi_encoder_name
+            dropped = old.rebase(watermark, ids, dim=dim,
+                                 encode=self._encoder(served) if changed else None)
+            self.log.info("live delta over snapshot %s: %d entries at or below watermark %s "
+                          "dropped, %d rows kept", snapshot.version, dropped, watermark,
+                          old.rows)
+        self._live_served = served
+
+    @staticmethod
+    def _encoder(served: Served) -> Callable[[list[str]], Any]:
+        return lambda texts: encode_normalised(served.bi_encoder, texts, ENCODE_BATCH_SIZE)
+
+    def apply_updates(self, updates: list[tuple[str, Update]]) -> int:
+        """Apply parsed (stream id, update) pairs to the live delta; returns how many applied
+        (0, and nothing read, before a snapshot is served)."""
+        served, live = self.holder.served, self.live
+        if served is None or live is None:
+            return 0
+        return live.apply(updates, self._encoder(served))
 
     def models(self) -> dict[str, Any]:
         """The reply's `models` object for the served snapshot."""
@@ -166,7 +215,8 @@ class Engine:
                 request.top_k, request.recall_k, reranks, self._depth(request) if reranks else 0,
                 reranks and self.settings.rerank_symmetric,
                 self._fusion(request.fusion, request.fusion_weight),
-                reranks and self._threshold(request), request.query]
+                reranks and self._threshold(request), request.query,
+                self._live.applied_id if self._live is not None else None]
 
     def answer_batch(self, requests: list[QueryRequest], *,
                      queue_ms: list[float] | None = None) -> list[dict[str, Any]]:
@@ -190,8 +240,14 @@ class Engine:
         vectors = encode_normalised(served.bi_encoder, queries, ENCODE_BATCH_SIZE)
         embedded = self.clock()
         k = max(r.recall_k for r in requests)
-        hits = search_shards(served.snapshot, vectors, k)
-        hits = [h[: r.recall_k] for h, r in zip(hits, requests)]
+        live = self.live
+        if live is not None and live.latest:
+            hits = search_shards(served.snapshot, vectors, k + live.extra_k())
+            found = live.search(vectors, k)
+            hits = [live.merge(h, f, r.recall_k) for h, f, r in zip(hits, found, requests)]
+        else:
+            hits = search_shards(served.snapshot, vectors, k)
+            hits = [h[: r.recall_k] for h, r in zip(hits, requests)]
         searched = self.clock()
         chosen = [i for i, r in enumerate(requests) if r.rerank and self.cross_encoder is not None]
         if chosen:

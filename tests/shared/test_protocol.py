@@ -24,7 +24,7 @@ from twinq.shared.text import normalize_text
 SETTINGS = load_settings(env={}, overrides={"max_query_chars": 50})
 REPLY_KEYS = {"id", "ok", "results", "snapshot", "models", "timings_ms", "error", "worker"}
 HIT_KEYS = {"rank", "id", "text", "score", "recall_score", "rerank_score",
-            "duplicate_probability", "metadata", "ids"}
+            "duplicate_probability", "metadata", "ids", "source"}
 
 
 def fields(payload: object) -> dict[bytes, bytes]:

@@ -106,7 +106,7 @@ def test_a_row_of_duplicate_texts_is_one_hit_carrying_every_id() -> None:
                               "recall_score": 0.75, "rerank_score": None,
                               "duplicate_probability": None,
                               "metadata": {"answer": "Reset it in settings."},
-                              "ids": ["q1", "q7", "q9"]}
+                              "ids": ["q1", "q7", "q9"], "source": "snapshot"}
 
 
 @pytest.mark.parametrize("k", [1, 3, 5])
