@@ -24,13 +24,16 @@ OUTCOMES = ("ok", "bad_request", "too_large", "overloaded", "not_ready", "intern
             "no_twin")
 STAGES = ("queue", "embed", "search", "rerank", "total")
 MODELS = ("bi_encoder", "cross_encoder")
+UPDATE_OUTCOMES = ("upsert", "delete", "refused")
 
 EXPORTED_METRICS: frozenset[str] = frozenset({
     "twinq_requests_total", "twinq_stage_latency_seconds", "twinq_batch_size",
     "twinq_stream_length", "twinq_consumer_group_lag", "twinq_pending_entries",
     "twinq_dead_letters_total", "twinq_snapshot_info", "twinq_snapshot_age_seconds",
     "twinq_indexed_rows", "twinq_model_load_seconds", "twinq_reloads_total",
-    "twinq_query_cache_total", "twinq_worker_up",
+    "twinq_query_cache_total", "twinq_worker_up", "twinq_snapshot_store_up",
+    "twinq_live_rows", "twinq_update_lag_seconds", "twinq_served_watermark_timestamp_seconds",
+    "twinq_updates_total",
 })
 """Every metric name a worker exports, as it appears in the exposition text."""
 
@@ -94,6 +97,19 @@ class WorkerMetrics:
                               "last poll; 0 while it does not (the cached version serves).",
                               registry=r)
         self.store_up.set(1)
+        self.live_rows = Gauge("twinq_live_rows", "Rows in the live delta (upserts applied "
+                               "since the served snapshot's watermark).", registry=r)
+        self.update_lag = Gauge("twinq_update_lag_seconds", "Seconds the oldest update this "
+                                "worker has not applied yet has waited in the stream (0 when "
+                                "caught up).", registry=r)
+        self.served_watermark = Gauge("twinq_served_watermark_timestamp_seconds",
+                                      "The served snapshot's update watermark (epoch seconds "
+                                      "of its stream id; 0 when built without updates).",
+                                      registry=r)
+        self.updates = Counter("twinq_updates", "Live updates read, by outcome (applied upsert "
+                               "or delete, or refused).", ["outcome"], registry=r)
+        for outcome in UPDATE_OUTCOMES:
+            self.updates.labels(outcome=outcome)
         for outcome in OUTCOMES:
             self.requests.labels(outcome=outcome)
         for stage in STAGES:
@@ -117,6 +133,12 @@ class WorkerMetrics:
                 self.snapshot_info.labels(version=version).set(1)
         self.indexed_rows.set(rows)
         self.snapshot_age.set_function(age_s)
+
+    def set_live(self, rows: int, lag_s: float, watermark_s: float) -> None:
+        """Update the live-delta gauges (see `twinq.worker.live`)."""
+        self.live_rows.set(rows)
+        self.update_lag.set(lag_s)
+        self.served_watermark.set(watermark_s)
 
     def set_queue(self, depths: dict[str, int | None]) -> None:
         """Update the stream gauges from `twinq.shared.queue.RedisQueue.depth`; unknown values stay."""

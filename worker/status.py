@@ -150,6 +150,15 @@ def _store(store: dict[str, Any] | None) -> str:
             f"{html.escape(str(store.get('error'))[:300])}</span> (serving the cached version)")
 
 
+def _live(live: dict[str, Any] | None) -> str:
+    if not live:
+        return "–"
+    watermark = live.get("watermark") or "0-0"
+    return html.escape(f"{live['rows']:,} live rows, {live['tombstones']:,} deletes · applied "
+                       f"{live['applied_id']} · lag {live.get('lag_s') or 0:.1f} s · watermark "
+                       f"{watermark if watermark != '0-0' else 'none (built without updates)'}")
+
+
 def render_page(status: dict[str, Any]) -> str:
     """The HTML status page; every value is escaped (errors may quote user input)."""
     e = html.escape
@@ -162,6 +171,7 @@ def render_page(status: dict[str, Any]) -> str:
         ("Snapshot age", _age(status["age_s"])),
         ("Indexed rows", f"{status['rows']:,}"),
         ("Snapshot store", _store(status.get("store"))),
+        ("Live updates", _live(status.get("live"))),
         ("Models", e(f"{models['bi_encoder'] or '–'} / reranker "
                      f"{models['cross_encoder'] or 'off'} ({models['backend']})")),
         ("Queue depth", _count(queue.get("length"))),

@@ -45,6 +45,10 @@ EXPORTED_METRICS = frozenset(
         "twinq_query_cache_total",
         "twinq_worker_up",
         "twinq_snapshot_store_up",
+        "twinq_live_rows",
+        "twinq_update_lag_seconds",
+        "twinq_served_watermark_timestamp_seconds",
+        "twinq_updates_total",
         # index build (Pushgateway, job="twinq_index_build")
         "twinq_build_rows",
         "twinq_build_stage_seconds",
@@ -67,6 +71,7 @@ METRIC_LABELS: dict[str, dict[str, frozenset[str] | None]] = {
     "twinq_model_load_seconds": {"model": frozenset({"bi_encoder", "cross_encoder"})},
     "twinq_reloads_total": {"result": frozenset({"success", "failure"})},
     "twinq_query_cache_total": {"result": frozenset({"hit", "miss"})},
+    "twinq_updates_total": {"outcome": frozenset({"upsert", "delete", "refused"})},
     "twinq_build_rows": {"kind": frozenset({"read", "rejected", "embedded", "reused", "indexed"})},
     "twinq_build_stage_seconds": {"stage": frozenset({"read", "embed", "write", "validate", "publish", "total"})},
 }
