@@ -115,6 +115,10 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+_STREAM_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
+"""A Redis stream id, `<ms>-<seq>`: the update watermark of a snapshot."""
+
+
 def check_manifest(manifest: Any, folder: str, *, now: datetime | None = None
                    ) -> dict[str, Any]:
     """Check every field of a manifest read from `folder`; return it unchanged.
@@ -143,6 +147,10 @@ def check_manifest(manifest: Any, folder: str, *, now: datetime | None = None
     for key in ("build", "validation"):
         if top.get(key) is not None:
             f.obj(top[key], key)
+    if top.get("updates") is not None:  # live updates folded in up to this stream id (#22)
+        updates = f.obj(top["updates"], "updates")
+        f.text(updates, "watermark", "updates.watermark", pattern=_STREAM_ID)
+        f.integer(updates, "applied", "updates.applied", 0, MAX_ROWS, optional=True)
     stages = (top.get("build") or {}).get("stages_s")
     if stages is not None:
         for stage, seconds in f.obj(stages, "build.stages_s").items():

@@ -352,3 +352,48 @@ def test_add_and_delete_commands(make_settings: Any, redis_client: Any) -> None:
         # BadInput: `twinq` (shared/cli.py) turns it into one line and exit code 2
         assert isinstance(result.exception, BadInput) and words in str(result.exception), args
     assert redis_client.xlen(updates_stream(settings)) == 2  # nothing bad was sent
+
+
+# ---------------------------------------------------------------- snapshots with a watermark
+
+
+def test_manifest_accepts_an_update_watermark_and_refuses_a_bad_one(quick_snapshot: Any) -> None:
+    from twinq.shared import snapshot as snap
+    from twinq.shared.errors import SnapshotCorrupt
+    from twinq.shared.snapshot_schema import check_manifest
+
+    root, version = quick_snapshot(TEXTS)
+    manifest = snap.read_manifest_at(root, version)
+    check_manifest({**manifest, "updates": {"watermark": "1700000000000-3", "applied": 5}},
+                   version)
+    for bad in ({"watermark": "yesterday"}, {"watermark": 17}, {}, "1-0"):
+        with pytest.raises(SnapshotCorrupt, match="updates"):
+            check_manifest({**manifest, "updates": bad}, version)
+
+
+def test_worker_serving_a_watermarked_snapshot_reads_after_it(
+        tmp_path: Path, make_settings: Any, tiny_bi_encoder: Any, tiny_bi_encoder_path: str,
+        redis_client: Any) -> None:
+    """Updates at or below the served snapshot's watermark are the snapshot's; the worker
+    applies only the later ones, and drops delta entries a newer snapshot has folded in."""
+    from tests.conftest import write_quick_snapshot
+    from twinq.shared import snapshot as snap
+
+    root = tmp_path / "root"
+    settings = make_settings(root)
+    stream = updates_stream(settings)
+    old = redis_client.xadd(stream, {"payload": json.dumps(
+        {"op": "upsert", "id": "folded", "text": NEW_TEXT})}).decode()
+    version = write_quick_snapshot(root, TEXTS, tiny_bi_encoder, model_name=tiny_bi_encoder_path)
+    manifest = snap.read_manifest_at(root, version)
+    manifest["updates"] = {"watermark": old}
+    snap.write_manifest(root, version, manifest)
+    with running_worker(settings, bi_encoder=tiny_bi_encoder) as worker, \
+            TwinqClient(settings=settings) as client:
+        wait_until(lambda: worker.engine.live is not None)
+        client.add("later", "where is my parcel right now")
+        wait_until(lambda: worker.engine.live.visible("later"))
+        assert worker.engine.live.visible("folded") is None  # the snapshot's, not the delta's
+        assert worker.engine.live.watermark == old
+        wait_until(lambda: sample(worker.metrics, "twinq_served_watermark_timestamp_seconds")
+                   == int(old.split("-")[0]) / 1000)
