@@ -249,15 +249,19 @@ class LiveIndex:
         out: list[list[Hit]] = [[] for _ in range(len(query_vectors))]
         if not used or not self._alive[:used].any() or k <= 0:
             return out
-        alive = np.flatnonzero(self._alive[:used])
-        scores = np.asarray(query_vectors, dtype=np.float32) @ self._vectors[alive].T
-        take = min(k, len(alive))
+        alive = self._alive[:used]
+        # A view of the used rows (no copy of the matrix per query); dead rows score -inf.
+        # (rows x dim) @ (dim x queries): BLAS reads the matrix once, in its own order.
+        queries = np.ascontiguousarray(query_vectors, dtype=np.float32)
+        scores = np.ascontiguousarray((self._vectors[:used] @ queries.T).T)
+        scores[:, ~alive] = -np.inf
+        take = min(k, int(alive.sum()))
         for q in range(len(out)):
-            top = np.argpartition(-scores[q], take - 1)[:take] if take < len(alive) \
-                else np.arange(len(alive))
+            top = np.argpartition(-scores[q], take - 1)[:take] if take < used \
+                else np.flatnonzero(alive)
             top = top[np.argsort(-scores[q][top], kind="stable")]
             for j in top:
-                doc_id, text, metadata = self._rows[alive[j]]  # type: ignore[misc]
+                doc_id, text, metadata = self._rows[j]  # type: ignore[misc]
                 score = float(scores[q, j])
                 out[q].append(Hit(id=doc_id, text=text, recall_score=score, score=score,
                                   metadata=dict(metadata), ids=[doc_id], source=LIVE))
