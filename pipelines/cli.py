@@ -52,6 +52,9 @@ def build_command(
     batch_size: int = typer.Option(1024, help="Texts per inference batch (encode sorts each by length)."),
     canary: int = typer.Option(200, help="Rows self-queried to validate the snapshot (0 = off)."),
     pushgateway: Optional[str] = typer.Option(None, help="Push build metrics to this Prometheus Pushgateway."),
+    updates: bool = typer.Option(False, "--updates", help="Fold the live update stream in (upserts and deletes up to a watermark taken before the corpus is read); needs --redis-url or TWINQ_REDIS_URL."),
+    trim_updates: bool = typer.Option(False, "--trim-updates", help="With --updates and --publish: then trim the stream below the oldest watermark still served (only if the corpus export holds what is trimmed)."),
+    redis_url: Optional[str] = typer.Option(None, "--redis-url", help="Redis holding the update stream (or TWINQ_REDIS_URL)."),
 ) -> None:
     """Embed a corpus with Beam and write a new snapshot. Extra `--flags` go to Beam
     (e.g. `--direct_num_workers 2 --direct_running_mode multi_processing`, or `--runner FlinkRunner`)."""
@@ -59,12 +62,15 @@ def build_command(
     from twinq.pipelines.index import BuildOptions, build_snapshot
 
     settings = _settings(config, root=root, model=model, threads=threads,
-                         backend=backend)
+                         backend=backend, redis_url=redis_url)
+    if trim_updates and not (updates and publish):
+        raise BadInput("--trim-updates needs --updates and --publish")
     opts = BuildOptions(
         corpus=corpus, root=settings.root, shards=shards, model=settings.model, id_field=id_field,
         text_field=text_field, publish=publish, memory_budget=memory_budget,
         index_factory=index_factory, reuse_from=None if reuse_from == "none" else reuse_from,
-        threads=settings.threads, backend=settings.backend, batch_size=batch_size, canary=canary, beam_args=list(ctx.args))
+        threads=settings.threads, backend=settings.backend, batch_size=batch_size, canary=canary, beam_args=list(ctx.args),
+        updates=settings if updates else None, trim_updates=trim_updates)
     try:
         result = build_snapshot(opts)
     except Exception:
@@ -85,6 +91,9 @@ def _print_summary(manifest: dict, published: bool) -> None:
                              corpus["rows_embedded"], corpus["rows_reused"],
                              len(manifest["shards"]), build.get("total"))))
     console.print(table)
+    if manifest.get("updates"):
+        console.print(f"live updates folded in: {manifest['updates'].get('applied')} up to "
+                      f"{manifest['updates']['watermark']}")
     kinds = sorted({e["faiss_factory"] for e in manifest["shards"]})
     console.print(f"index types: {', '.join(kinds)}; canary rank-1 rate "
                   f"{manifest['validation'].get('rank1_rate')}")

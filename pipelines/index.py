@@ -29,7 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from twinq.pipelines.beam_options import pipeline_options, runner_name
+from twinq.pipelines.build_updates import FoldedUpdates, read_updates, trim_updates
 from twinq.shared import snapshot as snap
+from twinq.shared.config import Settings
 from twinq.shared.constants import SNAPSHOT_FORMAT_VERSION
 from twinq.shared.corpus import expand_paths, read_columns, resolve_fields
 from twinq.shared.errors import BadInput, SnapshotCorrupt, SnapshotInvalid, SnapshotNotFound
@@ -65,6 +67,10 @@ class BuildOptions:
     """Texts per inference batch (see `twinq.pipelines.embed_handler.BATCH_SIZE`)."""
     canary: int = 200
     beam_args: list[str] = field(default_factory=list)
+    updates: Settings | None = None
+    """Fold the live update stream of these settings' Redis in (`build_updates`); None: off."""
+    trim_updates: bool = False
+    """After publishing, trim the update stream below the oldest watermark still served."""
 
 
 @dataclass
@@ -147,7 +153,8 @@ def _estimate_rows(paths: list[str]) -> int | None:
 
 
 def run_beam(opts: BuildOptions, paths: list[str], version: str, model_name: str,
-             previous_files: list[tuple[str, str]]) -> dict[str, int]:
+             previous_files: list[tuple[str, str]], folded: FoldedUpdates | None = None
+             ) -> dict[str, int]:
     """Build and run the Beam pipeline; return its counters.
 
     Raises:
@@ -177,7 +184,13 @@ def run_beam(opts: BuildOptions, paths: list[str], version: str, model_name: str
               | "GroupById" >> beam.GroupByKey()
               | "FirstOfEachId" >> beam.ParDo(T.FirstOfEachId(paths))
               .with_outputs(T.REJECTED, main="rows"))
-    keyed = unique.rows | "KeyByText" >> beam.Map(T.key_by_text(model_name))
+    rows = unique.rows
+    if folded is not None and folded.watermark is not None:
+        upserts = [(i, text, meta) for i, (text, meta) in sorted(folded.upserts.items())]
+        rows = ((rows | "DropUpdated" >> beam.ParDo(T.DropUpdated(folded.touched)),
+                 pipeline | "Upserts" >> beam.Create(upserts))
+                | "WithUpserts" >> beam.Flatten())
+    keyed = rows | "KeyByText" >> beam.Map(T.key_by_text(model_name))
     old = (pipeline
            | "PreviousShards" >> beam.Create(previous_files)
            | "ReadPrevious" >> beam.FlatMap(T.read_previous_embeddings))
@@ -298,6 +311,7 @@ def build_snapshot(opts: BuildOptions) -> BuildResult:
         BadInput: unusable input (missing file, unknown format, missing column, empty corpus).
         SnapshotInvalid: the built snapshot failed validation (nothing is published).
     """
+    folded = read_updates(opts.updates) if opts.updates else None  # before the corpus is read
     paths = _check_inputs(opts)
     stages: dict[str, float] = {}
     source, model_name = resolve_model(opts.model)
@@ -307,7 +321,7 @@ def build_snapshot(opts: BuildOptions) -> BuildResult:
     start = time.perf_counter()
     try:
         with timed(stages, "pipeline"):
-            counters = run_beam(opts, paths, version, model_name, previous_files)
+            counters = run_beam(opts, paths, version, model_name, previous_files, folded)
         with timed(stages, "assemble"):
             entries = _collect_entries(opts.root, version, opts.shards)
             dim = _dim(opts.root, version, entries)
@@ -334,6 +348,10 @@ def build_snapshot(opts: BuildOptions) -> BuildResult:
             corpus["rows_embedded"] = corpus["rows_indexed"] - corpus["rows_reused"]
             corpus["ids_indexed"] = (corpus["rows_read"] - corpus["rows_rejected"]
                                      - corpus["rows_repeated"])
+            if folded is not None and folded.watermark is not None:
+                manifest["updates"] = folded.manifest_entry()
+                corpus["ids_indexed"] += (len(folded.upserts)
+                                          - counters.get("rows_replaced_by_updates", 0))
             _log_duplicate_ids(corpus)
         with timed(stages, "validate"):
             manifest["validation"] = _validate(opts.root, version, manifest, opts.canary)
@@ -348,6 +366,8 @@ def build_snapshot(opts: BuildOptions) -> BuildResult:
     if opts.publish:
         with timed(stages, "publish"):
             snap.publish(opts.root, version, verify=False)  # validated just above
+        if opts.trim_updates and opts.updates and folded and folded.watermark:
+            trim_updates(opts.updates, folded.watermark)
     location = (f"{open_store(opts.root).url}/{snap.version_key(version)}" if is_remote(opts.root)
                 else snap.version_dir(opts.root, version))
     return BuildResult(version, location, manifest, opts.publish)

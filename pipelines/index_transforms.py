@@ -275,6 +275,21 @@ def shard_of(num_shards: int):  # noqa: ANN201 - returns a Beam-friendly callabl
     return key
 
 
+class DropUpdated(beam.DoFn):
+    """Drop the corpus rows whose id a live update replaces or deletes
+    (`twinq.pipelines.build_updates`); the upserted rows join the pipeline after this."""
+
+    def __init__(self, ids: frozenset[str]) -> None:
+        self._ids = ids
+        self._dropped = Metrics.counter(NS, "rows_replaced_by_updates")
+
+    def process(self, row: Row) -> Iterator[Row]:
+        if row[0] in self._ids:
+            self._dropped.inc()
+            return
+        yield row
+
+
 def key_by_text(model_name: str):  # noqa: ANN201
     def key(row: Row) -> tuple[str, Row]:
         return text_key(row[1], model_name), row
