@@ -1,7 +1,8 @@
 """Beam `ModelHandler` around a sentence-transformers bi-encoder.
 
-`load_model` only loads (once per worker process, shared across its threads by RunInference);
-`run_inference` only encodes. Beam does the batching from `batch_elements_kwargs`.
+`load_model` only loads (once per worker process: `index_transforms.EmbedBatches` caches it
+under `model_key`); `run_inference` only encodes. The build batches by a GroupByKey
+(`EmbedBatches`), not RunInference: the DaskRunner drops BatchElements' last batch of a bundle.
 
 Less padding comes from large batches, not from Beam's length buckets: `encode` sorts a batch by
 length before it cuts sub-batches, so a Beam batch of 1,024 pads about as little as a sort of the
@@ -86,6 +87,10 @@ class EmbedHandler(ModelHandler[str, PredictionResult, "SentenceTransformer"]):
         self._report(len(batch), start)
         return [PredictionResult(text, vec.copy(), self.model_id())
                 for text, vec in zip(batch, vectors)]
+
+    def model_key(self) -> tuple[str | None, str, int | None]:
+        """What `load_model` loads: model, backend and threads (a per-process cache's key)."""
+        return self._model, self._backend, self._threads
 
     def model_id(self) -> str:
         return resolve_model(self._model)[1]
