@@ -38,7 +38,6 @@ if not any(isinstance(f, _ApitoolsNotice) for f in logging.getLogger().filters):
     logging.getLogger().addFilter(_ApitoolsNotice())  # before Beam's first import, below
 
 import apache_beam as beam  # noqa: E402
-from apache_beam.io.filesystems import FileSystems  # noqa: E402
 
 from twinq.shared.corpus import Rejected, iter_records  # noqa: E402
 from twinq.shared.text import normalize_text, stable_shard, text_key  # noqa: E402
@@ -55,7 +54,11 @@ DUPLICATE_ID = "duplicate id with a different text"
 
 
 def _open(path: str) -> Any:
-    return FileSystems.open(path, compression_type="uncompressed")
+    """A corpus file: local, or in a store through the same layer as snapshot roots (one set
+    of credentials for both; Beam's own S3 file system would want its own options)."""
+    from twinq.shared.store import open_url
+
+    return open_url(path) if "://" in path else open(path, "rb")
 
 
 Row = tuple[str, str, str]

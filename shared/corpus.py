@@ -71,14 +71,17 @@ def detect_format(path: str) -> Format:
 
 
 def expand_paths(patterns: Iterable[str]) -> list[str]:
-    """Expand globs of local paths, keeping order; any pattern that matches nothing is an error.
+    """Expand globs of local paths and store URLs (s3://, gs://), keeping order; any pattern
+    that matches nothing is an error."""
+    from twinq.shared.store import expand_url
 
-    Remote URLs (gs://, s3://, hdfs://) are passed through for Beam's file systems to match.
-    """
     paths: list[str] = []
     for pattern in patterns:
         if "://" in pattern:
-            paths.append(pattern)
+            matches = expand_url(pattern)
+            if not matches:
+                raise BadInput(f"corpus file not found: {pattern}")
+            paths.extend(matches)
             continue
         matches = sorted(glob.glob(os.path.expanduser(pattern)))
         if not matches:

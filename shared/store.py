@@ -194,36 +194,16 @@ class ObjectStore:
     remote = True
 
     def __init__(self, url: str) -> None:
-        import fsspec
-
         self.protocol, _, rest = url.partition("://")
         self.base = rest.strip("/")
         if not self.base or "/" in self.base and not self.base.split("/", 1)[0]:
             raise StoreError(f"{url}: expected {self.protocol}://bucket[/prefix]")
         self.bucket = self.base.split("/", 1)[0]
-        try:
-            self.fs = fsspec.filesystem(self.protocol, **self._options())
-            if hasattr(self.fs, "retries"):
-                self.fs.retries = 1  # botocore retries (_ATTEMPTS); s3fs's own loop would add 5x
-        except (ImportError, ValueError) as exc:
-            extra = {"gs": " (pip install 'twinq[gcs]')", "gcs": " (pip install 'twinq[gcs]')"}
-            raise StoreError(f"{url}: no filesystem for {self.protocol}://: {one_line(exc)}"
-                             f"{extra.get(self.protocol, '')}") from exc
+        self.fs = filesystem(self.protocol, url)
 
     @property
     def url(self) -> str:
         return f"{self.protocol}://{self.base}"
-
-    def _options(self) -> dict[str, Any]:
-        options: dict[str, Any] = {"use_listings_cache": False, "skip_instance_cache": True}
-        if self.protocol in ("s3", "s3a"):
-            try:
-                timeout = float(os.environ.get(TIMEOUT_ENV) or 20)
-            except ValueError:
-                raise StoreError(f"{TIMEOUT_ENV} must be a number of seconds") from None
-            options["config_kwargs"] = {"connect_timeout": timeout, "read_timeout": timeout,
-                                        "retries": {"max_attempts": _ATTEMPTS, "mode": "standard"}}
-        return options
 
     def _path(self, key: str) -> str:
         return _join(self.base, key)
@@ -388,6 +368,55 @@ class ObjectStore:
     def sha256(self, key: str) -> str:
         with self.open(key) as fh:
             return sha256_stream(fh)
+
+
+def filesystem(protocol: str, url: str) -> Any:
+    """A fresh fsspec filesystem for `protocol`, with twinq's timeouts and retries and no
+    listing cache (CURRENT and version lists must be read fresh).
+
+    Raises:
+        StoreError: no filesystem package for the protocol (gcsfs for gs://), or a bad timeout.
+    """
+    import fsspec
+
+    options: dict[str, Any] = {"use_listings_cache": False, "skip_instance_cache": True}
+    if protocol in ("s3", "s3a"):
+        try:
+            timeout = float(os.environ.get(TIMEOUT_ENV) or 20)
+        except ValueError:
+            raise StoreError(f"{TIMEOUT_ENV} must be a number of seconds") from None
+        options["config_kwargs"] = {"connect_timeout": timeout, "read_timeout": timeout,
+                                    "retries": {"max_attempts": _ATTEMPTS, "mode": "standard"}}
+    try:
+        fs = fsspec.filesystem(protocol, **options)
+    except (ImportError, ValueError) as exc:
+        extra = " (pip install 'twinq[gcs]')" if protocol in ("gs", "gcs") else ""
+        raise StoreError(f"{url}: no filesystem for {protocol}://: {one_line(exc)}{extra}") from exc
+    if hasattr(fs, "retries"):
+        fs.retries = 1  # botocore retries (_ATTEMPTS); s3fs's own loop would add 5 more
+    return fs
+
+
+def expand_url(pattern: str) -> list[str]:
+    """The objects a URL glob (`s3://bucket/corpus/*.jsonl`) matches, sorted, as URLs; a URL
+    without wildcards, if it exists. Corpus files are read through the same layer as roots, so
+    one set of credentials serves both."""
+    protocol, _, path = pattern.partition("://")
+    fs = filesystem(protocol, pattern)
+    try:
+        if any(c in path for c in "*?["):
+            found = sorted(fs.glob(path))
+        else:
+            found = [path] if fs.isfile(path) else []
+    except Exception as exc:  # botocore/aiohttp raise assorted types
+        raise StoreError(f"{pattern}: cannot list: {type(exc).__name__}: {one_line(exc)}") from exc
+    return [f"{protocol}://{p}" for p in found]
+
+
+def open_url(url: str) -> IO[bytes]:
+    """A store object (`s3://bucket/corpus.jsonl`) opened for binary reading."""
+    protocol, _, path = url.partition("://")
+    return filesystem(protocol, url).open(path, "rb")
 
 
 def _precondition_failed(exc: BaseException) -> bool:

@@ -191,6 +191,26 @@ def test_a_failed_build_publishes_nothing(any_root: str, tmp_path: Path, make_sn
     assert [i.version for i in snap.list_versions(any_root)] == [served]
 
 
+@pytest.mark.slow
+def test_a_corpus_in_the_store_is_globbed_and_read(s3_root: str, tmp_path: Path,
+                                                   tiny_bi_encoder_path: str) -> None:
+    from twinq.pipelines.index import BuildOptions, build_snapshot
+
+    store = open_store(s3_root)
+    for name, rows in (("a.jsonl", 5), ("b.jsonl", 7)):
+        store.put_file(Path(_corpus(tmp_path / name, rows, prefix=name)), f"corpus/{name}")
+    result = build_snapshot(BuildOptions(corpus=[f"{s3_root}/corpus/*.jsonl"],
+                                         root=tmp_path / "root", shards=1,
+                                         model=tiny_bi_encoder_path, canary=0))
+    assert result.manifest["corpus"]["sources"] == [f"{s3_root}/corpus/a.jsonl",
+                                                    f"{s3_root}/corpus/b.jsonl"]
+    corpus = result.manifest["corpus"]  # b's q0..q4 reuse a's ids with another text: rejected
+    assert (corpus["rows_read"], corpus["rows_indexed"], corpus["rows_duplicate_id"]) == (14, 7, 5)
+    with pytest.raises(BadInput, match="corpus file not found"):
+        build_snapshot(BuildOptions(corpus=[f"{s3_root}/corpus/*.csv"], root=tmp_path / "r2",
+                                    model=tiny_bi_encoder_path))
+
+
 def test_build_refuses_a_missing_bucket_before_any_work(s3_root: str, tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     corpus = _corpus(tmp_path / "c.jsonl", 3)
