@@ -220,6 +220,16 @@ def test_build_refuses_a_missing_bucket_before_any_work(s3_root: str, tmp_path: 
     assert "no-such-bucket-x" in err and "does not exist" in err
 
 
+def test_build_refuses_denied_credentials(s3_root: str, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    corpus = _corpus(tmp_path / "c.jsonl", 3)
+    code = twinq(["index", "build", "--corpus", corpus, "--root", s3_root])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and s3_root.split("/")[2] in err
+
+
 def test_build_refuses_an_unreachable_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     import socket
