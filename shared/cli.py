@@ -65,7 +65,8 @@ app = typer.Typer(cls=LazyGroup, no_args_is_help=True, add_completion=False,
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("faiss.loader", "apache_beam", "httpx", "sentence_transformers", "transformers"):
+    for noisy in ("faiss.loader", "apache_beam", "httpx", "sentence_transformers", "transformers",
+                  "botocore", "aiobotocore", "s3fs", "fsspec", "distributed"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
