@@ -195,20 +195,27 @@ def _reply_to(payload: dict[str, Any], request_id: str, settings: Settings) -> s
 
 
 def _query(payload: dict[str, Any], settings: Settings) -> str:
-    value = payload.get("query")
+    return _clean_text(payload, "query", settings, "")
+
+
+def _clean_text(payload: dict[str, Any], name: str, settings: Settings, required_for: str
+                ) -> str:
+    """The text field `name` (a query, an upsert's text): present, a string, not empty once
+    cleaned, valid Unicode, and within `max_query_chars`; one rule for both."""
+    value = payload.get(name)
     if value is None:
-        raise _bad("query is required")
+        raise _bad(f"{name} is required{required_for}")
     if not isinstance(value, str):
-        raise _bad(f"query must be a string, not {type(value).__name__}")
-    query = normalize_text(value)
-    if not query:
-        raise _bad("query is empty")
-    if not encodable(query):
-        raise _bad("query is not valid Unicode (lone surrogate)")
-    if len(query) > settings.max_query_chars:
-        raise _bad(f"query is {len(query)} characters, over the limit of "
+        raise _bad(f"{name} must be a string, not {type(value).__name__}")
+    text = normalize_text(value)
+    if not text:
+        raise _bad(f"{name} is empty")
+    if not encodable(text):
+        raise _bad(f"{name} is not valid Unicode (lone surrogate)")
+    if len(text) > settings.max_query_chars:
+        raise _bad(f"{name} is {len(text)} characters, over the limit of "
                    f"{settings.max_query_chars}", ErrorCode.TOO_LARGE)
-    return query
+    return text
 
 
 def parse_request(fields: Mapping[bytes | str, bytes | str], settings: Settings) -> QueryRequest:
@@ -404,19 +411,7 @@ def parse_update(fields: Mapping[bytes | str, bytes | str], settings: Settings) 
         if extra:
             raise _bad(f"a delete takes only op and id, not {', '.join(extra)}")
         return Update("delete", update_id, reply_to=reply_to, submitted_ms=submitted_ms)
-    value = payload.get("text")
-    if value is None:
-        raise _bad("text is required for an upsert")
-    if not isinstance(value, str):
-        raise _bad(f"text must be a string, not {type(value).__name__}")
-    text = normalize_text(value)
-    if not text:
-        raise _bad("text is empty")
-    if not encodable(text):
-        raise _bad("text is not valid Unicode (lone surrogate)")
-    if len(text) > settings.max_query_chars:
-        raise _bad(f"text is {len(text)} characters, over the limit of "
-                   f"{settings.max_query_chars}", ErrorCode.TOO_LARGE)
+    text = _clean_text(payload, "text", settings, " for an upsert")
     metadata = payload.get("metadata")
     if metadata is None:
         metadata = {}

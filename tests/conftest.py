@@ -167,6 +167,21 @@ def quick_snapshot(tmp_path: Path, tiny_bi_encoder: Any, tiny_bi_encoder_path: s
 
 
 @pytest.fixture
+def snapshot_writer(tiny_bi_encoder: Any, tiny_bi_encoder_path: str):
+    """Factory: `snapshot_writer(root)` gives `make(texts, **kwargs) -> version` writing quick
+    snapshots (tiny model) into `root`, a folder or a store URL."""
+
+    def writer(root: str | Path):
+        def make(texts: list[str], **kwargs: Any) -> str:
+            return write_quick_snapshot(root, texts, tiny_bi_encoder,  # type: ignore[arg-type]
+                                        model_name=tiny_bi_encoder_path, **kwargs)
+
+        return make
+
+    return writer
+
+
+@pytest.fixture
 def redis_client():
     """A real Redis connection on a fresh, per-test key space (db 0 flushed first)."""
     import redis

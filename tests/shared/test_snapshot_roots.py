@@ -33,14 +33,9 @@ def any_root(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest
 
 
 @pytest.fixture
-def make_snapshot(any_root: str, tiny_bi_encoder: Any, tiny_bi_encoder_path: str):
-    from tests.conftest import write_quick_snapshot
-
-    def make(texts: list[str] = TEXTS, **kwargs: Any) -> str:
-        return write_quick_snapshot(any_root, texts, tiny_bi_encoder,  # type: ignore[arg-type]
-                                    model_name=tiny_bi_encoder_path, **kwargs)
-
-    return make
+def make_snapshot(any_root: str, snapshot_writer: Any):
+    write = snapshot_writer(any_root)
+    return lambda texts=TEXTS, **kwargs: write(texts, **kwargs)
 
 
 def _flip_byte(root: str, key: str) -> None:

@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import write_quick_snapshot
 from tests.worker.conftest import TEXTS, sample
 from twinq.shared import snapshot as snap
 from twinq.shared.snapshot_sync import cache_root, cached_versions
@@ -29,12 +28,9 @@ def store_root(s3_root: str, monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 @pytest.fixture
-def publish(store_root: str, tiny_bi_encoder: Any, tiny_bi_encoder_path: str):
-    def make(texts: list[str] = TEXTS, **kwargs: Any) -> str:
-        return write_quick_snapshot(store_root, texts, tiny_bi_encoder,  # type: ignore[arg-type]
-                                    model_name=tiny_bi_encoder_path, **kwargs)
-
-    return make
+def publish(store_root: str, snapshot_writer: Any):
+    write = snapshot_writer(store_root)
+    return lambda texts=TEXTS, **kwargs: write(texts, **kwargs)
 
 
 def _holder(make_settings: Any, root: str, cache: Path, encoder: Any,
