@@ -251,7 +251,10 @@ class SnapshotHolder:
         """Record an outage; log it once, and again only when it ends (`_store_up`)."""
         if self.store.reachable:
             self.store = StoreHealth(False, str(exc), time.time())
-            self.log.error("%s; still serving %s", exc, self.version or "nothing")
+            if self.version is None:
+                self.log.warning("%s; looking for a cached version to serve", exc)
+            else:
+                self.log.error("%s; still serving %s", exc, self.version)
         else:
             self.store.error = str(exc)
         if self.metrics:
