@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+import faiss
 import numpy as np
 
 from twinq.shared.queue import stream_id_key
@@ -77,6 +78,7 @@ class LiveIndex:
         self._vectors = np.zeros((64, dim), dtype=np.float32)
         self._alive = np.zeros(64, dtype=bool)
         self._rows: list[tuple[str, str, dict[str, Any]] | None] = []  # id, text, metadata
+        self._half: faiss.Index | None = None
         self._snapshot_ids: frozenset[str] = frozenset(snapshot_ids)
         self.hidden: set[str] = set()
         """Snapshot ids the delta overrides (upserted again, or deleted)."""
@@ -201,7 +203,7 @@ class LiveIndex:
         vectors[: len(keep)] = self._vectors[keep]
         alive = np.zeros(size, dtype=bool)
         alive[: len(keep)] = True
-        self._vectors, self._alive = vectors, alive
+        self._vectors, self._alive, self._half = vectors, alive, None
         self._rows = [self._rows[i] for i in keep]
         for latest in self.latest.values():
             if latest.row is not None:
@@ -231,7 +233,7 @@ class LiveIndex:
             self.dim = dim or self.dim
             self._vectors = np.zeros((max(64, len(kept) * 2), self.dim), dtype=np.float32)
             self._alive = np.zeros(len(self._vectors), dtype=bool)
-            self._rows = []
+            self._rows, self._half = [], None
             vectors = encode([r[1] for r in rows if r]) if rows else []  # texts
             for n, ((doc_id, latest), row) in enumerate(zip(kept, rows)):
                 self._vectors[n], self._alive[n] = vectors[n], True
@@ -250,22 +252,33 @@ class LiveIndex:
         if not used or not self._alive[:used].any() or k <= 0:
             return out
         alive = self._alive[:used]
-        # A view of the used rows (no copy of the matrix per query); dead rows score -inf.
-        # (rows x dim) @ (dim x queries): BLAS reads the matrix once, in its own order.
+        live = int(alive.sum())
+        take = min(k, live)
+        # A half-precision copy in FAISS halves what each query reads (15 MB of float32 for
+        # 10,000 rows, mostly out of cache after the encode); the candidates are then scored
+        # exactly from the float32 rows. Not numpy's matmul: OpenBLAS's thread pool, left
+        # spinning, tripled the next query's encode beside torch (36 ms against 12).
         queries = np.ascontiguousarray(query_vectors, dtype=np.float32)
-        scores = np.ascontiguousarray((self._vectors[:used] @ queries.T).T)
-        scores[:, ~alive] = -np.inf
-        take = min(k, int(alive.sum()))
+        _, rows = self._half_index(used).search(queries, min(used, take + used - live))
         for q in range(len(out)):
-            top = np.argpartition(-scores[q], take - 1)[:take] if take < used \
-                else np.flatnonzero(alive)
-            top = top[np.argsort(-scores[q][top], kind="stable")]
-            for j in top:
-                doc_id, text, metadata = self._rows[j]  # type: ignore[misc]
-                score = float(scores[q, j])
+            found = [j for j in rows[q] if j >= 0 and alive[j]]
+            exact = self._vectors[found] @ queries[q]
+            for n in np.argsort(-exact, kind="stable")[:take]:
+                doc_id, text, metadata = self._rows[found[n]]  # type: ignore[misc]
+                score = float(exact[n])
                 out[q].append(Hit(id=doc_id, text=text, recall_score=score, score=score,
                                   metadata=dict(metadata), ids=[doc_id], source=LIVE))
         return out
+
+    def _half_index(self, used: int) -> faiss.Index:
+        """The float16 index of rows [0, used): rows are only ever appended between
+        compactions, so new ones are added; a rewrite (`_half = None`) rebuilds it."""
+        if self._half is None or self._half.ntotal > used:
+            self._half = faiss.IndexScalarQuantizer(self.dim, faiss.ScalarQuantizer.QT_fp16,
+                                                    faiss.METRIC_INNER_PRODUCT)
+        if self._half.ntotal < used:
+            self._half.add(np.ascontiguousarray(self._vectors[self._half.ntotal:used]))
+        return self._half
 
     def extra_k(self) -> int:
         """How many more snapshot hits to fetch, so that hiding overridden rows still leaves

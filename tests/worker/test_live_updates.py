@@ -99,6 +99,32 @@ def test_live_index_compacts_dead_rows() -> None:
     assert sorted(h.id for h in live.search(_encode(["apple"]), 10)[0]) == [f"id{i}" for i in range(5)]
 
 
+def test_live_search_is_exact_over_random_vectors_with_dead_rows() -> None:
+    """The half-precision first pass must not change the answer: the top k, and their scores,
+    equal a float32 brute force over the rows still alive, through deletes and compactions."""
+    rng = np.random.default_rng(7)
+    vectors = rng.standard_normal((3000, 32)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    live = LiveIndex(32)
+    stream = 0
+    for start in range(0, 3000, 500):
+        batch = [(f"{stream + i + 1}-0", Update("upsert", f"r{start + i}", f"t{start + i}"))
+                 for i in range(500)]
+        stream += 500
+        live.apply(batch, lambda texts, s=start: vectors[s:s + len(texts)])
+        gone = [(f"{stream + i + 1}-0", Update("delete", f"r{j}"))
+                for i, j in enumerate(range(start, start + 500, 3))]
+        stream += len(gone)
+        live.apply(gone, lambda texts: np.zeros((0, 32), np.float32))
+        alive = [j for j in range(start + 500) if (j % 500) % 3 != 0]
+        queries = rng.standard_normal((4, 32)).astype(np.float32)
+        queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+        for query, hits in zip(queries, live.search(queries, 10)):
+            exact = sorted(alive, key=lambda j: -float(vectors[j] @ query))[:10]
+            assert [h.id for h in hits] == [f"r{j}" for j in exact]
+            assert hits[0].score == pytest.approx(float(vectors[exact[0]] @ query), abs=1e-6)
+
+
 # ---------------------------------------------------------------- workers
 
 
