@@ -182,6 +182,22 @@ def snapshot_writer(tiny_bi_encoder: Any, tiny_bi_encoder_path: str):
 
 
 @pytest.fixture
+def unreachable_store(monkeypatch: pytest.MonkeyPatch) -> str:
+    """AWS_* pointing at a local port nobody listens on, 1 s store timeout: an S3 endpoint that
+    refuses connections, without a server to stop. Returns its URL."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    for name, value in (("AWS_ENDPOINT_URL", endpoint), ("AWS_ACCESS_KEY_ID", "x"),
+                        ("AWS_SECRET_ACCESS_KEY", "y"), ("TWINQ_STORE_TIMEOUT_S", "1")):
+        monkeypatch.setenv(name, value)
+    return endpoint
+
+
+@pytest.fixture
 def redis_client():
     """A real Redis connection on a fresh, per-test key space (db 0 flushed first)."""
     import redis

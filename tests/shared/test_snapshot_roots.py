@@ -225,17 +225,8 @@ def test_build_refuses_denied_credentials(s3_root: str, tmp_path: Path,
     assert code == 2 and len(err.splitlines()) == 1 and s3_root.split("/")[2] in err
 
 
-def test_build_refuses_an_unreachable_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_build_refuses_an_unreachable_store(tmp_path: Path, unreachable_store: str,
                                             capsys: pytest.CaptureFixture[str]) -> None:
-    import socket
-
-    with socket.socket() as sock:  # a port nobody listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
-    monkeypatch.setenv("TWINQ_STORE_TIMEOUT_S", "1")
     corpus = _corpus(tmp_path / "c.jsonl", 3)
     code = twinq(["index", "build", "--corpus", corpus, "--root", "s3://bucket/p"])
     err = capsys.readouterr().err.strip()

@@ -125,20 +125,10 @@ def test_start_with_the_store_down(store_root: str, publish: Any, s3_server: Any
 
 
 def test_worker_command_with_an_unreachable_store_and_no_cache_exits_2(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-        ) -> None:
-    import socket
-
+        tmp_path: Path, unreachable_store: str, capsys: pytest.CaptureFixture[str]) -> None:
     from tests.conftest import REDIS_URL
     from twinq.shared.cli import main as twinq
 
-    with socket.socket() as sock:  # a port nobody listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
-    monkeypatch.setenv("TWINQ_STORE_TIMEOUT_S", "1")
     code = twinq(["worker", "--root", "s3://bucket/snapshots", "--cache-dir",
                   str(tmp_path / "empty"), "--redis-url", REDIS_URL])
     err = capsys.readouterr().err.strip().splitlines()
