@@ -11,9 +11,24 @@ that is neither Beam's nor ours is refused here, by name, before any work.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from twinq.shared.errors import BadInput
+
+
+class ApitoolsNotice(logging.Filter):
+    """Drops the one record Beam's BigQuery client package logs on the root logger when it is
+    imported without apitools ("apitools not found, ..."): an optional GCP dependency that twinq
+    never uses, printed on every build. Every other record passes. Installed when this module
+    is imported, which every twinq pipeline does before its first Beam import."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == "root" and str(record.msg).startswith("apitools not found"))
+
+
+if not any(isinstance(f, ApitoolsNotice) for f in logging.getLogger().filters):
+    logging.getLogger().addFilter(ApitoolsNotice())
 
 DEFAULT_RUNNER = "DirectRunner"
 EXTRA_RUNNERS = {"daskrunner": "apache_beam.runners.dask.dask_runner.DaskRunner"}

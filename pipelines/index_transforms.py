@@ -25,17 +25,7 @@ from pathlib import Path
 from typing import Any
 
 
-class _ApitoolsNotice(logging.Filter):
-    """Drops the one record Beam's BigQuery client package logs on the root logger when it is
-    imported without apitools ("apitools not found, ..."): an optional GCP dependency that twinq
-    never uses, printed on every build. Every other record passes."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.name == "root" and str(record.msg).startswith("apitools not found"))
-
-
-if not any(isinstance(f, _ApitoolsNotice) for f in logging.getLogger().filters):
-    logging.getLogger().addFilter(_ApitoolsNotice())  # before Beam's first import, below
+import twinq.pipelines.beam_options  # noqa: F401,E402 - first: it quiets Beam's import
 
 import apache_beam as beam  # noqa: E402
 

@@ -295,9 +295,11 @@ def test_importing_beam_through_twinq_prints_no_apitools_notice() -> None:
     import subprocess
     import sys
 
-    from twinq.pipelines.index_transforms import _ApitoolsNotice
+    from twinq.pipelines.beam_options import ApitoolsNotice as _ApitoolsNotice
 
-    code = "import logging; logging.basicConfig(); import twinq.pipelines.index_transforms"
+    code = ("import logging; logging.basicConfig(); from twinq.pipelines.beam_options import "
+            "pipeline_options, runner_path; runner_path('DirectRunner'); pipeline_options([]); "
+            "import twinq.pipelines.index_transforms")
     err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[2], timeout=120).stderr
     assert "apitools" not in err, err
