@@ -3,9 +3,9 @@
 A scheduler and two worker processes (one thread each) run on 127.0.0.1 (`tests/dask_cluster`),
 the S3 server is SeaweedFS (`s3_root`). The same corpus, built by the DirectRunner into a local
 folder, is the reference: the Dask build must give the same ids in every shard, the same
-vectors (within 1e-5), the same rejects and the same counts in the manifest; and both workers
-must have done data work, embedding or building shards (counted inside each worker process),
-with every text embedded and every shard written by a worker, none by the driver.
+vectors (within 1e-5), the same rejects and the same counts in the manifest; every text must be
+embedded and every shard written by a Dask worker (counted inside each worker process), none by
+the driver. Whether both workers took a share is not asserted: the scheduler decides.
 
 The corpus holds one of each case the counts cover: a malformed line, a text empty after
 cleaning, a row repeated verbatim, an id reused with another text, and one text under two ids.
@@ -174,14 +174,13 @@ def test_dask_runner_build_into_s3_matches_direct_runner(tmp_path: Path, s3_root
         assert on_dask["build"]["runner"] == "DaskRunner"
         _assert_same_snapshot(direct_root, direct, s3_root, on_dask)
 
-        # the work spread over both worker processes, the workers embedded every text and wrote
-        # every non-empty shard (the driver writes only the empty ones, after the pipeline)
+        # the workers embedded every text and wrote every non-empty shard (the driver writes
+        # only the empty ones, after the pipeline)
         embedded = {w: tally[w].get("texts_embedded", 0) for w in workers}
-        # Each worker process did a share of the data work (embedding or building shards). Which
-        # step lands where is the Dask scheduler's choice: on a loaded machine it has put every
-        # embedding group on one worker and shards on both, so asking both to embed was flaky.
-        worked = {w: embedded[w] + tally[w].get("rows_written", 0) for w in workers}
-        assert all(worked.values()), f"a worker did no data work: {tally}"
+        # Which worker runs what is the Dask scheduler's choice: on this small corpus it has put
+        # all the work on one worker (CI, 2026-11-30) as well as spread it, so the spread is
+        # not asserted here; benchmarks/bench_distributed.py measures it on 4,000 rows.
+        print(f"work per Dask worker: {tally}")
         assert sum(embedded.values()) == on_dask["corpus"]["rows_embedded"], tally
         assert sum(tally[w].get("shards_written", 0) for w in workers) == sum(
             1 for e in on_dask["shards"] if e["rows"]), tally
