@@ -125,14 +125,17 @@ class LocalDaskCluster:
 # ------------------------------------------------------------- which worker did the work
 
 _TALLY: dict[str, int] = {}
+_EMBED_COST_S = [0.0]
 
 
-def _install_work_tally() -> str:
+def _install_work_tally(embed_cost_s: float = 0.0) -> str:
     """Run in each worker (`client.run`): count, in this process, the texts the build embeds
     (`EmbedHandler.run_inference`) and the shards it writes (`store_shard_records`), by wrapping
-    both where the build's code looks them up. Returns the worker's pid."""
+    both where the build's code looks them up. With `embed_cost_s`, each embedding batch also
+    takes that long (see `install_work_tally`). Returns the worker's pid."""
     import functools
     import threading
+    import time
 
     from twinq.pipelines import index_transforms
     from twinq.pipelines.embed_handler import EmbedHandler
@@ -149,6 +152,7 @@ def _install_work_tally() -> str:
         @functools.wraps(embed)
         def run_inference(self, batch, model, inference_args=None):  # noqa: ANN001, ANN202
             add("texts_embedded", len(batch))
+            time.sleep(_EMBED_COST_S[0])
             return embed(self, batch, model, inference_args)
 
         run_inference._tallied = True  # type: ignore[attr-defined]
@@ -166,6 +170,7 @@ def _install_work_tally() -> str:
         store_shard_records._tallied = True  # type: ignore[attr-defined]
         index_transforms.store_shard_records = store_shard_records
     _TALLY.clear()
+    _EMBED_COST_S[0] = embed_cost_s
     return str(os.getpid())
 
 
@@ -173,10 +178,16 @@ def _read_work_tally() -> dict[str, int]:
     return dict(_TALLY)
 
 
-def install_work_tally(client: Any) -> dict[str, str]:
+def install_work_tally(client: Any, *, embed_cost_s: float = 0.0) -> dict[str, str]:
     """Start counting each worker's share of the build (see `_install_work_tally`); returns
-    {worker address: pid}."""
-    return client.run(_install_work_tally)
+    {worker address: pid}.
+
+    `embed_cost_s` gives each embedding batch the cost of a real model. A tiny test model embeds
+    a batch in a millisecond, and Dask rightly runs such tasks where their input already is (on
+    one worker: moving data costs more than the work); with tasks that take time, the scheduler
+    has a reason to use the idle worker, as it does with the real model in
+    `benchmarks/bench_distributed.py`."""
+    return client.run(_install_work_tally, embed_cost_s)
 
 
 def read_work_tally(client: Any) -> dict[str, dict[str, int]]:
