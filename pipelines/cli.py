@@ -55,6 +55,7 @@ def build_command(
     updates: bool = typer.Option(False, "--updates", help="Fold the live update stream in (upserts and deletes up to a watermark taken before the corpus is read); needs --redis-url or TWINQ_REDIS_URL."),
     trim_updates: bool = typer.Option(False, "--trim-updates", help="With --updates and --publish: then trim the stream below the oldest watermark still served (only if the corpus export holds what is trimmed)."),
     redis_url: Optional[str] = typer.Option(None, "--redis-url", help="Redis holding the update stream (or TWINQ_REDIS_URL)."),
+    clusters: Optional[str] = typer.Option(None, "--clusters", help="clusters.parquet of `twinq dedupe` (path or store URL): store each clustered row's cluster_id and canonical_id as metadata, so that replies can collapse a cluster into one hit."),
 ) -> None:
     """Embed a corpus with Beam and write a new snapshot. Extra `--flags` go to Beam
     (e.g. `--direct_num_workers 2 --direct_running_mode multi_processing`, or `--runner FlinkRunner`)."""
@@ -70,7 +71,7 @@ def build_command(
         text_field=text_field, publish=publish, memory_budget=memory_budget,
         index_factory=index_factory, reuse_from=None if reuse_from == "none" else reuse_from,
         threads=settings.threads, backend=settings.backend, batch_size=batch_size, canary=canary, beam_args=list(ctx.args),
-        updates=settings if updates else None, trim_updates=trim_updates)
+        updates=settings if updates else None, trim_updates=trim_updates, clusters=clusters)
     try:
         result = build_snapshot(opts)
     except Exception:

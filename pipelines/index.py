@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from twinq.pipelines.beam_options import pipeline_options, runner_name, runner_path
+from twinq.pipelines.build_clusters import Clusters, load_clusters
 from twinq.pipelines.build_updates import FoldedUpdates, read_updates, trim_updates
 from twinq.shared import snapshot as snap
 from twinq.shared.config import Settings
@@ -77,6 +78,9 @@ class BuildOptions:
     """Fold the live update stream of these settings' Redis in (`build_updates`); None: off."""
     trim_updates: bool = False
     """After publishing, trim the update stream below the oldest watermark still served."""
+    clusters: str | None = None
+    """`twinq dedupe`'s clusters.parquet (a path or store URL): each clustered row gets its
+    `cluster_id` and `canonical_id` as metadata (`build_clusters`); None: off."""
 
 
 @dataclass
@@ -160,8 +164,8 @@ def _estimate_rows(paths: list[str]) -> int | None:
 
 
 def run_beam(opts: BuildOptions, paths: list[str], version: str, model_name: str,
-             previous_files: list[tuple[str, str]], folded: FoldedUpdates | None = None
-             ) -> None:
+             previous_files: list[tuple[str, str]], folded: FoldedUpdates | None = None,
+             clusters: Clusters | None = None) -> None:
     """Build and run the Beam pipeline: shards, rejects and counts land under the version.
 
     The graph keeps to what every runner here runs correctly, the DaskRunner included (see
@@ -214,8 +218,14 @@ def run_beam(opts: BuildOptions, paths: list[str], version: str, model_name: str
                                                                       opts.batch_size)))
                 | "GroupBatches" >> beam.GroupByKey()
                 | "Embed" >> beam.ParDo(T.EmbedBatches(handler, opts.batch_size)))
-    shard_counts = ((split[T.REUSED], embedded)
-                    | "AllRows" >> beam.Flatten()
+    all_rows = (split[T.REUSED], embedded) | "AllRows" >> beam.Flatten()
+    if clusters is not None:  # after the merge, so that any of a row's ids finds its cluster
+        clustered = T.split(all_rows | "ClusterMetadata" >> beam.ParDo(
+                                T.ClusterMetadata(clusters.members)),
+                            "Clustered", [T.ROWS, T.COUNT])
+        all_rows = clustered[T.ROWS]
+        counted.append(clustered[T.COUNT])
+    shard_counts = (all_rows
                     | "KeyByShard" >> beam.Map(T.shard_of(opts.shards))
                     | "GroupShards" >> beam.GroupByKey()
                     | "WriteShards" >> beam.ParDo(T.WriteShard(str(opts.root), version,
@@ -371,6 +381,7 @@ def build_snapshot(opts: BuildOptions) -> BuildResult:
     """
     folded = read_updates(opts.updates) if opts.updates else None  # before the corpus is read
     paths = _check_inputs(opts)
+    clusters = load_clusters(opts.clusters) if opts.clusters else None  # before any write
     stages: dict[str, float] = {}
     source, model_name = resolve_model(opts.model)
     reused_version, previous_files = _previous_data_files(opts, model_name)
@@ -379,7 +390,7 @@ def build_snapshot(opts: BuildOptions) -> BuildResult:
     start = time.perf_counter()
     try:
         with timed(stages, "pipeline"):
-            run_beam(opts, paths, version, model_name, previous_files, folded)
+            run_beam(opts, paths, version, model_name, previous_files, folded, clusters)
         with timed(stages, "assemble"):
             entries, counters = _collect_entries(opts.root, version, opts.shards)
             dim = _dim(opts.root, version, entries)
@@ -407,6 +418,9 @@ def build_snapshot(opts: BuildOptions) -> BuildResult:
             corpus["rows_embedded"] = corpus["rows_indexed"] - corpus["rows_reused"]
             if folded is not None and folded.watermark is not None:
                 manifest["updates"] = folded.manifest_entry()
+            if clusters is not None:
+                manifest["clusters"] = clusters.manifest_entry(counters)
+                _log_clusters(manifest["clusters"])
             _log_duplicate_ids(corpus)
         with timed(stages, "validate"):
             manifest["validation"] = _validate(opts.root, version, manifest, opts.canary)
@@ -449,6 +463,21 @@ def _log_duplicate_ids(corpus: dict[str, Any]) -> None:
     if corpus["rows_repeated"]:
         log.info("%d rows repeat an earlier row (same id, same text): indexed once",
                  corpus["rows_repeated"])
+
+
+def _log_clusters(entry: dict[str, Any]) -> None:
+    log.info("clusters from %s: %d members of %d clusters matched in the corpus",
+             entry["path"], entry["members_matched"], entry["clusters"])
+    if entry["members_not_found"]:
+        log.warning("%d cluster members of %s are not in the corpus (the clusters come from "
+                    "another snapshot?)", entry["members_not_found"], entry["path"])
+    if entry["metadata_overwritten"]:
+        log.warning("%d rows had their own cluster_id/canonical_id metadata: replaced by "
+                    "--clusters (removed where the row is in no cluster)",
+                    entry["metadata_overwritten"])
+    if entry["rows_split"]:
+        log.warning("%d rows carry ids of two clusters (same text, merged): each took the "
+                    "cluster of its first clustered id", entry["rows_split"])
 
 
 def _dim(root: str | Path, version: str, entries: list[dict[str, Any]]) -> int:

@@ -409,3 +409,21 @@ def key_by_text(model_name: str):  # noqa: ANN201
         return text_key(row[1], model_name), row
 
     return key
+
+
+class ClusterMetadata(beam.DoFn):
+    """With `--clusters`: set each merged row's `cluster_id` and `canonical_id` metadata from
+    `twinq dedupe`'s clusters (`build_clusters.with_cluster`). The member map comes with the
+    DoFn (it is small), not as a side input. Outputs are `(ROWS, record)` and, for rows that
+    are clustered or lose a corpus column of either name, `COUNT` pairs."""
+
+    def __init__(self, members: dict[str, tuple[str, str]]) -> None:
+        self._members = members
+
+    def process(self, record: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+        from twinq.pipelines.build_clusters import with_cluster
+
+        record, counts = with_cluster(record, self._members)
+        yield ROWS, record
+        for name, number in counts.items():
+            yield COUNT, (name, number)

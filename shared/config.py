@@ -60,6 +60,10 @@ class Settings:
     rerank_symmetric: bool = False
     """Score (query, candidate) and (candidate, query) and average: on Quora +0.2 nDCG@10 for
     rerank alone but nothing measurable fused, at twice the rerank cost (docs/results.md §4)."""
+    collapse_clusters: bool = True
+    """Default of a request's `collapse`: keep one hit per duplicate cluster (the best-ranked),
+    the others as its `also_asked`. Only rows built with `--clusters` carry a cluster id, so on
+    any other snapshot this changes nothing."""
     batch_size: int = C.BATCH_SIZE
     block_ms: int = C.BLOCK_MS
     visibility_timeout_ms: int = C.VISIBILITY_TIMEOUT_MS
@@ -179,6 +183,8 @@ def _choice_problems(s: Settings) -> Iterator[str]:
         yield f"fusion must be one of {fusion_methods()}"
     if not isinstance(s.rerank_symmetric, bool):
         yield "rerank_symmetric must be true or false"
+    if not isinstance(s.collapse_clusters, bool):
+        yield "collapse_clusters must be true or false"
 
 
 def _relation_problems(s: Settings) -> Iterator[str]:

@@ -55,7 +55,7 @@ ADDRESS_PARSE_MAX_BYTES = 1 << 20
 """A refused payload up to this size is still parsed to find where to send the error reply."""
 
 REQUEST_FIELDS = ("id", "query", "top_k", "recall_k", "rerank", "reply_to", "rerank_depth",
-                  "fusion", "fusion_weight", "min_probability", "submitted_ms")
+                  "fusion", "fusion_weight", "min_probability", "collapse", "submitted_ms")
 STAGES = ("queue", "embed", "search", "rerank", "total")
 
 
@@ -97,6 +97,9 @@ class QueryRequest:
     fusion_weight: float | None = None
     min_probability: float | None = None
     """If set, the reply carries `no_twin`: true when no hit's duplicate probability reaches it."""
+    collapse: bool | None = None
+    """Keep one hit per duplicate cluster, the others as its `also_asked`; None: the worker's
+    `collapse_clusters` (see `twinq.shared.collapse`)."""
     submitted_ms: int | None = None
     """Client wall-clock time of submission, epoch ms, for tracing. The worker times the queue
     wait from the stream entry id instead: the server's clock, which no client can skew."""
@@ -248,11 +251,14 @@ def parse_request(fields: Mapping[bytes | str, bytes | str], settings: Settings)
     min_probability = _number(payload, "min_probability", 0, 1, whole=False)
     if min_probability is not None and not rerank:
         raise _bad("min_probability needs rerank: probabilities come from the reranker")
+    collapse = payload.get("collapse")
+    if collapse is not None and not isinstance(collapse, bool):
+        raise _bad(f"collapse must be true or false, not {type(collapse).__name__}")
     return QueryRequest(
         id=request_id, query=query, top_k=top_k, recall_k=recall_k, rerank=rerank,
         reply_to=reply_to, rerank_depth=_number(payload, "rerank_depth", 0, C.MAX_RECALL_K),
         fusion=fusion, fusion_weight=_number(payload, "fusion_weight", 0, 1, whole=False),
-        min_probability=min_probability,
+        min_probability=min_probability, collapse=collapse,
         submitted_ms=_number(payload, "submitted_ms", 0, 2**63 - 1))
 
 
@@ -300,7 +306,8 @@ def models_info(bi_encoder: str, cross_encoder: str | None, backend: str) -> dic
 def ok_reply(request: QueryRequest, hits: list[Hit], *, snapshot: str, models: dict[str, Any],
              timings_ms: dict[str, float], worker_id: str, no_twin: bool | None = None,
              min_probability: float | None = None) -> dict[str, Any]:
-    """A successful reply: `hits` (best first, cut to `top_k`) ranked from 1, the snapshot
+    """A successful reply: `hits` (best first, cut to `top_k`) ranked from 1 (a hit that
+    collapsed others of its duplicate cluster lists them as `also_asked`), the snapshot
     version and `models_info` that answered, milliseconds per stage (missing ones 0), and the
     twin decision when one was made: `no_twin` true when the top hit's duplicate probability is
     below `min_probability` (reported beside it); None when nothing was decided (no reranking,

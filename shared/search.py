@@ -36,15 +36,22 @@ class Hit:
     source: str = "snapshot"
     """Where the hit came from: "snapshot", or "live" (an update applied since the snapshot's
     watermark; see `twinq.worker.live`)."""
+    also_asked: list[Hit] = field(default_factory=list)
+    """Other hits of this hit's duplicate cluster, best first (`twinq.shared.collapse`)."""
 
     def to_dict(self, rank: int) -> dict[str, Any]:
-        return {
+        """The reply's form of the hit; `also_asked` only when collapsing attached any."""
+        out = {
             "rank": rank, "id": self.id, "text": self.text, "score": round(self.score, 6),
             "recall_score": round(self.recall_score, 6),
             "rerank_score": None if self.rerank_score is None else round(self.rerank_score, 6),
             "duplicate_probability": self.duplicate_probability,
             "metadata": self.metadata, "ids": self.ids, "source": self.source,
         }
+        if self.also_asked:
+            out["also_asked"] = [{"id": h.id, "text": h.text, "score": round(h.score, 6)}
+                                 for h in self.also_asked]
+        return out
 
 
 def search_shards(snapshot: Snapshot, query_vectors: np.ndarray, k: int) -> list[list[Hit]]:

@@ -170,6 +170,15 @@ def clip(text: str, width: int) -> str:
     return cut.rstrip(" ,;:.") + "…"
 
 
+def also_asked_line(alternatives: list[dict[str, Any]]) -> Any:
+    """The dim line under a collapsed hit: the other members of its duplicate cluster among
+    the candidates, printed literally."""
+    from rich.text import Text
+
+    quoted = "; ".join(f"\"{clip(a['text'], 60)}\"" for a in alternatives)
+    return Text(f"also asked as: {quoted}", style="dim")
+
+
 def _print_reply(reply: dict[str, Any]) -> None:
     """The answer (or "no twin found"), the hits and the timings. Stored questions and answers
     are printed literally (rich `Text`): a "[/]" in a question is text, not markup."""
@@ -202,6 +211,8 @@ def _print_reply(reply: dict[str, Any]) -> None:
         table.add_row(str(hit["rank"]), Text(hit["text"]), num(hit["recall_score"]),
                       num(hit["rerank_score"]), num(hit["duplicate_probability"]),
                       Text(clip(str(hit["metadata"].get("answer", "")), 80)))
+        if hit.get("also_asked"):
+            table.add_row("", also_asked_line(hit["also_asked"]), "", "", "", "")
     console.print(table)
     t = reply["timings_ms"]
     console.print(Text(f"snapshot {reply['snapshot']} · {reply['models']['bi_encoder']} · "
@@ -221,6 +232,10 @@ def ask_command(
                                                  help="Say 'no twin found' below this calibrated "
                                                  "duplicate probability (default: the "
                                                  "reranker's, from its dev set)."),
+    collapse: bool | None = typer.Option(None, "--collapse/--no-collapse",
+                                         help="One hit per duplicate cluster, the others shown "
+                                         "as 'also asked as' (default: the worker's "
+                                         "collapse_clusters, true)."),
     json_out: bool = typer.Option(False, "--json", help="Print the raw reply as JSON."),
     redis_url: str | None = _REDIS,
     timeout: float = typer.Option(30.0, "--timeout", min=0.1, help="Seconds to wait."),
@@ -233,7 +248,8 @@ def ask_command(
     if not question.strip():
         raise BadInput("the question is empty")
     settings = load_settings(config, overrides={"redis_url": redis_url})
-    knobs = {} if min_probability is None else {"min_probability": min_probability}
+    knobs = {k: v for k, v in (("min_probability", min_probability), ("collapse", collapse))
+             if v is not None}
     with _client(settings) as client:
         reply = _send(lambda: client.ask(question, top_k=top_k, recall_k=recall_k, rerank=rerank,
                                          timeout_s=timeout, **knobs),

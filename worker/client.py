@@ -36,8 +36,8 @@ if TYPE_CHECKING:
 
 KNOBS = frozenset(REQUEST_FIELDS) - {"id", "query", "top_k", "recall_k", "rerank", "reply_to",
                                      "submitted_ms"}
-"""Extra request fields `ask(**knobs)` accepts: rerank_depth, fusion, fusion_weight and
-min_probability."""
+"""Extra request fields `ask(**knobs)` accepts: rerank_depth, fusion, fusion_weight,
+min_probability and collapse."""
 
 
 class Overloaded(TwinqError):
@@ -196,7 +196,8 @@ class TwinqClient:
             recall_k: Candidates recalled before reranking. Defaults to the worker's.
             rerank: Rerank with the worker's cross-encoder. Defaults to True.
             timeout_s: Seconds to wait for the reply. Defaults to 30.
-            **knobs: rerank_depth, fusion, fusion_weight, min_probability.
+            **knobs: rerank_depth, fusion, fusion_weight, min_probability, collapse (one
+                hit per duplicate cluster, the others as its `also_asked`).
 
         Returns:
             The reply (see the README's "Queue protocol"); `ok` false carries `error`.

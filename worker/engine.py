@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twinq.shared.calibration import calibrate
+from twinq.shared.collapse import collapse_clusters
 from twinq.shared.fusion import fuse
 from twinq.shared.models import ENCODE_BATCH_SIZE, encode_normalised, load_cross_encoder, resolve_model
 from twinq.shared.protocol import ErrorCode, error_reply, models_info, ok_reply
@@ -216,7 +217,8 @@ class Engine:
                 reranks and self.settings.rerank_symmetric,
                 self._fusion(request.fusion, request.fusion_weight),
                 reranks and self._threshold(request), request.query,
-                self._live.applied_id if self._live is not None else None]
+                self._live.applied_id if self._live is not None else None,
+                self._collapse(request)]
 
     def answer_batch(self, requests: list[QueryRequest], *,
                      queue_ms: list[float] | None = None) -> list[dict[str, Any]]:
@@ -261,9 +263,17 @@ class Engine:
         return [self._finish(served, r, h, stage_ms, q, busy_ms)
                 for r, h, q in zip(requests, hits, queue_ms)]
 
+    def _collapse(self, request: QueryRequest) -> bool:
+        """Whether to collapse duplicate clusters: the request's `collapse`, else the
+        settings' `collapse_clusters`."""
+        return self.settings.collapse_clusters if request.collapse is None else request.collapse
+
     def _finish(self, served: Served, request: QueryRequest, hits: list[Hit],
                 stage_ms: dict[str, float], queue_ms: float, busy_ms: float) -> dict[str, Any]:
-        """Fuse, calibrate, cut to `top_k`, decide the twin, and build the reply."""
+        """Fuse, calibrate, collapse duplicate clusters, cut to `top_k`, decide the twin, and
+        build the reply. Collapsing comes before the cut, over every candidate, so that up to
+        `top_k` distinct clusters come back; it keeps each cluster's best-ranked hit, so the
+        top hit (and the twin decision on it) is the same either way."""
         fuse(hits, *self._fusion(request.fusion, request.fusion_weight))
         if request.min_probability is not None and self.rerank_config.decision is None:
             return error_reply(request.id, ErrorCode.BAD_REQUEST,
@@ -271,6 +281,8 @@ class Engine:
                                "worker has none", worker_id=self.worker_id,
                                snapshot=served.snapshot.version)
         calibrate(hits, self.rerank_config.decision)
+        if self._collapse(request):
+            hits = collapse_clusters(hits)
         top = hits[: request.top_k]
         threshold = self._threshold(request)
         no_twin = None

@@ -125,7 +125,7 @@ def test_known_bad_settings_are_refused_by_name(changes: dict[str, Any], words: 
 def test_every_setting_has_a_check_and_a_documented_range() -> None:
     """A new field must join a check (and the README table says its range)."""
     checked = {*INT_RANGES, *FLOAT_RANGES, *TEXT_SETTINGS, *OPTIONAL_TEXT_SETTINGS,
-               "backend", "fusion", "rerank_symmetric"}
+               "backend", "fusion", "rerank_symmetric", "collapse_clusters"}
     assert {f.name for f in fields(Settings)} == checked
     readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
     table = readme.split("## Configuration", 1)[1].split("\n## ", 1)[0]
