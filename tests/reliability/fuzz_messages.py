@@ -116,6 +116,7 @@ BAD_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "rerank_depth": _bad_int(0, C.MAX_RECALL_K),
     "submitted_ms": _bad_int(0, 2**63 - 1),
     "rerank": _NOT_NONE.filter(lambda v: not isinstance(v, bool)),
+    "collapse": _NOT_NONE.filter(lambda v: not isinstance(v, bool)),
     "fusion": _NOT_NONE.filter(lambda v: v not in ("none", "zscore", "rrf")),
     "fusion_weight": _bad_fraction(),
     "min_probability": _bad_fraction(),
