@@ -40,11 +40,17 @@ def dedupe_command(
         "cosines; 0: none."),
     symmetric: bool = typer.Option(True, "--symmetric/--one-order",
                                    help="Average the logits of both orders."),
-    backend: Optional[str] = typer.Option(None, "--backend", help="Cross-encoder backend: torch, "
-                                          "onnx (int8), onnx-fp32, openvino (or TWINQ_BACKEND)."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="Cross-encoder backend: auto "
+                                          "(default: onnx int8 where its quality check passes, "
+                                          "else onnx-fp32, else torch), torch, onnx (int8), "
+                                          "onnx-fp32, openvino (or TWINQ_BACKEND)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Torch threads per Beam worker "
                                           "process (or TWINQ_THREADS)."),
     batch_size: int = typer.Option(512, "--batch-size", help="Pairs per inference batch."),
+    work_dir: Optional[str] = typer.Option(
+        None, "--work-dir", help="Where Beam workers leave the scored pairs for this process: a "
+        "folder or s3://bucket/tmp that every worker reaches (default: a hidden folder in "
+        "--out, enough for workers on this machine)."),
 ) -> None:
     """Cluster the twins inside the published snapshot: K nearest neighbours per row, the
     cross-encoder on the pairs above the recall floor, clusters whose members are all twins of
@@ -68,7 +74,8 @@ def dedupe_command(
                          recall_floor=recall_floor, method=method,  # type: ignore[arg-type]
                          veto_below=veto_below,
                          symmetric=symmetric, backend=settings.backend, threads=settings.threads,
-                         batch_size=batch_size, beam_args=list(beam_args or []))
+                         batch_size=batch_size, work_dir=work_dir,
+                         beam_args=list(beam_args or []))
     result = dedupe(opts)
     console = Console(markup=False, emoji=False, highlight=False)  # stored text, printed literally
     console.print(largest_table(result.clusters))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -30,6 +30,7 @@ import numpy as np
 from twinq.pipelines.beam_options import pipeline_options
 from twinq.pipelines.dedupe_clusters import METHODS, Cluster, Method, cluster_pairs
 from twinq.shared.errors import BadInput, SnapshotInvalid, SnapshotNotFound
+from twinq.shared.models import resolve_backend
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -78,9 +79,15 @@ class DedupeOptions:
             `DEFAULT_VETO_PROBABILITY`, capped at the threshold; cosines: no veto); 0 vetoes
             nothing.
         symmetric: Average the logits of both orders. Defaults to True.
-        backend: Cross-encoder backend ("torch", "onnx", ...). Defaults to "torch".
+        backend: Cross-encoder backend ("auto", "torch", "onnx", ...); "auto" is resolved once,
+            in the driver, so that every Beam worker scores alike, and the summary records the
+            resolved one. Defaults to "auto".
         threads: Torch threads per Beam worker process. Defaults to torch's choice.
         batch_size: Pairs per inference batch. Defaults to 512.
+        work_dir: Where Beam workers write the scored pairs for the driver (a folder or a
+            store URL such as s3://bucket/tmp, which every worker and the driver reach); a
+            run writes and then deletes one folder under it. Defaults to a hidden folder in
+            `out`, which workers on this machine reach.
         beam_args: Beam options (`--runner`, `--direct_num_workers`, ...).
     """
 
@@ -93,9 +100,10 @@ class DedupeOptions:
     method: Method = "centre"
     veto_below: float | None = None
     symmetric: bool = True
-    backend: str = "torch"
+    backend: str = "auto"
     threads: int | None = None
     batch_size: int = 512
+    work_dir: str | None = None
     beam_args: list[str] = field(default_factory=list)
 
 
@@ -220,65 +228,98 @@ def check_options(opts: DedupeOptions) -> tuple[Snapshot, EdgeScore]:
     return snapshot, score
 
 
-def run_beam(opts: DedupeOptions, snapshot: Snapshot, score: EdgeScore, work: Path
+def run_beam(opts: DedupeOptions, snapshot: Snapshot, score: EdgeScore, work: str
              ) -> dict[str, float]:
-    """Find and score the candidate pairs with Beam; write them under `work`; return counters
-    (and `rerank_s`, `rerank_load_s`: time inside the cross-encoder and loading it)."""
+    """Find and score the candidate pairs with Beam; write them as Parquet parts under `work`
+    (a local folder or a store URL); return the pipeline's counts, checked.
+
+    Raises:
+        RuntimeError: the runner lost work (a count short or missing; see `_check_counts`).
+    """
     from twinq.pipelines import dedupe_transforms as T  # first: it quiets Beam's import
+    from twinq.pipelines.index_transforms import COUNT, ONE, split
 
     import apache_beam as beam
-    from apache_beam.metrics.metric import MetricsFilter
-    from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
+    shards = len(snapshot.shards)
     pipeline = beam.Pipeline(options=pipeline_options(opts.beam_args))
-    pairs = (pipeline
-             | "Shards" >> beam.Create(list(range(len(snapshot.shards))))
-             | "Neighbours" >> beam.ParDo(T.ShardNeighbours(str(opts.root), snapshot.version,
-                                                            opts.neighbours, opts.recall_floor))
-             | "OncePerPair" >> beam.CombinePerKey(max))
+    found = split(pipeline
+                  | "Shards" >> beam.Create(list(range(shards)))
+                  | "Neighbours" >> beam.ParDo(T.ShardNeighbours(
+                      str(opts.root), snapshot.version, opts.neighbours, opts.recall_floor)),
+                  "Found", [T.PAIR, COUNT])
+    pairs = found[T.PAIR] | "OncePerPair" >> beam.CombinePerKey(max)
     if score.kind == "probability":
-        handler = KeyedModelHandler(T.PairScorer(
-            str(score.reranker), threads=opts.threads, backend=opts.backend,
-            symmetric=opts.symmetric, max_length=score.max_length, min_batch_size=opts.batch_size,
-            max_batch_size=opts.batch_size))
-        records = (pairs
-                   | "ToExample" >> beam.Map(T.to_example)
-                   | "Rerank" >> RunInference(handler)
-                   | "Scored" >> beam.Map(T.scored_record))
+        scorer = T.PairScorer(str(score.reranker), threads=opts.threads, backend=opts.backend,
+                              symmetric=opts.symmetric, max_length=score.max_length)
+        groups = T.score_groups(snapshot.rows * opts.neighbours, opts.batch_size)
+        scored = split(pairs
+                       | "ByGroup" >> beam.Map(T.group_key(groups))
+                       | "Groups" >> beam.GroupByKey()
+                       | "Rerank" >> beam.ParDo(T.ScorePairBatches(scorer, opts.batch_size)),
+                       "Scored", [T.RECORD, COUNT])
+        records, score_counts = scored[T.RECORD], [scored[COUNT]]
     else:
-        records = pairs | "RecallOnly" >> beam.Map(T.recall_record)
-    _ = records | "WritePairs" >> beam.io.WriteToParquet(
-        str(work / "pairs"), T.pair_schema(), file_name_suffix=".parquet")
-    result = pipeline.run()
-    result.wait_until_finish()
-    found: dict[str, float] = {}
-    metrics = result.metrics().query(MetricsFilter())
-    for counter in metrics["counters"]:
-        if counter.key.metric.namespace == T.NS:
-            value = counter.committed if counter.committed is not None else counter.attempted
-            found[counter.key.metric.name] = found.get(counter.key.metric.name, 0) + float(value or 0)
-    for dist in metrics["distributions"]:
-        name = dist.key.metric.name
-        value = dist.committed if dist.committed is not None else dist.attempted
-        if value is None:
-            continue
-        if name.endswith("inference_batch_latency_micro_secs"):
-            found["rerank_s"] = found.get("rerank_s", 0.0) + value.sum / 1e6
-        elif name.endswith("load_model_latency_milli_secs"):
-            found["rerank_load_s"] = found.get("rerank_load_s", 0.0) + value.sum / 1e3
-    return found
+        records = pairs | "RecallOnly" >> beam.Map(lambda item: T.recall_record(item)[1])
+        score_counts = []
+    written = (records
+               | "ByPart" >> beam.Map(T.part_key(max(1, shards)))
+               | "Parts" >> beam.GroupByKey()
+               | "WritePairs" >> beam.FlatMap(T.write_pairs(work)))
+    _ = ((found[COUNT], *score_counts, written)
+         | "AllCounts" >> beam.Flatten()
+         | "OneKey" >> beam.Map(lambda count: (ONE, count))
+         | "GatherCounts" >> beam.GroupByKey()
+         | "WriteCounts" >> beam.Map(T.write_counts(work)))
+    pipeline.run().wait_until_finish()
+    return _check_counts(work, snapshot)
 
 
-def read_pairs(work: Path) -> pa.Table:
-    """The scored pairs Beam wrote, sorted by (a, b) so that the order never depends on it."""
+def _check_counts(work: str, snapshot: Snapshot) -> dict[str, float]:
+    """The pipeline's counts, refused when the runner lost work: every shard searched, every
+    row searched, and the pair files holding every pair they report."""
+    import json
+
+    from twinq.pipelines.dedupe_transforms import COUNTS_FILE
+    from twinq.shared.store import open_store
+
+    body = open_store(work).read_bytes(COUNTS_FILE)
+    if body is None:
+        raise RuntimeError(f"the runner lost work: no {COUNTS_FILE} under {work} (the "
+                           "pipeline's last step did not run)")
+    counts = {name: float(value) for name, value in json.loads(body).items()}
+    expected = {"shards_searched": len(snapshot.shards), "rows_searched": snapshot.rows}
+    short = {name: (counts.get(name, 0), want) for name, want in expected.items()
+             if counts.get(name, 0) != want}
+    if short:
+        raise RuntimeError(f"the runner lost work: counts (found, expected) {short}")
+    counts["rerank_s"] = counts.pop("rerank_ms", 0.0) / 1000
+    counts["rerank_load_s"] = counts.pop("rerank_load_ms", 0.0) / 1000
+    return counts
+
+
+def read_pairs(work: str, expected: int | None = None) -> pa.Table:
+    """The scored pairs Beam wrote, sorted by (a, b) so that the order never depends on it.
+
+    Raises:
+        RuntimeError: the part files hold another number of pairs than `expected`.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from twinq.pipelines.dedupe_transforms import pair_schema
+    from twinq.pipelines.dedupe_transforms import PAIRS_PREFIX, pair_schema
+    from twinq.shared.store import open_store
 
-    files = sorted(work.glob("pairs*.parquet"))
-    tables = [pq.read_table(f, schema=pair_schema()) for f in files]
+    store = open_store(work)
+    tables = []
+    for name in store.list(""):
+        if name.startswith(PAIRS_PREFIX) and name.endswith(".parquet"):
+            with store.open(name) as fh:
+                tables.append(pq.read_table(fh, schema=pair_schema()))
     table = pa.concat_tables(tables) if tables else pair_schema().empty_table()
+    if expected is not None and table.num_rows != expected:
+        raise RuntimeError(f"the runner lost work: the pair files under {work} hold "
+                           f"{table.num_rows} pairs, the pipeline wrote {expected}")
     return table.sort_by([("a", "ascending"), ("b", "ascending")])
 
 
@@ -305,17 +346,22 @@ def dedupe(opts: DedupeOptions, *, clock: Any = time.perf_counter) -> DedupeResu
     started = clock()
     timings: dict[str, float] = {}
     snapshot, score = check_options(opts)
+    if score.reranker:  # "auto" resolved once, here: every worker then scores in one backend
+        opts = replace(opts, backend=resolve_backend("cross-encoder", str(score.reranker),
+                                                     opts.backend).backend)
     if score.note:
         log.warning("%s", score.note)
     timings["check_s"] = round(clock() - started, 3)
     opts.out.mkdir(parents=True, exist_ok=True)
-    work = opts.out / f".work-{snapshot.version}-{time.time_ns()}"
+    run = f"work-{snapshot.version}-{time.time_ns()}"
+    work = (f"{opts.work_dir.rstrip('/')}/{run}" if opts.work_dir
+            else str(opts.out / f".{run}"))
     try:
         mark = clock()
         counters = run_beam(opts, snapshot, score, work)
         timings["pipeline_s"] = round(clock() - mark, 3)
         mark = clock()
-        pairs = read_pairs(work)
+        pairs = read_pairs(work, int(counters.get("pairs_written", 0)))
         names, a, b, scores = score_table(pairs, score)
         clusters = cluster_pairs(names, a, b, scores, score.threshold, method=opts.method,
                                  veto_below=score.veto(opts.veto_below))
@@ -324,14 +370,26 @@ def dedupe(opts: DedupeOptions, *, clock: Any = time.perf_counter) -> DedupeResu
         records = R.cluster_records(clusters, names, R.texts_of(snapshot, clusters, names))
         summary = R.summary(opts, snapshot, score, counters, names, a, b, scores, clusters,
                             timings)
-        R.write_outputs(opts.out, work, records, pairs, scores, summary)
+        R.write_outputs(opts.out, records, pairs, scores, summary)
         timings["write_s"] = round(clock() - mark, 3)
         timings["total_s"] = round(clock() - started, 3)
         summary["timings_s"].update(timings)
         R.write_summary(opts.out, summary)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        _remove_work(work)
     return DedupeResult(opts.out, records, summary)
+
+
+def _remove_work(work: str) -> None:
+    """Delete the work folder (pair parts and counts), wherever it is; never raises."""
+    from twinq.shared.store import open_store
+
+    try:
+        open_store(work).remove_tree("")
+    except Exception as exc:  # cleaning up must not hide the run's own error
+        log.warning("could not remove the work folder %s: %s", work, exc)
+    if "://" not in work:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 __all__ = ["DEFAULT_MIN_COSINE", "DEFAULT_VETO_PROBABILITY", "DEFAULT_NEIGHBOURS", "DEFAULT_RECALL_FLOOR", "Cluster",

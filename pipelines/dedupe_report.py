@@ -142,7 +142,7 @@ def _replace(out: Path, name: str, write: Any) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def write_outputs(out: Path, work: Path, records: list[dict[str, Any]], pairs: pa.Table,
+def write_outputs(out: Path, records: list[dict[str, Any]], pairs: pa.Table,
                   scores: np.ndarray, summary_data: dict[str, Any]) -> None:
     """clusters.parquet, clusters.jsonl, pairs.parquet and sizes.png (summary.json comes last,
     from `write_summary`, once the timings are complete)."""

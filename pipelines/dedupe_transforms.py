@@ -1,10 +1,19 @@
 """The Beam pieces of `twinq dedupe`: each shard's nearest neighbours, and the pair scorer.
 
     shard numbers -> ShardNeighbours (batched FAISS search of every shard; the snapshot loaded
-    once per worker process through `Shared`, as RunInference shares its model)
+    once per worker process)
     -> ((id_a, id_b), (cosine, text_a, text_b)) above the recall floor, once per pair
-    -> RunInference(PairScorer): cross-encoder logits, both orders averaged, in batches
-    -> {"a", "b", "recall", "rerank"} records, written to Parquet
+    -> GroupByKey by a hash of the pair -> ScorePairBatches(PairScorer): cross-encoder logits,
+       both orders averaged, in batches
+    -> {"a", "b", "recall", "rerank"} records -> GroupByKey by part -> WritePairs: one Parquet
+       file per part in the work folder -> their counts -> write_counts, the last step
+
+The pipeline keeps to what every runner the build supports runs correctly (the DaskRunner's
+gaps are listed in docs/dask_runner_probe.md): no RunInference (its batching emits a bundle's
+last batch from `finish_bundle`), no Beam sink, no side input, and counts travel as data
+(`COUNT` pairs written by the last step, which every write feeds), because Beam metrics are not
+collected on every runner. Files go through the store layer, so the work folder may be a local
+path or an s3:// / gs:// URL that workers on other machines reach.
 
 Memory per worker: the snapshot (memory-mapped), the shard's query batch and its K neighbours;
 never a corpus-by-corpus matrix.
@@ -12,7 +21,9 @@ never a corpus-by-corpus matrix.
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -21,9 +32,10 @@ from typing import TYPE_CHECKING, Any
 from twinq.pipelines import index_transforms as _quiet  # noqa: F401 - first: quiets Beam's import
 
 import apache_beam as beam  # noqa: E402
-from apache_beam.metrics import Metrics  # noqa: E402
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult  # noqa: E402
-from apache_beam.utils.shared import Shared  # noqa: E402
+
+from twinq.pipelines.index_transforms import COUNT, ONE  # noqa: E402
+from twinq.shared.text import stable_shard  # noqa: E402
 
 if TYPE_CHECKING:
     import numpy as np
@@ -39,6 +51,17 @@ of one call (batch x shards x K floats) stay a few megabytes."""
 
 PairKey = tuple[str, str]
 """(id_a, id_b) with id_a < id_b: the one key of a pair, whichever row found it."""
+Candidate = tuple[PairKey, tuple[float, str, str]]
+"""A candidate pair: its key, and (cosine, text_a, text_b)."""
+
+PAIR = "pair"
+RECORD = "record"
+"""Tags of the DoFns' `(tag, value)` outputs, besides `COUNT` (see `index_transforms.split`)."""
+COUNTS_FILE = "counts.json"
+PAIRS_PREFIX = "pairs-"
+SCORE_GROUPS = (4, 256)
+"""Fewest and most groups the candidate pairs are hashed into for scoring: the units of
+parallel cross-encoder work (one group is scored in batches of `--batch-size` pairs)."""
 
 
 def pair_schema() -> Any:
@@ -100,30 +123,40 @@ def nearest(snapshot: Snapshot, queries: np.ndarray, k: int) -> tuple[np.ndarray
     return take(scores, order, 1), take(shards, order, 1), take(rows, order, 1)
 
 
+_LOADED: dict[tuple[Any, ...], Any] = {}
+"""This process's loaded snapshot and cross-encoder, by what they were loaded from: a runner may
+set a DoFn up once per partition (the DaskRunner does), and each loads once per process, as
+RunInference shares its model."""
+_LOADED_LOCK = threading.Lock()
+
+
+def _once_per_process(key: tuple[Any, ...], load: Any) -> Any:
+    with _LOADED_LOCK:
+        if key not in _LOADED:
+            _LOADED[key] = load()
+        return _LOADED[key]
+
+
 class ShardNeighbours(beam.DoFn):
     """Search every shard for the K nearest neighbours of one shard's rows; emit candidate pairs.
 
-    A pair is emitted when its cosine is at least `floor`, keyed by its sorted ids, so that the
-    pair found from both sides is scored once (`beam.CombinePerKey(max)` downstream).
+    A pair is emitted as `(PAIR, candidate)` when its cosine is at least `floor`, keyed by its
+    sorted ids, so that the pair found from both sides is scored once
+    (`beam.CombinePerKey(max)` downstream); then `COUNT` pairs for the shard.
     """
 
     def __init__(self, root: str, version: str, k: int, floor: float,
                  query_batch: int = QUERY_BATCH) -> None:
         self._root, self._version, self._k, self._floor = root, version, k, floor
         self._query_batch = query_batch
-        self._shared = Shared()
         self._snapshot: SearchableSnapshot | None = None
-        self._rows = Metrics.counter(NS, "rows_searched")
-        self._hits = Metrics.counter(NS, "neighbour_hits")
-        self._emitted = Metrics.counter(NS, "pairs_above_floor")
-        self._search_ms = Metrics.counter(NS, "search_ms")
 
     def setup(self) -> None:
         root, version = self._root, self._version
-        self._snapshot = self._shared.acquire(lambda: SearchableSnapshot.load(root, version),
-                                              tag=(root, version))
+        self._snapshot = _once_per_process(("snapshot", root, version),
+                                           lambda: SearchableSnapshot.load(root, version))
 
-    def process(self, shard: int) -> Iterator[tuple[PairKey, tuple[float, str, str]]]:
+    def process(self, shard: int) -> Iterator[tuple[str, Any]]:
         import numpy as np
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -133,31 +166,36 @@ class ShardNeighbours(beam.DoFn):
         loaded = self._snapshot
         assert loaded is not None, "setup() loads the snapshot"
         entry = loaded.snapshot.manifest["shards"][shard]
-        if not entry["rows"]:
-            return
+        counts = {"shards_searched": 1, "rows_searched": 0, "neighbour_hits": 0,
+                  "pairs_above_floor": 0, "search_ms": 0}
         start_row = 0
-        source = pq.ParquetFile(loaded.snapshot.path / entry["data_file"])
-        for batch in source.iter_batches(batch_size=self._query_batch, columns=["embedding"]):
+        source = (pq.ParquetFile(loaded.snapshot.path / entry["data_file"]) if entry["rows"]
+                  else None)
+        batches = source.iter_batches(batch_size=self._query_batch, columns=["embedding"]) \
+            if source is not None else []
+        for batch in batches:
             vectors = embeddings_of(pa.Table.from_batches([batch]))
             started = time.perf_counter()
             scores, shards, rows = nearest(loaded.snapshot, vectors, self._k + 1)
-            self._search_ms.inc(int((time.perf_counter() - started) * 1000))
+            counts["search_ms"] += int((time.perf_counter() - started) * 1000)
             own = np.arange(start_row, start_row + len(vectors))[:, None]
             is_self = (shards == shard) & (rows == own)
             wanted = (~is_self) & (rows >= 0)
             # K neighbours besides the row itself, then the floor.
             wanted &= np.cumsum(wanted, axis=1) <= self._k
-            self._hits.inc(int(wanted.sum()))
+            counts["neighbour_hits"] += int(wanted.sum())
             wanted &= scores >= self._floor
-            self._emitted.inc(int(wanted.sum()))
+            counts["pairs_above_floor"] += int(wanted.sum())
             for q, j in zip(*np.nonzero(wanted)):
-                yield self._pair(loaded, shard, start_row + int(q), int(shards[q, j]),
-                                 int(rows[q, j]), float(scores[q, j]))
-            self._rows.inc(len(vectors))
+                yield PAIR, self._pair(loaded, shard, start_row + int(q), int(shards[q, j]),
+                                       int(rows[q, j]), float(scores[q, j]))
+            counts["rows_searched"] += len(vectors)
             start_row += len(vectors)
+        for name, number in counts.items():
+            yield COUNT, (name, number)
 
     def _pair(self, loaded: SearchableSnapshot, shard: int, row: int, other_shard: int,
-              other_row: int, score: float) -> tuple[PairKey, tuple[float, str, str]]:
+              other_row: int, score: float) -> Candidate:
         a, ta = str(loaded.ids[shard][row]), str(loaded.texts[shard][row])
         b, tb = str(loaded.ids[other_shard][other_row]), str(loaded.texts[other_shard][other_row])
         if b < a:
@@ -165,53 +203,134 @@ class ShardNeighbours(beam.DoFn):
         return (a, b), (round(score, 6), ta, tb)
 
 
-def to_example(item: tuple[PairKey, tuple[float, str, str]]
-               ) -> tuple[tuple[str, str, float], tuple[str, str]]:
-    """(pair, (cosine, texts)) to RunInference's keyed example: key (a, b, cosine), texts."""
-    (a, b), (score, ta, tb) = item
-    return (a, b, score), (ta, tb)
+def score_groups(pairs_bound: int, batch_size: int) -> int:
+    """Groups for at most `pairs_bound` candidate pairs: about one per batch, within
+    `SCORE_GROUPS` (too many would make small batches, too few leave workers idle)."""
+    fewest, most = SCORE_GROUPS
+    return max(fewest, min(most, -(-pairs_bound // max(batch_size, 1))))
 
 
-def scored_record(item: tuple[tuple[str, str, float], PredictionResult]) -> dict[str, Any]:
-    """Back from RunInference: one Parquet record with the pair's averaged logit."""
-    (a, b, score), prediction = item
-    return {"a": a, "b": b, "recall": score, "rerank": float(prediction.inference)}
+def group_key(groups: int):  # noqa: ANN201 - returns a Beam-friendly callable
+    """Key a candidate pair by a stable hash of its ids, into one of `groups` groups."""
+
+    def key(item: Candidate) -> tuple[int, Candidate]:
+        (a, b), _ = item
+        return stable_shard(f"{a}\t{b}", groups), item
+
+    return key
 
 
-def recall_record(item: tuple[PairKey, tuple[float, str, str]]) -> dict[str, Any]:
+def recall_record(item: Candidate) -> tuple[str, dict[str, Any]]:
     """A candidate pair without a reranker: its cosine only."""
     (a, b), (score, _, _) = item
-    return {"a": a, "b": b, "recall": score, "rerank": None}
+    return RECORD, {"a": a, "b": b, "recall": score, "rerank": None}
+
+
+class ScorePairBatches(beam.DoFn):
+    """After a GroupByKey by `group_key`: score each group's pairs with the cross-encoder in
+    batches of `batch_size` (cut after a sort by length, so that a batch pads little); emit
+    `(RECORD, record)` per pair, then `COUNT` pairs for the time spent."""
+
+    def __init__(self, scorer: PairScorer, batch_size: int) -> None:
+        self._scorer, self._batch_size = scorer, batch_size
+        self._model: Any = None
+        self._load_ms = 0
+
+    def setup(self) -> None:
+        started = time.perf_counter()
+        self._model = _once_per_process(("cross-encoder", *self._scorer.model_key()),
+                                        self._scorer.load_model)
+        self._load_ms = int((time.perf_counter() - started) * 1000)
+
+    def process(self, item: tuple[int, Iterable[Candidate]]) -> Iterator[tuple[str, Any]]:
+        pairs = sorted(item[1], key=lambda c: (len(c[1][1]) + len(c[1][2]), c[0]))
+        started = time.perf_counter()
+        for start in range(0, len(pairs), self._batch_size):
+            batch = pairs[start:start + self._batch_size]
+            logits = self._scorer.run_inference([(ta, tb) for _, (_, ta, tb) in batch],
+                                                self._model)
+            for ((a, b), (score, _, _)), logit in zip(batch, logits):
+                yield RECORD, {"a": a, "b": b, "recall": score,
+                               "rerank": float(logit.inference)}
+        yield COUNT, ("rerank_ms", int((time.perf_counter() - started) * 1000))
+        yield COUNT, ("rerank_load_ms", self._load_ms)
+        self._load_ms = 0  # counted once per load
+
+
+def part_key(parts: int):  # noqa: ANN201 - returns a Beam-friendly callable
+    """Key a scored record by a stable hash of its first id, into one of `parts` files."""
+
+    def key(record: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        return stable_shard(record["a"], parts), record
+
+    return key
+
+
+def write_pairs(work: str):  # noqa: ANN201 - returns a Beam-friendly callable
+    """After a GroupByKey by `part_key`: write one part's records, sorted by (a, b), as
+    `pairs-NNNNN.parquet` in the work folder (a local path or a store URL). Idempotent: a
+    retried part writes the same bytes to the same name."""
+
+    def write(item: tuple[int, Iterable[dict[str, Any]]]) -> Iterator[tuple[str, int]]:
+        import io
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from twinq.shared.store import open_store
+
+        part, records = item
+        rows = sorted(records, key=lambda r: (r["a"], r["b"]))
+        table = pa.Table.from_pylist(rows, schema=pair_schema())
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
+        open_store(work).write_bytes(f"{PAIRS_PREFIX}{part:05d}.parquet", buffer.getvalue())
+        yield "pairs_written", len(rows)
+
+    return write
+
+
+def write_counts(work: str):  # noqa: ANN201 - returns a Beam-friendly callable
+    """After a GroupByKey on `ONE`: sum the (name, number) pairs and write `counts.json` in the
+    work folder. The pipeline's last step, fed by the pair files' counts: a runner that skipped
+    a branch leaves a count short or the file missing, which the driver checks."""
+
+    def write(item: tuple[int, Iterable[tuple[str, int]]]) -> int:
+        from twinq.shared.store import open_store
+
+        counts: dict[str, int] = {}
+        for name, number in item[1]:
+            counts[name] = counts.get(name, 0) + int(number)
+        open_store(work).write_bytes(COUNTS_FILE, json.dumps(counts, sort_keys=True).encode())
+        return len(counts)
+
+    return write
 
 
 class PairScorer(ModelHandler[tuple[str, str], PredictionResult, "CrossEncoder"]):
     """Score question pairs with a cross-encoder: raw logits, both orders averaged by default.
 
-    `load_model` only loads (once per worker process, shared across its threads by
-    RunInference); `run_inference` only scores, in one `score_pairs` call per Beam batch, which
-    sorts the pairs by length to cut padding.
+    `load_model` only loads (once per worker process: `ScorePairBatches` keeps it under
+    `model_key`); `run_inference` only scores, in one `score_pairs` call per batch, which sorts
+    the pairs by length to cut padding.
     """
 
-    def __init__(self, model: str, *, threads: int | None = None, backend: str = "torch",
+    def __init__(self, model: str, *, threads: int | None = None, backend: str = "auto",
                  symmetric: bool = True, max_length: int | None = None,
-                 min_batch_size: int = 512, max_batch_size: int = 512,
                  predict_batch_size: int = 64, progress_total: int | None = None) -> None:
         """
         Args:
             model: The reranker's folder.
             threads: Torch threads per SDK process. Defaults to torch's choice.
-            backend: "torch", "onnx" (int8), "onnx-fp32" or "openvino". Defaults to "torch".
+            backend: "auto", "torch", "onnx" (int8), "onnx-fp32" or "openvino" (`dedupe` passes
+                the one it resolved "auto" to). Defaults to "auto".
             symmetric: Average the logits of (a, b) and (b, a): a twin relation has no order.
                 Defaults to True.
             max_length: Token cut-off of a pair (training.json's). Defaults to the model's.
-            min_batch_size: Smallest batch Beam forms (but for a bundle's last). Defaults to 512.
-            max_batch_size: Largest batch Beam forms. Defaults to 512.
             predict_batch_size: Pairs per forward pass inside a batch. Defaults to 64.
             progress_total: Expected pairs, for progress lines with an ETA.
         """
-        if min_batch_size > max_batch_size:
-            raise ValueError(f"min_batch_size ({min_batch_size}) > max_batch_size ({max_batch_size})")
-        super().__init__(min_batch_size=min_batch_size, max_batch_size=max_batch_size)
+        super().__init__()
         self._model, self._threads, self._backend = model, threads, backend
         self._symmetric, self._predict_batch_size = symmetric, predict_batch_size
         self._max_length = max_length
@@ -240,6 +359,10 @@ class PairScorer(ModelHandler[tuple[str, str], PredictionResult, "CrossEncoder"]
         from twinq.shared.models import resolve_model
 
         return resolve_model(self._model)[1]
+
+    def model_key(self) -> tuple[Any, ...]:
+        """What the loaded model depends on: one load per process for each."""
+        return (self._model, self._backend, self._threads, self._max_length)
 
     def get_metrics_namespace(self) -> str:
         return "twinq_dedupe_rerank"

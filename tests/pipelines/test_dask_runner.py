@@ -11,6 +11,9 @@ did all of it in CI once); so each batch is given a real model's cost (`EMBED_CO
 the test shows that the pipeline has no step that keeps the work on one worker when it costs
 time, as the real model's does in `benchmarks/bench_distributed.py`.
 
+`twinq dedupe` then runs on the same cluster over the S3 snapshot, its workers leaving the scored
+pairs in S3 (`--work-dir`), and must give the same pairs and clusters as on the DirectRunner.
+
 The corpus holds one of each case the counts cover: a malformed line, a text empty after
 cleaning, a row repeated verbatim, an id reused with another text, and one text under two ids.
 """
@@ -142,9 +145,31 @@ def test_dask_runner_short_name_maps_to_beams_class_and_unknown_names_are_refuse
         pipeline_options(["--runner", "Dusk"])
 
 
+def _dedupe_outputs(out: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(clusters.jsonl records, pairs.parquet rows) of a dedupe run."""
+    import pyarrow.parquet as pq
+
+    clusters = [json.loads(line) for line in (out / "clusters.jsonl").read_text().splitlines()]
+    return clusters, pq.read_table(out / "pairs.parquet").to_pylist()
+
+
+def _dedupe_reranker(tmp_path: Path, source: str) -> Path:
+    """The tiny cross-encoder with a training.json whose pair calibration spreads its logits."""
+    folder = tmp_path / "reranker"
+    shutil.copytree(source, folder)
+    (folder / "training.json").write_text(json.dumps({
+        "calibration": {"method": "logistic", "features": ["rerank"], "mean": [0.0],
+                        "scale": [1.0], "weights": [2.0], "bias": 0.5},
+        "decision": {"method": "logistic", "features": ["rerank", "recall"],
+                     "mean": [0.0, 0.5], "scale": [1.0, 0.2], "weights": [1.0, 1.0],
+                     "bias": 0.0, "min_probability": 0.6}}))
+    return folder
+
+
 @pytest.mark.slow
 def test_dask_runner_build_into_s3_matches_direct_runner(tmp_path: Path, s3_root: str,
-                                                         tiny_bi_encoder_path: str) -> None:
+                                                         tiny_bi_encoder_path: str,
+                                                         tiny_cross_encoder_path: str) -> None:
     _require_distributed()
     from tests.dask_cluster import (LocalDaskCluster, install_work_tally, read_work_tally,
                                     warm_imports)
@@ -191,3 +216,29 @@ def test_dask_runner_build_into_s3_matches_direct_runner(tmp_path: Path, s3_root
             1 for e in on_dask["shards"] if e["rows"]), tally
         assert sum(tally[w].get("rows_written", 0) for w in workers) == \
             on_dask["corpus"]["rows_indexed"], tally
+
+        # `twinq dedupe` on the same cluster, reading the S3 snapshot, its workers leaving the
+        # scored pairs in S3 (--work-dir): the same pairs and clusters as the DirectRunner's
+        from twinq.pipelines.dedupe import DedupeOptions, dedupe
+
+        reranker = _dedupe_reranker(tmp_path, tiny_cross_encoder_path)
+        flags = ["--reranker", str(reranker), "--neighbours", "5", "--recall-floor", "0.5",
+                 "--batch-size", "8"]
+        direct_out = tmp_path / "dedupe-direct"
+        dedupe(DedupeOptions(root=s3_root, out=direct_out, reranker=str(reranker),
+                             neighbours=5, recall_floor=0.5, batch_size=8,
+                             beam_args=["--runner=DirectRunner"]))
+        dask_out = tmp_path / "dedupe-dask"
+        done = _twinq(["dedupe", "--root", s3_root, "--out", str(dask_out), *flags,
+                       "--work-dir", f"{s3_root}-dedupe-work", "--", "--runner", "DaskRunner",
+                       "--dask_client_address", cluster.address, "--dask_npartitions", "4"])
+        assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
+        clusters, pairs = _dedupe_outputs(dask_out)
+        assert pairs and clusters, "the test corpus should give scored pairs and clusters"
+        assert (clusters, pairs) == _dedupe_outputs(direct_out)
+        summary = json.loads((dask_out / "summary.json").read_text())
+        assert summary["counts"]["pairs_reranked"] == len(pairs)
+        from twinq.shared.store import open_store
+
+        left = open_store(f"{s3_root}-dedupe-work").list("")
+        assert not [name for name in left if name.startswith("work-")], left
