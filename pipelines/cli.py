@@ -48,7 +48,7 @@ def build_command(
     index_factory: Optional[str] = typer.Option(None, help="FAISS factory key overriding the automatic choice."),
     reuse_from: Optional[str] = typer.Option("auto", help="Root whose published vectors to reuse; 'auto' = --root, 'none' = off."),
     threads: Optional[int] = typer.Option(None, help="Torch threads per Beam worker process (or TWINQ_THREADS)."),
-    backend: Optional[str] = typer.Option(None, help="Encoder backend: torch, onnx (int8), onnx-fp32, openvino (or TWINQ_BACKEND)."),
+    backend: Optional[str] = typer.Option(None, help="Encoder backend: auto (default: onnx int8 where its quality check passes, else onnx-fp32, else torch; recorded in the manifest), torch, onnx (int8), onnx-fp32, openvino (or TWINQ_BACKEND)."),
     batch_size: int = typer.Option(1024, help="Texts per inference batch (encode sorts each by length)."),
     canary: int = typer.Option(200, help="Rows self-queried to validate the snapshot (0 = off)."),
     pushgateway: Optional[str] = typer.Option(None, help="Push build metrics to this Prometheus Pushgateway."),

@@ -51,8 +51,9 @@ class EmbedHandler(ModelHandler[str, PredictionResult, "SentenceTransformer"]):
         Args:
             model: A local path, hub name, or None for the bundled all-MiniLM-L6-v2.
             threads: Torch threads per SDK process. Defaults to torch's choice.
-            backend: "torch", or "onnx" for onnxruntime int8 (see `twinq.shared.models`). Defaults
-                to "torch".
+            backend: A concrete backend: "torch", "onnx" (onnxruntime int8), "onnx-fp32" or
+                "openvino" (see `twinq.shared.models`). The build passes the one it resolved
+                "auto" to in the driver, so that every worker embeds alike. Defaults to "torch".
             min_batch_size: Smallest batch Beam forms (but for a bundle's last). Defaults to
                 `BATCH_SIZE`: a fixed size, as an offline job wants.
             max_batch_size: Largest batch Beam forms. Defaults to `BATCH_SIZE`.

@@ -24,6 +24,7 @@ remains is the one build procedure, its failure handling and its count checks.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -43,7 +44,7 @@ from twinq.shared.constants import SNAPSHOT_FORMAT_VERSION
 from twinq.shared.corpus import expand_paths, read_columns, resolve_fields
 from twinq.shared.errors import BadInput, SnapshotCorrupt, SnapshotInvalid, SnapshotNotFound
 from twinq.shared.index_choice import parse_bytes
-from twinq.shared.models import resolve_model
+from twinq.shared.models import resolve_backend, resolve_model
 from twinq.shared.snapshot_sync import download_files
 from twinq.shared.store import is_remote, open_store
 
@@ -68,8 +69,11 @@ class BuildOptions:
     reuse_from: str | None = "auto"
     """A snapshot root whose published vectors may be reused; "auto" = this root; None = off."""
     threads: int | None = None
-    backend: str = "torch"
-    """Encoder backend; recorded in the manifest, and vectors are reused only from the same one."""
+    backend: str = "auto"
+    """Encoder backend; "auto" is resolved once, in the driver (`resolve_backend`: onnx int8
+    where the int8 guard passes, else onnx fp32, else torch), and the resolved one is what
+    every worker embeds with, what the manifest records (with the guard's numbers) and what
+    reused vectors must have been embedded with."""
     batch_size: int = 1024
     """Texts per inference batch (see `twinq.pipelines.embed_handler.BATCH_SIZE`)."""
     canary: int = 200
@@ -381,6 +385,8 @@ def build_snapshot(opts: BuildOptions) -> BuildResult:
     """
     folded = read_updates(opts.updates) if opts.updates else None  # before the corpus is read
     paths = _check_inputs(opts)
+    resolved = resolve_backend("bi-encoder", opts.model, opts.backend)  # once, for every worker
+    opts = dataclasses.replace(opts, backend=resolved.backend)
     clusters = load_clusters(opts.clusters) if opts.clusters else None  # before any write
     stages: dict[str, float] = {}
     source, model_name = resolve_model(opts.model)
@@ -398,7 +404,8 @@ def build_snapshot(opts: BuildOptions) -> BuildResult:
                 "format_version": SNAPSHOT_FORMAT_VERSION, "version": version,
                 "created_at": snap.now_iso(),
                 "model": {"name": model_name, "dimension": dim, "normalized": True,
-                          "max_seq_length": _max_seq_length(source), "backend": opts.backend},
+                          "max_seq_length": _max_seq_length(source), "backend": opts.backend,
+                          "quantisation_check": resolved.check},
                 "corpus": {
                     "sources": paths, "rows_read": counters.get("rows_read", 0),
                     "rows_rejected": counters.get("rows_rejected", 0),

@@ -20,7 +20,7 @@ from twinq.shared import constants as C
 from twinq.shared.fusion import fusion_methods
 from twinq.shared.errors import ConfigError
 
-Backend = Literal["torch", "onnx", "onnx-fp32", "openvino"]
+Backend = Literal["auto", "torch", "onnx", "onnx-fp32", "openvino"]
 ENV_PREFIX = "TWINQ_"
 CONFIG_ENV = "TWINQ_CONFIG"
 
@@ -44,7 +44,11 @@ class Settings:
     """Bi-encoder: a local path, a hub name, or None for the bundled all-MiniLM-L6-v2."""
     reranker: str | None = None
     """Cross-encoder: a local path or hub name; None means recall order only."""
-    backend: Backend = "torch"
+    backend: Backend = "auto"
+    """Encoder backend. "auto": the bi-encoder runs in the backend the snapshot was built with
+    (its manifest), the reranker in onnx int8 where its int8 guard passed, else onnx fp32, else
+    torch (`twinq.shared.models.resolve_backend`). Any other value is used for both models,
+    and a snapshot built with another backend is refused (vectors never mix)."""
     threads: int | None = None
     """Torch intra-op threads per process; None lets torch decide."""
     top_k: int = C.DEFAULT_TOP_K
@@ -178,7 +182,7 @@ def _prefix_problems(s: Settings) -> Iterator[str]:
 
 def _choice_problems(s: Settings) -> Iterator[str]:
     if s.backend not in get_args(Backend):
-        yield f"backend must be one of {get_args(Backend)}"
+        yield f"backend must be one of {get_args(Backend)}, got {s.backend!r:.40}"
     if s.fusion is not None and s.fusion not in fusion_methods():
         yield f"fusion must be one of {fusion_methods()}"
     if not isinstance(s.rerank_symmetric, bool):

@@ -5,6 +5,11 @@ Loading never runs inference, in the spirit of Beam's ModelHandler split; every 
 searches with, stores or mines with comes from `encode_normalised`, so that all of them are
 unit vectors of the same dtype. Models load with `trust_remote_code=False` and prefer
 safetensors: nothing from a model folder is executed or unpickled.
+
+Backends: "torch", "onnx" (onnxruntime int8), "onnx-fp32", "openvino", and "auto", which
+`resolve_backend` turns into onnx int8 where the export's int8 guard passed
+(`twinq.shared.quantisation_check`), else onnx fp32, else torch (no ONNX export possible, or a
+device other than the CPU). Every loaded model carries the backend it runs in (`backend_of`).
 """
 
 from __future__ import annotations
@@ -13,8 +18,9 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from twinq.shared.constants import DEFAULT_MODEL
 from twinq.shared.errors import ModelLoadError
@@ -29,6 +35,12 @@ log = logging.getLogger(__name__)
 
 ONNX_BACKENDS = {"onnx": "int8", "onnx-fp32": "fp32"}
 """Backends served by `twinq.shared.onnx_backend` (int8 by default), and the precision each runs in."""
+
+BACKENDS = ("auto", "torch", "onnx", "onnx-fp32", "openvino")
+"""Every backend a setting may name; all but "auto" are concrete (a model runs in them)."""
+
+_warned: set[tuple[str, str, str]] = set()
+"""(kind, model, backend) already warned about in this process: one log line, not one a load."""
 
 _threads: int | None = None
 """The last `set_threads` value, which the onnx backend reads for its intra-op threads."""
@@ -100,6 +112,98 @@ def _local_folder(source: str, stable: str) -> tuple[Path, bool]:
         raise _hub_hint(stable, exc) from exc
 
 
+@dataclass(frozen=True)
+class ResolvedBackend:
+    """What a backend setting means for one model.
+
+    Attributes:
+        backend: The concrete backend: "onnx", "onnx-fp32", "torch" or "openvino".
+        check: The int8 guard's record (`quantisation_check.record`: numbers, thresholds,
+            passed) when the model was exported to ONNX, else None.
+    """
+
+    backend: str
+    check: dict[str, Any] | None = None
+
+
+def _warn_once(kind: str, stable: str, backend: str, message: str, *args: Any) -> None:
+    if (kind, stable, backend) not in _warned:
+        _warned.add((kind, stable, backend))
+        log.warning(message, *args)
+
+
+def resolve_backend(kind: str, name: str | None, backend: str = "auto", *,
+                    device: str = "cpu") -> ResolvedBackend:
+    """Resolve `backend` for the model `name`; for the onnx ones, export it (and run the int8
+    guard) unless a fresh export is cached.
+
+    "auto" gives "onnx" when the guard passed, "onnx-fp32" when it did not (one warning naming
+    the metrics that fell short), and "torch" when the model cannot be exported, onnxruntime is
+    not installed, or `device` is not the CPU. An explicit "onnx" is served in int8 even when
+    the guard failed (one warning). Other backends are returned as they are.
+
+    Args:
+        kind: "bi-encoder" or "cross-encoder".
+        name: As for `load_bi_encoder`.
+        backend: A name in `BACKENDS`. Defaults to "auto".
+        device: Torch device the model would run on. Defaults to "cpu".
+
+    Raises:
+        ModelLoadError: a hub model that cannot be fetched, or an explicit onnx backend whose
+            export fails.
+    """
+    if backend not in ONNX_BACKENDS and backend != "auto":
+        return ResolvedBackend(backend)
+    if backend == "auto" and device != "cpu":
+        return ResolvedBackend("torch")
+    source, stable = resolve_model(name)
+    folder, owned = _local_folder(source, stable)
+    try:
+        from twinq.shared.onnx_backend import ensure_exported
+
+        _quiet_loading()
+        _, meta = ensure_exported(folder, kind, owned=owned)  # type: ignore[arg-type]
+    except Exception as exc:  # a missing onnx extra, an unsupported model, a failed trace
+        if backend != "auto":
+            raise
+        _warn_once(kind, stable, "torch", "backend auto: %s %s cannot run in onnxruntime (%s); "
+                   "using torch", kind, stable, str(exc).splitlines()[0] if str(exc) else
+                   type(exc).__name__)
+        return ResolvedBackend("torch")
+    check = meta["quantisation_check"]
+    if check["passed"] or backend == "onnx-fp32":
+        return ResolvedBackend("onnx" if backend == "auto" else backend, check)
+    if backend == "auto":
+        _warn_once(kind, stable, "onnx-fp32", "backend auto: %s %s in int8 falls short of fp32 "
+                   "on the guard's sample (%s); using onnx-fp32", kind, stable,
+                   ", ".join(check["failed"]))
+        return ResolvedBackend("onnx-fp32", check)
+    _warn_once(kind, stable, "onnx", "backend onnx: %s %s in int8 falls short of fp32 on the "
+               "guard's sample (%s); serving int8 as asked (auto would use onnx-fp32)", kind,
+               stable, ", ".join(check["failed"]))
+    return ResolvedBackend("onnx", check)
+
+
+def backend_of(model: Any) -> str:
+    """The concrete backend a loaded model runs in (torch for a model loaded elsewhere)."""
+    recorded = getattr(model, "twinq_backend", None)
+    if recorded:
+        return str(recorded)
+    precision = getattr(model, "precision", None)
+    return {"int8": "onnx", "fp32": "onnx-fp32"}.get(str(precision), "torch")
+
+
+def quantisation_check_of(model: Any) -> dict[str, Any] | None:
+    """The int8 guard's record of a loaded model's export, if it has one."""
+    return getattr(model, "twinq_quantisation_check", None)
+
+
+def _label(model: Any, resolved: ResolvedBackend) -> Any:
+    model.twinq_backend = resolved.backend
+    model.twinq_quantisation_check = resolved.check
+    return model
+
+
 def _load_onnx(kind: str, name: str | None, backend: str, max_length: int | None = None
                ) -> OnnxBiEncoder | OnnxCrossEncoder:
     from twinq.shared.onnx_backend import OnnxBiEncoder, OnnxCrossEncoder
@@ -125,13 +229,17 @@ def load_bi_encoder(
         device: Torch device. Defaults to "cpu".
         backend: "torch"; "onnx" for onnxruntime int8 (about 2x faster on CPU, see
             docs/performance.md); "onnx-fp32" for onnxruntime without quantisation; "openvino"
-            via sentence-transformers. Defaults to "torch".
+            via sentence-transformers; "auto" (`resolve_backend`). Defaults to "torch": the
+            settings' default is "auto", but training and evaluation code that calls this
+            directly keeps torch unless it asks.
 
     Raises:
         ModelLoadError: when the name is neither a folder nor a reachable hub model.
     """
-    if backend in ONNX_BACKENDS:
-        return _load_onnx("bi-encoder", name, backend)  # type: ignore[return-value]
+    resolved = resolve_backend("bi-encoder", name, backend, device=device)
+    if resolved.backend in ONNX_BACKENDS:
+        return _label(_load_onnx("bi-encoder", name, resolved.backend), resolved)  # type: ignore[return-value]
+    backend = resolved.backend
     from sentence_transformers import SentenceTransformer
 
     source, stable = resolve_model(name)
@@ -146,7 +254,7 @@ def load_bi_encoder(
         raise _hub_hint(stable, exc) from exc
     model.eval()
     log.info("loaded bi-encoder %s in %.2fs", stable, time.perf_counter() - start)
-    return model
+    return _label(model, resolved)
 
 
 def load_cross_encoder(
@@ -163,8 +271,10 @@ def load_cross_encoder(
     Raises:
         ModelLoadError: when the model cannot be found or loaded.
     """
-    if backend in ONNX_BACKENDS:
-        return _load_onnx("cross-encoder", name, backend, max_length)  # type: ignore[return-value]
+    resolved = resolve_backend("cross-encoder", name, backend, device=device)
+    if resolved.backend in ONNX_BACKENDS:
+        return _label(_load_onnx("cross-encoder", name, resolved.backend, max_length), resolved)  # type: ignore[return-value]
+    backend = resolved.backend
     from sentence_transformers import CrossEncoder
 
     source, stable = resolve_model(name)
@@ -179,7 +289,7 @@ def load_cross_encoder(
         raise _hub_hint(stable, exc) from exc
     model.eval()
     log.info("loaded cross-encoder %s in %.2fs", stable, time.perf_counter() - start)
-    return model
+    return _label(model, resolved)
 
 
 def model_name(model: SentenceTransformer | CrossEncoder, requested: str | None) -> str:

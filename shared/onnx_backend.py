@@ -9,6 +9,8 @@ Exports are cached in `<model>/onnx/<kind>/` when the model folder is writable, 
 `~/.cache/twinq/onnx/<sha of the model path>/<kind>/`, and re-made only when the source
 weights or the export recipe change (see `_fingerprint`). Example:
 `OnnxBiEncoder.load(bundled_model_path()).encode(["How do I learn Python?"]).shape == (1, 384)`.
+Each export is checked once against its fp32 graph on a fixed sample (`quantisation_check`);
+the verdict is stored in meta.json, where `twinq.shared.models.resolve_backend` reads it.
 
 About 400 lines, past the style guide's ~350, on purpose: export, quantisation, the cache key
 and the two runtime wrappers must agree on one recipe (inputs, outputs, pooling), which is
@@ -60,6 +62,9 @@ are lookups (no time to save) and quantising them lost a little quality.
 
 _FILES = {"fp32": "model.onnx", "int8": "model_qint8.onnx"}
 _SKIP_DIRS = {"onnx", ".git", "__pycache__"}
+_SKIP_FILES = {"training.json"}
+"""twinq's own record beside a reranker's weights: rewritten after the export (the int8 guard's
+verdict goes into it; `twinq train decide` refits it), and no input of the export."""
 
 
 def _fingerprint(source: Path, kind: Kind) -> str:
@@ -68,7 +73,7 @@ def _fingerprint(source: Path, kind: Kind) -> str:
     digest = hashlib.sha256(f"{kind}|{RECIPE_VERSION}|{OPSET}|{json.dumps(INT8_RECIPE)}".encode())
     for root, dirs, files in os.walk(source):
         dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS)
-        for name in sorted(files):
+        for name in sorted(f for f in files if f not in _SKIP_FILES):
             stat = (Path(root) / name).stat()
             rel = os.path.relpath(Path(root) / name, source)
             digest.update(f"{rel}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
@@ -167,7 +172,7 @@ def ensure_exported(source: str | Path, kind: Kind, *, owned: bool = True) -> tu
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         if meta.get("fingerprint") == fingerprint and all((folder / f).is_file() for f in _FILES.values()):
-            return folder, meta
+            return folder, _checked(folder, meta, kind, meta_path)
         log.info("onnx cache for %s is stale; exporting again", source)
     start = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
@@ -187,11 +192,24 @@ def ensure_exported(source: str | Path, kind: Kind, *, owned: bool = True) -> tu
     loaded.tokenizer.save_pretrained(str(folder / "tokenizer"))
     meta.update(fingerprint=fingerprint, kind=kind, source=str(source), output=output,
                 int8_recipe=INT8_RECIPE, opset=OPSET)
-    tmp = meta_path.with_name(f"meta.json.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, meta_path)  # written last: a folder with meta.json is complete
+    meta = _checked(folder, meta, kind, meta_path)  # writes meta.json last: the folder is complete
     log.info("exported %s %s to %s in %.1fs", kind, source, folder, time.perf_counter() - start)
     return folder, meta
+
+
+def _checked(folder: Path, meta: dict[str, Any], kind: Kind, meta_path: Path) -> dict[str, Any]:
+    """`meta` with the int8 guard's verdict (`twinq.shared.quantisation_check`), run once per
+    export and stored in meta.json; a stored verdict is judged again if the thresholds moved."""
+    from twinq.shared import quantisation_check as qc
+
+    check = meta.get("quantisation_check")
+    if check is not None and check.get("sample_version") == qc.SAMPLE_VERSION:
+        return {**meta, "quantisation_check": qc.rejudged(check)}
+    meta = {**meta, "quantisation_check": qc.run_check(kind, folder, meta)}
+    tmp = meta_path.with_name(f"meta.json.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, meta_path)
+    return meta
 
 
 def make_session(path: str | Path, threads: int | None = None, *, spin: bool = False

@@ -298,9 +298,26 @@ def _reply(request_id: str, worker_id: str, *, ok: bool, results: list[dict[str,
     return reply
 
 
-def models_info(bi_encoder: str, cross_encoder: str | None, backend: str) -> dict[str, Any]:
-    """The reply's `models` object."""
-    return {"bi_encoder": bi_encoder, "cross_encoder": cross_encoder, "backend": backend}
+def models_info(bi_encoder: str, cross_encoder: str | None, backend: str,
+                cross_encoder_backend: str | None = None) -> dict[str, Any]:
+    """The reply's `models` object: the models' names and the concrete backends they run in.
+
+    Args:
+        bi_encoder: The bi-encoder's stable name.
+        cross_encoder: The reranker's, or None when reranking is off.
+        backend: The bi-encoder's concrete backend (the snapshot's: "onnx", "onnx-fp32",
+            "torch", ...), never "auto".
+        cross_encoder_backend: The reranker's; defaults to `backend`.
+
+    Returns:
+        `{"bi_encoder", "cross_encoder", "backend", "backends"}`: `backends` maps each model to
+        its backend (the cross-encoder's None without one); `backend` is that one name when
+        they agree, else "<bi-encoder's>+<cross-encoder's>" (for a one-word status line).
+    """
+    ce_backend = (cross_encoder_backend or backend) if cross_encoder else None
+    summary = backend if ce_backend in (None, backend) else f"{backend}+{ce_backend}"
+    return {"bi_encoder": bi_encoder, "cross_encoder": cross_encoder, "backend": summary,
+            "backends": {"bi_encoder": backend, "cross_encoder": ce_backend}}
 
 
 def ok_reply(request: QueryRequest, hits: list[Hit], *, snapshot: str, models: dict[str, Any],

@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 from twinq.shared.calibration import calibrate
 from twinq.shared.collapse import collapse_clusters
 from twinq.shared.fusion import fuse
-from twinq.shared.models import ENCODE_BATCH_SIZE, encode_normalised, load_cross_encoder, resolve_model
+from twinq.shared.models import (ENCODE_BATCH_SIZE, backend_of, encode_normalised,
+                                 load_cross_encoder, resolve_model)
 from twinq.shared.protocol import ErrorCode, error_reply, models_info, ok_reply
 from twinq.shared.rerank import rerank
 from twinq.shared.rerank_config import load_rerank_config
@@ -187,7 +188,8 @@ class Engine:
         """The reply's `models` object for the served snapshot."""
         served = self.holder.served
         return models_info(served.bi_encoder_name if served else "", self.cross_encoder_name,
-                           self.settings.backend)
+                           served.bi_encoder_backend if served else self.settings.backend,
+                           backend_of(self.cross_encoder) if self.cross_encoder else None)
 
     # --- rerank settings: the request's, else the worker settings', else training.json's ------
 
@@ -290,7 +292,8 @@ class Engine:
             no_twin = not top or (top[0].duplicate_probability or 0.0) < threshold
         timings = {**stage_ms, "queue": queue_ms, "total": queue_ms + busy_ms}
         models = models_info(served.bi_encoder_name, self.cross_encoder_name,
-                             self.settings.backend)
+                             served.bi_encoder_backend,
+                             backend_of(self.cross_encoder) if self.cross_encoder else None)
         return ok_reply(request, top, snapshot=served.snapshot.version, models=models,
                         timings_ms=timings, worker_id=self.worker_id, no_twin=no_twin,
                         min_probability=threshold if no_twin is not None else None)

@@ -1,7 +1,9 @@
 """The served snapshot: load, validate and swap a snapshot together with its bi-encoder.
 
 A background thread polls `CURRENT`. A new version is loaded and validated (checksums, shard
-counts, and the bi-encoder's vector dimension against the manifest's) beside the served one;
+counts, the bi-encoder's vector dimension against the manifest's, and the backend: with the
+default `auto` queries are embedded in the backend the snapshot was built with, and an explicit
+backend other than that one is refused, since int8 and fp32 vectors never mix) beside the served one;
 the consumer swaps it in between batches with `swap_pending()`, so one batch never mixes
 versions. A version that fails is refused, the old one keeps serving, the refusal is counted
 at most once per `RETRY_FAILED_VERSION_S`, and each distinct error is logged once.
@@ -269,16 +271,18 @@ class SnapshotHolder:
         if self.metrics:
             self.metrics.store_up.set(1)
 
-    def _encoder_for(self, name: str) -> SentenceTransformer:
-        """The bi-encoder `name`: the served or pending one when it is the same model, the one
-        given at construction (tests), else loaded and warmed up."""
-        current = self._served or self._pending
-        if current is not None and current.bi_encoder_name == name:
-            return current.bi_encoder
+    def _encoder_for(self, name: str, backend: str) -> SentenceTransformer:
+        """The bi-encoder `name` in the concrete `backend` (the snapshot's): the served or
+        pending one when it is the same model in the same backend, the one given at
+        construction (tests), else loaded and warmed up."""
+        for current in (self._served, self._pending):
+            if (current is not None and current.bi_encoder_name == name
+                    and current.bi_encoder_backend == backend):
+                return current.bi_encoder
         if self._given_bi_encoder is not None:
             return self._given_bi_encoder
         start = time.perf_counter()
-        model = load_bi_encoder(name, backend=self.settings.backend)
+        model = load_bi_encoder(name, backend=backend)
         # One throwaway encode: the first call pays for lazy initialisation (about a second on
         # a CPU), which must not land on the first user's request.
         encode_normalised(model, ["warm up"])

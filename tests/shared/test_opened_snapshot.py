@@ -50,8 +50,9 @@ def test_open_snapshot_refuses_a_model_of_another_dimension(quick_snapshot: Any)
     root, version = quick_snapshot(TEXTS)
     asked: list[str] = []
 
-    def load(name: str) -> _Encoder:
+    def load(name: str, backend: str) -> _Encoder:
         asked.append(name)
+        assert backend == "torch"  # the quick snapshot records none: torch
         return _Encoder(16)
 
     with pytest.raises(SnapshotInvalid) as info:
@@ -69,7 +70,7 @@ def test_open_snapshot_warns_when_another_model_is_chosen(
     other = tmp_path / "other-model"
     other.mkdir()
     with caplog.at_level(logging.WARNING):
-        opened = open_snapshot(root, model=str(other), load_encoder=lambda name: tiny_bi_encoder)
+        opened = open_snapshot(root, model=str(other), load_encoder=lambda name, backend: tiny_bi_encoder)
     assert opened.bi_encoder_name == str(other.resolve())
     assert any("was built with" in r.getMessage() for r in caplog.records)
 

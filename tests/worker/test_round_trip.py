@@ -45,8 +45,9 @@ def test_round_trip_bundled_model_finds_paraphrase_twins(
         reranked = client.submit_many(questions, top_k=10)
         recall_only = client.submit_many(questions, top_k=5, rerank=False)
     assert all(r["ok"] and r["snapshot"] == version for r in reranked + recall_only)
-    assert reranked[0]["models"] == {"bi_encoder": DEFAULT_MODEL,
-                                     "cross_encoder": tiny_cross_encoder_path, "backend": "torch"}
+    assert reranked[0]["models"] == {  # the snapshot has no backend recorded: torch
+        "bi_encoder": DEFAULT_MODEL, "cross_encoder": tiny_cross_encoder_path, "backend": "torch",
+        "backends": {"bi_encoder": "torch", "cross_encoder": "torch"}}
     hits_at_1 = sum(r["results"][0]["text"] == t for r, t in zip(recall_only, texts))
     assert hits_at_1 >= 0.8 * len(texts), hits_at_1
     for reply, twin in zip(reranked, texts):

@@ -98,3 +98,59 @@ def test_holder_without_snapshot_warns_once_and_is_not_ready(
     assert not holder.ready and {k: v for k, v in holder.status().items() if k != "store"} == {
         "version": None, "age_s": None, "rows": 0}
     assert caplog.text.count("no snapshot published") == 1
+
+
+def test_auto_backend_embeds_queries_as_the_snapshot_was_built(
+        quick_snapshot: Any, tiny_bi_encoder: Any, make_settings: Any) -> None:
+    """A manifest without a backend was embedded with torch: `auto` (the default) loads torch."""
+    import numpy as np
+
+    from twinq.shared.models import backend_of, encode_normalised
+
+    root, _ = quick_snapshot(TEXTS)
+    settings = make_settings(root)
+    assert settings.backend == "auto"
+    holder = SnapshotHolder(settings)
+    holder.start(watch=False)
+    served = holder.served
+    assert served is not None and served.bi_encoder_backend == "torch"
+    assert backend_of(served.bi_encoder) == "torch"
+    np.testing.assert_allclose(encode_normalised(served.bi_encoder, TEXTS),
+                               encode_normalised(tiny_bi_encoder, TEXTS), atol=1e-6)
+
+
+def test_explicit_backend_other_than_the_snapshots_is_refused_by_name(
+        tmp_path: Path, quick_snapshot: Any, tiny_bi_encoder_path: str, make_settings: Any,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A worker set to torch keeps serving its torch snapshot when an onnx-built one is
+    published: one clear refusal naming both backends (vectors of two backends never mix)."""
+    import json
+    import shutil
+
+    pytest.importorskip("onnxruntime")
+    from twinq.pipelines.index import BuildOptions, build_snapshot
+
+    model = tmp_path / "model"  # a private copy: the onnx export is cached inside it
+    shutil.copytree(tiny_bi_encoder_path, model)
+    root = tmp_path / "root"
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"id": f"q{i}", "text": t}) + "\n"
+                              for i, t in enumerate(TEXTS)))
+    options = dict(corpus=[str(corpus)], root=root, shards=1, model=str(model), publish=True,
+                   canary=0)
+    old = build_snapshot(BuildOptions(**options, backend="torch")).version
+    metrics = WorkerMetrics()
+    holder = SnapshotHolder(make_settings(root, backend="torch"), metrics=metrics)
+    holder.start(watch=False)
+    assert holder.version == old
+    new = build_snapshot(BuildOptions(**options, backend="onnx")).version
+    with caplog.at_level(logging.ERROR, logger="twinq.worker.served"):
+        assert holder.check_for_update() is None
+    assert holder.version == old
+    assert sample(metrics, "twinq_reloads_total", result="failure") == 1
+    [line] = [r.getMessage() for r in caplog.records if r.name == "twinq.worker.served"]
+    assert f"refused snapshot {new}" in line and "embedded with the onnx backend, not torch" in line
+    assert f"still serving {old}" in line and "\n" not in line
+    auto = SnapshotHolder(make_settings(root))  # auto follows the snapshot instead
+    auto.start(watch=False)
+    assert auto.served is not None and auto.served.bi_encoder_backend == "onnx"
