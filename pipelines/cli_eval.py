@@ -62,8 +62,12 @@ def retrieval_command(
                                    help="Rerank both orders and average (2x the cost)."),
     max_queries: Optional[int] = typer.Option(None, "--max-queries", help="First N queries only."),
     out: Optional[Path] = typer.Option(None, "--out", help="report.json, report.md, retrieval.png."),
+    adaptive: Optional[bool] = typer.Option(None, "--adaptive/--no-adaptive", help="Rerank each "
+                                            "query's adaptive head, or the full depth (default: "
+                                            "as the reranker's training.json says)."),
 ) -> None:
-    """Recall-only vs rerank-only vs fused nDCG@10, MRR@10, Recall@k and queries/s.
+    """Recall-only vs rerank-only vs fused nDCG@10, MRR@10, Recall@k and queries/s, with the
+    rerank pairs scored (adaptive reranking against the full depth).
 
     Example: twinq eval retrieval --root runs/quora-snap --queries q.jsonl --qrels test.tsv --reranker runs/ce
     """
@@ -74,7 +78,7 @@ def retrieval_command(
     report = evaluate_retrieval(root, str(queries), str(qrels), reranker=reranker,
                                 recall_k=recall_k, rerank_depth=rerank_depth,
                                 fusion_weight=fusion_weight, symmetric=symmetric,
-                                max_queries=max_queries,
+                                max_queries=max_queries, adaptive=adaptive,
                                 out=str(out) if out else None)
     Console().print(retrieval_table(report))
 

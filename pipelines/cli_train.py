@@ -96,6 +96,7 @@ def reranker_command(
                     f"{report['fusion']['weight']}; twin decision on {d['queries']} dev queries: "
                     f"ECE {d['ece']:.3f}, min_probability {report['decision']['min_probability']:.3f}"
                     f" answers {100 * d['coverage']:.0f}% at precision {100 * (d['precision'] or 0):.1f}%")
+    Console().print(_adaptive_line(report))
 
 
 @train_app.command("decide")
@@ -106,7 +107,8 @@ def decide_command(
                                               "will serve (default: the one it was trained "
                                               "with)."),
 ) -> None:
-    """Fit fusion and the twin decision again for a trained reranker, without training.
+    """Fit fusion, the twin decision and adaptive reranking again for a trained reranker,
+    without training.
 
     The same held-out pairs (from the settings in its training.json) are searched in the
     snapshot; use it when the corpus the reranker serves has changed.
@@ -122,3 +124,13 @@ def decide_command(
     Console().print(f"[bold]updated {reranker / 'training.json'}[/]: fusion weight "
                     f"{report['fusion']['weight']}; twin decision on {d['queries']} dev queries: "
                     f"ECE {d['ece']:.3f}, min_probability {report['decision']['min_probability']:.3f}")
+    Console().print(_adaptive_line(report))
+
+
+def _adaptive_line(report: dict) -> str:
+    """What the adaptive reranking rule in a training.json saves on dev, in one line."""
+    from twinq.pipelines.adaptive_fit import summary
+    from twinq.shared.adaptive_depth import AdaptiveRule
+
+    data = report.get("adaptive_rerank")
+    return summary(None if data is None else AdaptiveRule.from_dict(data))

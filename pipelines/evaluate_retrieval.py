@@ -4,7 +4,9 @@ The three variants are always reported side by side (``base_ndcg@10 -> ndcg@10``
 can lower nDCG where the bi-encoder was trained on the same task (Quora), so rerank must prove
 its value. Recall goes through the same path as serving (`open_snapshot`, `search_shards`);
 fusion is the reranker's own (`RerankConfig.resolve_fusion`: its training.json's method and
-weight, or z-score at `DEFAULT_FUSION_WEIGHT` for a model without one).
+weight, or z-score at `DEFAULT_FUSION_WEIGHT` for a model without one). Each query reranks the
+head its adaptive rule gives (`twinq.shared.adaptive_depth`, as the worker does) unless told not
+to; the report states the pairs scored against the full depth beside nDCG@10 and MRR@10.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from twinq.pipelines.beir import load_beir
-from twinq.pipelines.candidates import build_runs, recall_candidates, recall_run, rerank_candidates
+from twinq.pipelines.candidates import (Candidates, build_runs, recall_candidates, recall_run,
+                                       rerank_candidates)
 from twinq.pipelines.fusion_tuning import argmax_weight, tune_weight
 from twinq.pipelines.metrics import paired_gain, per_query, recall_at_k, retrieval_metrics
 from twinq.pipelines.report_files import write_report_files
@@ -27,7 +30,8 @@ def evaluate_retrieval(root: str, queries_path: str, qrels_path: str, *,
                        reranker: str | None = None, recall_k: int = 100,
                        rerank_depth: int = DEFAULT_RERANK_DEPTH,
                        fusion_weight: float | None = None, symmetric: bool = False,
-                       max_queries: int | None = None, out: str | None = None) -> dict[str, Any]:
+                       max_queries: int | None = None, out: str | None = None,
+                       adaptive: bool | None = None) -> dict[str, Any]:
     """Recall-only, rerank-only and fused metrics plus queries/s, side by side.
 
     Args:
@@ -44,9 +48,13 @@ def evaluate_retrieval(root: str, queries_path: str, qrels_path: str, *,
             to False.
         max_queries: Evaluate only the first N queries. Defaults to None (all).
         out: Write report.json, report.md and retrieval.png here. Defaults to None.
+        adaptive: Rerank each query's adaptive head (True) or the full depth (False); None
+            does what the reranker's training.json says (its rule if it has one). Defaults to
+            None.
 
     Raises:
-        BadInput: bad BEIR files, or a fusion weight outside 0..1.
+        BadInput: bad BEIR files, a fusion weight outside 0..1, or `adaptive` True for a
+            reranker without an adaptive rule.
         ConfigError: the reranker's training.json is malformed.
         SnapshotInvalid: the snapshot fails its checks or does not match its bi-encoder.
     """
@@ -74,8 +82,25 @@ def evaluate_retrieval(root: str, queries_path: str, qrels_path: str, *,
     if config is not None:
         method, weight = config.resolve_fusion(None, None, fusion_weight,
                                                fallback=TUNED_FUSION_METHOD)
+        rule = config.resolve_adaptive(None, adaptive)
+        if adaptive and rule is None:
+            raise BadInput(f"--adaptive: {reranker} has no adaptive_rerank rule in its "
+                           "training.json (fit one with `twinq train decide`)")
+        full = {q: min(rerank_depth, len(c.texts)) for q, c in cands.items()}
+        depths = {q: rule.depth(c.recall, rerank_depth) if rule else full[q]
+                  for q, c in cands.items()}
+        heads = {q: Candidates(c.ids[:depths[q]], c.texts[:depths[q]], c.recall[:depths[q]])
+                 for q, c in cands.items()}
         model = load_cross_encoder(reranker)
-        rerank, rerank_s = rerank_candidates(model, queries, cands, rerank_depth, symmetric=symmetric)
+        rerank, rerank_s = rerank_candidates(model, queries, heads, rerank_depth,
+                                             symmetric=symmetric)
+        report["adaptive"] = None if rule is None else {
+            "margin": rule.margin, "min_depth": rule.min_depth, "min_top1": rule.min_top1}
+        scored_pairs, full_pairs = sum(depths.values()), sum(full.values())
+        report["rerank_pairs"] = {
+            "total": scored_pairs, "mean_per_query": scored_pairs / max(len(cands), 1),
+            "share_of_depth": scored_pairs / full_pairs if full_pairs else 1.0,
+            "full_depth_total": full_pairs}
         runs = build_runs(cands, rerank, weight, method)
         qps = len(queries) / (recall_s + rerank_s)
         for name in ("rerank", "fused"):
@@ -110,6 +135,15 @@ def retrieval_table(report: dict[str, Any]) -> str:
         cells = [f"{m[k]:.1f}" if k == "qps" else f"{100 * m[k]:.2f}" for k in keys if k in m]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     base = report["variants"]["recall"]
+    pairs = report.get("rerank_pairs")
+    if pairs:
+        rule = report.get("adaptive")
+        how = (f"adaptive, margin {rule['margin']}, at least {rule['min_depth']}"
+               + (f", top-1 cosine >= {rule['min_top1']}" if rule.get("min_top1") is not None
+                  else "") if rule else "full depth")
+        lines.append(f"\nrerank pairs ({how}): {pairs['mean_per_query']:.2f} per query, "
+                     f"{100 * pairs['share_of_depth']:.1f}% of depth {report['rerank_depth']} "
+                     f"({pairs['total']} of {pairs['full_depth_total']})")
     for name in ("rerank", "fused"):
         if name in report["variants"]:
             m = report["variants"][name]

@@ -3,7 +3,8 @@
 `fit_serving` searches held-out questions in the corpus the reranker will serve (a snapshot,
 or the pairs' own questions as an in-memory corpus), reranks them as the worker does, tunes
 the fusion weight (`twinq.pipelines.fusion_tuning`), fits the decision model on the fused top
-hits (`twinq.pipelines.decision_fit`) and returns them as the reranker's `RerankConfig`.
+hits (`twinq.pipelines.decision_fit`) and the adaptive reranking rule on the same full-depth
+scores (`twinq.pipelines.adaptive_fit`), and returns them as the reranker's `RerankConfig`.
 `twinq train reranker` calls it after training; `twinq train decide` calls it again alone.
 """
 
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from twinq.pipelines.adaptive_fit import fit_adaptive
 from twinq.pipelines.decision_fit import (decision_metrics, decision_rows, fit_decision,
                                           pair_calibration, write_dev_rows)
 from twinq.pipelines.fusion_tuning import tune_fusion
@@ -69,7 +71,8 @@ class ServingFit:
     """What `fit_serving` fitted, as the reranker's config, and its report on the dev queries.
 
     ``config`` carries fusion (with its tuning report), the decision model, the pair
-    calibration and the depth they were fitted at; training adds the pair threshold.
+    calibration, the adaptive reranking rule and the depth they were fitted at; training adds
+    the pair threshold.
     """
 
     config: RerankConfig
@@ -80,7 +83,8 @@ def fit_serving(model_dir: str, dev: Sequence[LabelledPair], corpus_pairs: Seque
                 *, root: str | None, bi_encoder: str | None, unrelated: Sequence[str],
                 limit: int = 1000, seed: int = 0, max_length: int | None = None,
                 depth: int = DEFAULT_RERANK_DEPTH) -> ServingFit:
-    """Tune fusion, fit the decision model and the pair calibration on serving-like dev queries.
+    """Tune fusion, fit the decision model, the pair calibration and the adaptive reranking rule
+    on serving-like dev queries.
 
     Args:
         model_dir: The trained reranker.
@@ -125,10 +129,12 @@ def fit_serving(model_dir: str, dev: Sequence[LabelledPair], corpus_pairs: Seque
     decision = fit_decision(rows)
     calibration = pair_calibration(model, dev, rows)
     write_dev_rows(model_dir, rows)
+    adaptive = fit_adaptive(scored, method=fusion["method"], weight=fusion["weight"],
+                            decision=decision, depth=depth)
     report = decision_metrics(decision.predict(rows.features), rows, decision.min_probability or 1.0)
     report["corpus"] = f"snapshot {root}" if root else "the questions of the pairs files"
     config = RerankConfig(
         fusion_method=fusion["method"], fusion_weight=fusion["weight"], decision=decision,
-        calibration=calibration, rerank_depth=depth,
+        calibration=calibration, rerank_depth=depth, adaptive=adaptive,
         fusion_info={k: v for k, v in fusion.items() if k not in ("method", "weight")})
     return ServingFit(config, report)

@@ -10,7 +10,8 @@ serve, tune the fusion weight and fit the twin decision on those serving-like qu
 `twinq.shared.rerank_config`): ``base``, ``threshold``, ``fusion`` (``{"method": "zscore",
 "weight"}`` and how it was tuned), ``decision`` (the twin decision model with its default
 ``min_probability``; `twinq.shared.calibration`), ``calibration`` (the pair calibration of the
-logit), ``rerank_depth`` (the depth they were fitted at), ``raw_score``, ``settings``, ``data``
+logit), ``rerank_depth`` (the depth they were fitted at), ``adaptive_rerank`` (the adaptive
+reranking rule; `twinq.shared.adaptive_depth`), ``raw_score``, ``settings``, ``data``
 (sizes and sources), ``dev_metrics`` and ``train_metrics`` (pairs), ``decision_dev`` and
 ``created_at``.
 """
@@ -89,7 +90,8 @@ def refit_decision(model_dir: str, *, fusion_root: str | None = None) -> dict[st
     The training pairs and split are read from the settings in its training.json, so the dev
     side is the same held-out one; `fusion_root` points it at another snapshot (the corpus it
     will now serve). training.json's ``fusion``, ``decision``, ``calibration``,
-    ``rerank_depth`` and ``decision_dev`` are replaced; everything else is kept.
+    ``rerank_depth``, ``adaptive_rerank`` and ``decision_dev`` are replaced; everything else
+    is kept.
 
     Raises:
         BadInput: no training.json with settings in `model_dir`.

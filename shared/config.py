@@ -64,6 +64,10 @@ class Settings:
     rerank_symmetric: bool = False
     """Score (query, candidate) and (candidate, query) and average: on Quora +0.2 nDCG@10 for
     rerank alone but nothing measurable fused, at twice the rerank cost (docs/results.md §4)."""
+    adaptive_rerank: bool = True
+    """Rerank only the candidates close to the top-1 cosine, by the rule fitted on dev and stored
+    in the reranker's training.json (`twinq.shared.adaptive_depth`); false reranks every query at
+    full depth. A reranker without the rule reranks at full depth either way."""
     collapse_clusters: bool = True
     """Default of a request's `collapse`: keep one hit per duplicate cluster (the best-ranked),
     the others as its `also_asked`. Only rows built with `--clusters` carry a cluster id, so on
@@ -187,6 +191,8 @@ def _choice_problems(s: Settings) -> Iterator[str]:
         yield f"fusion must be one of {fusion_methods()}"
     if not isinstance(s.rerank_symmetric, bool):
         yield "rerank_symmetric must be true or false"
+    if not isinstance(s.adaptive_rerank, bool):
+        yield f"adaptive_rerank must be true or false, got {s.adaptive_rerank!r:.40}"
     if not isinstance(s.collapse_clusters, bool):
         yield "collapse_clusters must be true or false"
 

@@ -55,7 +55,8 @@ ADDRESS_PARSE_MAX_BYTES = 1 << 20
 """A refused payload up to this size is still parsed to find where to send the error reply."""
 
 REQUEST_FIELDS = ("id", "query", "top_k", "recall_k", "rerank", "reply_to", "rerank_depth",
-                  "fusion", "fusion_weight", "min_probability", "collapse", "submitted_ms")
+                  "fusion", "fusion_weight", "min_probability", "collapse", "adaptive",
+                  "submitted_ms")
 STAGES = ("queue", "embed", "search", "rerank", "total")
 
 
@@ -100,6 +101,10 @@ class QueryRequest:
     collapse: bool | None = None
     """Keep one hit per duplicate cluster, the others as its `also_asked`; None: the worker's
     `collapse_clusters` (see `twinq.shared.collapse`)."""
+    adaptive: bool | None = None
+    """Rerank only the candidates close to the top-1 cosine (the reranker's fitted rule); false
+    reranks at full depth; None: the worker's `adaptive_rerank` (see
+    `twinq.shared.adaptive_depth`)."""
     submitted_ms: int | None = None
     """Client wall-clock time of submission, epoch ms, for tracing. The worker times the queue
     wait from the stream entry id instead: the server's clock, which no client can skew."""
@@ -254,11 +259,14 @@ def parse_request(fields: Mapping[bytes | str, bytes | str], settings: Settings)
     collapse = payload.get("collapse")
     if collapse is not None and not isinstance(collapse, bool):
         raise _bad(f"collapse must be true or false, not {type(collapse).__name__}")
+    adaptive = payload.get("adaptive")
+    if adaptive is not None and not isinstance(adaptive, bool):
+        raise _bad(f"adaptive must be true or false, not {type(adaptive).__name__}")
     return QueryRequest(
         id=request_id, query=query, top_k=top_k, recall_k=recall_k, rerank=rerank,
         reply_to=reply_to, rerank_depth=_number(payload, "rerank_depth", 0, C.MAX_RECALL_K),
         fusion=fusion, fusion_weight=_number(payload, "fusion_weight", 0, 1, whole=False),
-        min_probability=min_probability, collapse=collapse,
+        min_probability=min_probability, collapse=collapse, adaptive=adaptive,
         submitted_ms=_number(payload, "submitted_ms", 0, 2**63 - 1))
 
 

@@ -11,6 +11,7 @@ which checks every one:
                   "min_probability": 0.7},
      "calibration": {"method": "logistic", "features": ["rerank"], ...},
      "rerank_depth": 20,
+     "adaptive_rerank": {"margin": 0.05, "min_depth": 2, "dev": {...}},
      "settings": {"max_length": 64, ...}, ...}
 
 Each knob of a query is resolved in one order, the request first, then the settings
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from twinq.shared.adaptive_depth import AdaptiveRule
 from twinq.shared.calibration import Calibration, finite_number
 from twinq.shared.constants import DEFAULT_RERANK_DEPTH, MAX_RECALL_K
 from twinq.shared.errors import ConfigError
@@ -71,6 +73,8 @@ class RerankConfig:
         rerank_depth: The depth fusion and the decision were fitted at, or None (rerankers
             trained before it was written).
         max_length: The tokenizer cut-off it was trained with (``settings.max_length``), or None.
+        adaptive: The adaptive reranking rule fitted on dev (`twinq.shared.adaptive_depth`), or
+            None (rerankers fitted before it: every query reranks at full depth).
         fusion_info: How the fusion was tuned (training.json's other ``fusion`` keys); written
             back, never used to serve.
         path: The file read, or None.
@@ -83,6 +87,7 @@ class RerankConfig:
     pair_threshold: float | None = None
     rerank_depth: int | None = None
     max_length: int | None = None
+    adaptive: AdaptiveRule | None = None
     fusion_info: Mapping[str, Any] = field(default_factory=dict)
     path: Path | None = None
 
@@ -150,6 +155,18 @@ class RerankConfig:
                                  self.rerank_depth, DEFAULT_RERANK_DEPTH) if d is not None)
         return depth if recall_k is None else min(depth, recall_k)
 
+    def resolve_adaptive(self, settings: Settings | None = None,
+                         requested: bool | None = None) -> AdaptiveRule | None:
+        """The adaptive reranking rule a query is answered with, or None for full depth.
+
+        On or off is the request's ``adaptive``, else the settings' ``adaptive_rerank``, else
+        on; what "on" applies is training.json's rule, so a reranker without one (fitted before
+        it) reranks every query at full depth whatever is asked.
+        """
+        enabled = next(v for v in (requested, settings.adaptive_rerank if settings else None,
+                                   True) if v is not None)
+        return self.adaptive if enabled else None
+
     def check_settings(self, settings: Settings) -> None:
         """Refuse settings this reranker cannot honour.
 
@@ -175,6 +192,8 @@ class RerankConfig:
             data["calibration"] = self.calibration.to_dict()
         if self.rerank_depth is not None:
             data["rerank_depth"] = self.rerank_depth
+        if self.adaptive is not None:
+            data["adaptive_rerank"] = self.adaptive.to_dict()
         return data
 
 
@@ -259,6 +278,12 @@ def load_rerank_config(model_dir: str | Path | None) -> RerankConfig:
     depth = data.get("rerank_depth")
     settings = data.get("settings")
     max_length = settings.get("max_length") if isinstance(settings, dict) else None
+    adaptive = data.get("adaptive_rerank")
+    if adaptive is not None:
+        try:
+            adaptive = AdaptiveRule.from_dict(adaptive)
+        except ValueError as exc:
+            raise ConfigError(f"{path}: adaptive_rerank: {exc}") from exc
     return RerankConfig(
         fusion_method=method, fusion_weight=weight, decision=models["decision"],
         calibration=models["calibration"],
@@ -268,4 +293,4 @@ def load_rerank_config(model_dir: str | Path | None) -> RerankConfig:
         max_length=None if max_length is None else _integer(max_length,
                                                             f"{path}: settings.max_length",
                                                             1, 1_000_000),
-        fusion_info=info, path=path)
+        adaptive=adaptive, fusion_info=info, path=path)

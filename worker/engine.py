@@ -37,6 +37,7 @@ from twinq.worker.served import SnapshotHolder
 if TYPE_CHECKING:
     from sentence_transformers import CrossEncoder, SentenceTransformer
 
+    from twinq.shared.adaptive_depth import AdaptiveRule
     from twinq.shared.config import Settings
     from twinq.shared.protocol import QueryRequest, Update
     from twinq.shared.search import Hit
@@ -99,6 +100,11 @@ class Engine:
                           self.settings.rerank_depth,
                           ", both orders" if self.settings.rerank_symmetric else "",
                           self._fusion(None, None))
+            rule = self.rerank_config.resolve_adaptive(self.settings)
+            if rule is not None:
+                self.log.info("adaptive reranking: candidates within %.3f of the top-1 cosine, at "
+                              "least %d (%s)", rule.margin, rule.min_depth,
+                              self.rerank_config.path)
             if self.rerank_config.decision is None:
                 self.log.warning("reranker %s has no decision model (no training.json from "
                                  "`twinq train reranker`): duplicate_probability is null and "
@@ -204,6 +210,16 @@ class Engine:
         return self.rerank_config.resolve_depth(self.settings, request.rerank_depth,
                                                 request.recall_k)
 
+    def _adaptive(self, request: QueryRequest) -> AdaptiveRule | None:
+        return self.rerank_config.resolve_adaptive(self.settings, request.adaptive)
+
+    def _head(self, request: QueryRequest, hits: list[Hit]) -> tuple[int, int]:
+        """(candidates to rerank, candidates the resolved depth alone would rerank): the
+        adaptive rule's head (`twinq.shared.adaptive_depth`) when it applies, else the depth."""
+        full = min(self._depth(request), len(hits))
+        rule = self._adaptive(request)
+        return (full if rule is None else rule.depth([h.recall_score for h in hits], full)), full
+
     # --- answering ---------------------------------------------------------------------------
 
     def cache_parts(self, request: QueryRequest) -> list[Any] | None:
@@ -216,6 +232,7 @@ class Engine:
         reranks = request.rerank and self.cross_encoder is not None
         return [served.snapshot.version, served.bi_encoder_name, self.cross_encoder_name,
                 request.top_k, request.recall_k, reranks, self._depth(request) if reranks else 0,
+                (rule.key() if reranks and (rule := self._adaptive(request)) else None),
                 reranks and self.settings.rerank_symmetric,
                 self._fusion(request.fusion, request.fusion_weight),
                 reranks and self._threshold(request), request.query,
@@ -255,9 +272,12 @@ class Engine:
         searched = self.clock()
         chosen = [i for i, r in enumerate(requests) if r.rerank and self.cross_encoder is not None]
         if chosen:
+            heads = [self._head(requests[i], hits[i]) for i in chosen]
             rerank([queries[i] for i in chosen], [hits[i] for i in chosen], self.cross_encoder,
-                   depth=[self._depth(requests[i]) for i in chosen],
+                   depth=[scored for scored, _ in heads],
                    symmetric=self.settings.rerank_symmetric)
+            if self.metrics:
+                self.metrics.count_rerank_pairs(sum(s for s, _ in heads), sum(f for _, f in heads))
         reranked = self.clock()
         stage_ms = {"embed": (embedded - start) * 1000, "search": (searched - embedded) * 1000,
                     "rerank": (reranked - searched) * 1000}

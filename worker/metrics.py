@@ -25,6 +25,7 @@ OUTCOMES = ("ok", "bad_request", "too_large", "overloaded", "not_ready", "intern
 STAGES = ("queue", "embed", "search", "rerank", "total")
 MODELS = ("bi_encoder", "cross_encoder")
 UPDATE_OUTCOMES = ("upsert", "delete", "refused")
+RERANK_PAIR_KINDS = ("scored", "full")
 
 EXPORTED_METRICS: frozenset[str] = frozenset({
     "twinq_requests_total", "twinq_stage_latency_seconds", "twinq_batch_size",
@@ -33,7 +34,7 @@ EXPORTED_METRICS: frozenset[str] = frozenset({
     "twinq_indexed_rows", "twinq_model_load_seconds", "twinq_reloads_total",
     "twinq_query_cache_total", "twinq_worker_up", "twinq_snapshot_store_up",
     "twinq_live_rows", "twinq_update_lag_seconds", "twinq_served_watermark_timestamp_seconds",
-    "twinq_updates_total",
+    "twinq_updates_total", "twinq_rerank_pairs_total",
 })
 """Every metric name a worker exports, as it appears in the exposition text."""
 
@@ -108,6 +109,12 @@ class WorkerMetrics:
                                       registry=r)
         self.updates = Counter("twinq_updates", "Live updates read, by outcome (applied upsert "
                                "or delete, or refused).", ["outcome"], registry=r)
+        self.rerank_pairs = Counter("twinq_rerank_pairs", "(query, candidate) pairs reranked: "
+                                    "scored (after adaptive reranking), and full (what the "
+                                    "resolved depth alone would have scored).", ["kind"],
+                                    registry=r)
+        for kind in RERANK_PAIR_KINDS:
+            self.rerank_pairs.labels(kind=kind)
         for outcome in UPDATE_OUTCOMES:
             self.updates.labels(outcome=outcome)
         for outcome in OUTCOMES:
@@ -139,6 +146,12 @@ class WorkerMetrics:
         self.live_rows.set(rows)
         self.update_lag.set(lag_s)
         self.served_watermark.set(watermark_s)
+
+    def count_rerank_pairs(self, scored: int, full: int) -> None:
+        """Count a batch's reranked pairs: `scored`, and `full` at the resolved depth alone
+        (``1 - scored / full`` is the share adaptive reranking saved)."""
+        self.rerank_pairs.labels(kind="scored").inc(scored)
+        self.rerank_pairs.labels(kind="full").inc(full)
 
     def set_queue(self, depths: dict[str, int | None]) -> None:
         """Update the stream gauges from `twinq.shared.queue.RedisQueue.depth`; unknown values stay."""

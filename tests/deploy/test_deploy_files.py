@@ -49,6 +49,7 @@ EXPORTED_METRICS = frozenset(
         "twinq_update_lag_seconds",
         "twinq_served_watermark_timestamp_seconds",
         "twinq_updates_total",
+        "twinq_rerank_pairs_total",
         # index build (Pushgateway, job="twinq_index_build")
         "twinq_build_rows",
         "twinq_build_stage_seconds",

@@ -64,6 +64,8 @@ def test_train_reranker_cli_writes_loadable_model(tmp_path: Path, tiny_cross_enc
     assert config.decision is not None and 0.0 <= config.decision.min_probability <= 1.0
     assert config.calibration is not None and config.calibration.features == ("rerank",)
     assert config.rerank_depth == meta["rerank_depth"] == 20 and config.max_length == 64
+    assert config.adaptive is not None and config.adaptive.dev["depth"] == 20  # fitted on dev
+    assert 0.0 < config.adaptive.dev["pairs_share"] <= 1.0
     assert list(meta)[:6] == ["base", "threshold", "fusion", "decision", "calibration",
                               "rerank_depth"]
     kinds = meta["decision_dev"]["kinds"]
@@ -85,6 +87,8 @@ def test_train_reranker_cli_writes_loadable_model(tmp_path: Path, tiny_cross_enc
     assert again.exit_code == 0, again.output
     refit = json.loads((out / "training.json").read_text())
     assert refit["decision"] == meta["decision"] and refit["created_at"] == meta["created_at"]
+    assert refit["adaptive_rerank"] == meta["adaptive_rerank"]
+    assert "adaptive reranking: margin" in again.output
     assert (out / "decision_dev.json").is_file()
 
 

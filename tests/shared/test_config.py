@@ -115,6 +115,7 @@ def test_numeric_settings_accept_their_range_and_refuse_the_rest(name: str, data
     ({"redis_url": "http://localhost"}, "redis_url must start with one of"),
     ({"root": ""}, "root must be a non-empty string"),
     ({"metrics_port": 70000}, "metrics_port must be in 0..65535"),
+    ({"adaptive_rerank": "yes"}, "adaptive_rerank must be true or false, got 'yes'"),
 ])
 def test_known_bad_settings_are_refused_by_name(changes: dict[str, Any], words: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -125,7 +126,7 @@ def test_known_bad_settings_are_refused_by_name(changes: dict[str, Any], words: 
 def test_every_setting_has_a_check_and_a_documented_range() -> None:
     """A new field must join a check (and the README table says its range)."""
     checked = {*INT_RANGES, *FLOAT_RANGES, *TEXT_SETTINGS, *OPTIONAL_TEXT_SETTINGS,
-               "backend", "fusion", "rerank_symmetric", "collapse_clusters"}
+               "backend", "fusion", "rerank_symmetric", "collapse_clusters", "adaptive_rerank"}
     assert {f.name for f in fields(Settings)} == checked
     readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
     table = readme.split("## Configuration", 1)[1].split("\n## ", 1)[0]
