@@ -12,7 +12,9 @@ serve, tune the fusion weight and fit the twin decision on those serving-like qu
 ``min_probability``; `twinq.shared.calibration`), ``calibration`` (the pair calibration of the
 logit), ``rerank_depth`` (the depth they were fitted at), ``adaptive_rerank`` (the adaptive
 reranking rule; `twinq.shared.adaptive_depth`), ``raw_score``, ``settings``, ``data``
-(sizes and sources), ``dev_metrics`` and ``train_metrics`` (pairs), ``decision_dev`` and
+(sizes and sources), ``dev_metrics`` and ``train_metrics`` (pairs), ``decision_dev``,
+``serving_backend`` (what the worker's default backend, auto, resolves to for this reranker and
+the int8 guard's numbers; for information: the worker resolves it again when it loads) and
 ``created_at``.
 """
 
@@ -33,7 +35,7 @@ from twinq.pipelines.train_settings import TrainSettings
 from twinq.pipelines.trainer import fit, scored_pairs
 from twinq.pipelines.unrelated_questions import read_unrelated, split_unrelated
 from twinq.shared.errors import BadInput
-from twinq.shared.models import resolve_model, set_threads
+from twinq.shared.models import resolve_backend, resolve_model, set_threads
 from twinq.shared.pairs import LabelledPair
 from twinq.shared.rerank_config import TRAINING_FILE, write_training_json
 
@@ -71,6 +73,19 @@ def pair_report(model_dir: str, dev: list[LabelledPair], settings: TrainSettings
         result["train_metrics"] = pair_metrics([int(p.label or 0) for p in sample],
                                                scores(sample), threshold)
     return result
+
+
+def serving_backend(model_dir: str) -> dict[str, Any]:
+    """Export the trained reranker to ONNX and run the int8 guard (about 15 s for MiniLM-L6):
+    the backend `auto` will serve it in, and the check's numbers, for training.json. The export
+    is cached in the model folder, so the worker's first load is instant."""
+    start = time.perf_counter()
+    resolved = resolve_backend("cross-encoder", model_dir, "auto")
+    record = {"backend": resolved.backend, "quantisation_check": resolved.check,
+              "seconds": round(time.perf_counter() - start, 1)}
+    log.info("serving backend of %s: %s (%s)", model_dir, resolved.backend,
+             resolved.check["numbers"] if resolved.check else "no onnx export")
+    return record
 
 
 def serving_fit(model_dir: str, settings: TrainSettings, split: SplitPairs | None) -> ServingFit:
@@ -140,10 +155,11 @@ def train_reranker(settings: TrainSettings) -> dict[str, Any]:
     serving = serving_fit(str(out), settings, split)
     settings.timings_s["calibrate"] = round(time.perf_counter() - t2, 1)
     config = replace(serving.config, pair_threshold=result["threshold"])
+    backend = serving_backend(str(out))
     report = {"base": resolve_model(settings.base)[1], **config.to_json(),
               "raw_score": result["raw_score"], "settings": asdict(settings), "data": data,
               "dev_metrics": result["dev_metrics"], "decision_dev": serving.dev,
-              "train_metrics": result.get("train_metrics", {}),
+              "train_metrics": result.get("train_metrics", {}), "serving_backend": backend,
               "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     write_training_json(out, report)
     decision = serving.config.decision

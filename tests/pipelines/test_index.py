@@ -79,14 +79,46 @@ def test_backend_is_recorded_and_vectors_are_not_reused_across_backends(
     shutil.copytree(tiny_bi_encoder_path, model)
     corpus = str(_write_jsonl(tmp_path / "c.jsonl", _corpus(30)))
     options = dict(corpus=[corpus], root=tmp_path / "root", shards=2, model=str(model), publish=True)
-    first = build_snapshot(BuildOptions(**options))
+    first = build_snapshot(BuildOptions(**options, backend="torch"))
     assert first.manifest["model"]["backend"] == "torch"
+    assert first.manifest["model"]["quantisation_check"] is None
     second = build_snapshot(BuildOptions(**options, backend="onnx"))
     assert second.manifest["model"]["backend"] == "onnx"
     assert second.manifest["corpus"]["rows_reused"] == 0, "int8 and fp32 vectors must not mix"
     assert second.manifest["validation"]["passed"]
     third = build_snapshot(BuildOptions(**options, backend="onnx"))
     assert third.manifest["corpus"]["rows_reused"] == 30
+
+
+def test_auto_backend_is_recorded_resolved_with_its_check_and_reuse_compares_it(
+        tmp_path: Path, tiny_bi_encoder_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default (auto) resolves once: the manifest names the backend the vectors were made
+    in, with the int8 guard's numbers; a build whose auto resolves otherwise re-embeds all."""
+    pytest.importorskip("onnxruntime")
+    import shutil
+
+    from twinq.shared import quantisation_check as qc
+    from twinq.shared.opened_snapshot import open_snapshot
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_bi_encoder_path, model)
+    corpus = str(_write_jsonl(tmp_path / "c.jsonl", _corpus(30)))
+    options = dict(corpus=[corpus], root=tmp_path / "root", shards=2, model=str(model), publish=True)
+    first = build_snapshot(BuildOptions(**options))
+    assert BuildOptions(**options).backend == "auto"
+    recorded = first.manifest["model"]
+    assert recorded["backend"] == "onnx"  # the tiny bi-encoder passes the guard
+    check = recorded["quantisation_check"]
+    assert check["passed"] and check["kind"] == "bi-encoder"
+    assert check["numbers"]["mean_cosine"] >= check["thresholds"]["mean_cosine"]
+    assert snap.read_manifest_at(tmp_path / "root", first.version)["model"] == recorded
+    opened = open_snapshot(tmp_path / "root")  # auto: queries in the snapshot's backend
+    assert opened.bi_encoder_backend == "onnx" and opened.bi_encoder.precision == "int8"
+    monkeypatch.setattr(qc, "BI_MEAN_COSINE_MIN", 1.01)  # now auto resolves to onnx-fp32
+    second = build_snapshot(BuildOptions(**options))
+    assert second.manifest["model"]["backend"] == "onnx-fp32"
+    assert second.manifest["model"]["quantisation_check"]["passed"] is False
+    assert second.manifest["corpus"]["rows_reused"] == 0
 
 
 def _all_rows(path: Path) -> list[dict]:

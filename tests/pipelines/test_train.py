@@ -77,6 +77,10 @@ def test_train_reranker_cli_writes_loadable_model(tmp_path: Path, tiny_cross_enc
     assert len(meta["data"]["train_sources"][0]["sha256"]) == 64
     assert meta["settings"]["swap"] is True and "accuracy" in meta["dev_metrics"]
     assert meta["data"]["train_pairs"] > 0 and not (out / "checkpoints").exists()
+    # What the worker's default backend (auto) serves this reranker in, and the int8 guard.
+    served_in, check = meta["serving_backend"]["backend"], meta["serving_backend"]["quantisation_check"]
+    assert served_in == ("torch" if check is None else "onnx" if check["passed"] else "onnx-fp32")
+    assert check is None or {"spearman", "top1_agreement"} <= set(check["numbers"])
     model = load_cross_encoder(str(out))
     scores = model.predict([("How do I learn chess?", "Is chess hard?")])
     assert 0.0 <= float(scores[0]) <= 1.0
@@ -88,6 +92,7 @@ def test_train_reranker_cli_writes_loadable_model(tmp_path: Path, tiny_cross_enc
     refit = json.loads((out / "training.json").read_text())
     assert refit["decision"] == meta["decision"] and refit["created_at"] == meta["created_at"]
     assert refit["adaptive_rerank"] == meta["adaptive_rerank"]
+    assert refit["serving_backend"] == meta["serving_backend"]
     assert "adaptive reranking: margin" in again.output
     assert (out / "decision_dev.json").is_file()
 

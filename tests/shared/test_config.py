@@ -144,3 +144,13 @@ def test_worker_refuses_a_bad_setting_with_one_line_and_exit_2() -> None:
                           cwd=Path(__file__).parents[2])
     assert done.returncode == 2, done.stderr
     assert done.stderr.splitlines() == ["twinq: error: reply_ttl_s must be in 1..86400, got 0"]
+
+
+def test_backend_defaults_to_auto_and_an_unknown_one_is_refused_by_name() -> None:
+    assert Settings().backend == "auto"
+    assert load_settings(env={"TWINQ_BACKEND": "onnx-fp32"}).backend == "onnx-fp32"
+    for name in ("auto", "torch", "onnx", "openvino"):
+        assert load_settings(env={}, overrides={"backend": name}).backend == name
+    with pytest.raises(ConfigError) as info:
+        load_settings(env={"TWINQ_BACKEND": "tensorrt"})
+    assert "backend must be one of" in str(info.value) and "'tensorrt'" in str(info.value)
