@@ -173,3 +173,28 @@ def run_check(kind: str, folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
     fp32, int8 = (cls(folder, meta, precision="fp32"), cls(folder, meta, precision="int8"))
     compare = compare_bi_encoders if kind == "bi-encoder" else compare_cross_encoders
     return record(kind, compare(fp32, int8), time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print what `auto` resolves a model to, with the guard's numbers (exporting if needed).
+
+    Example: `python -m twinq.shared.quantisation_check --kind cross-encoder runs/ce`
+    """
+    import argparse
+    import json
+
+    from twinq.shared.models import resolve_backend
+
+    parser = argparse.ArgumentParser(prog="python -m twinq.shared.quantisation_check",
+                                     description=main.__doc__.splitlines()[0])  # type: ignore[union-attr]
+    parser.add_argument("model", nargs="?", default=None,
+                        help="Model folder or hub name (default: the bundled all-MiniLM-L6-v2).")
+    parser.add_argument("--kind", choices=["bi-encoder", "cross-encoder"], default="bi-encoder")
+    args = parser.parse_args(argv)
+    resolved = resolve_backend(args.kind, args.model, "auto")
+    print(json.dumps({"backend": resolved.backend, "quantisation_check": resolved.check},
+                     indent=2))
+
+
+if __name__ == "__main__":
+    main()
