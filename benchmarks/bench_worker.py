@@ -14,6 +14,12 @@ order (fusion "none") so the results can be compared, and the same cross-encoder
 With --baseline-rev, (c) runs the worker of an earlier commit (extracted with `git archive`)
 in the same run, on the same snapshot and queries: a before/after of a change to the worker.
 
+With --defaults, (b) is one worker process exactly as a user starts it: no backend, threads,
+depth or fusion given, so it runs what the defaults say (the guarded int8 backend, adaptive
+reranking and the reranker's own fusion from its training.json), and (a) reranks the top 20 in
+torch fp32 and fuses the same way: "same top-1" then compares the defaults with full fp32
+reranking (issue 24: >= 4x, same top-1 for >= 98% of queries).
+
 Goals: b/a >= 1.5 in queries per second on one backend, with the same results (issue 3);
 b/a >= 3 with the worker on int8 (--backend onnx) against the naive loop on torch fp32 (issue 7).
 """
@@ -65,9 +71,13 @@ def _random_head_reranker(work: Path) -> str:
     return str(out)
 
 
-def naive_loop(root: Path, reranker: str, queries: list[str], backend: str) -> tuple[list, list]:
+def naive_loop(root: Path, reranker: str, queries: list[str], backend: str,
+               fusion: tuple[str, float] | None = None) -> tuple[list, list]:
+    """One query at a time: encode, search, `predict` the top 20; with `fusion`, fuse as the
+    worker does (recall scores and logits) before taking the top hit."""
+    from twinq.shared.fusion import fuse
     from twinq.shared.models import load_bi_encoder, load_cross_encoder
-    from twinq.shared.rerank import score_pairs
+    from twinq.shared.rerank import rerank, score_pairs
     from twinq.shared.search import search_shards
     from twinq.shared.snapshot import load_snapshot
 
@@ -78,10 +88,17 @@ def naive_loop(root: Path, reranker: str, queries: list[str], backend: str) -> t
     for query in queries:
         start = time.perf_counter()
         vector = bi.encode([query], normalize_embeddings=True)
-        hits = search_shards(snapshot, np.asarray(vector), RECALL_K)[0][:DEPTH]
-        scores = score_pairs(ce, [(query, h.text) for h in hits])
+        hits = search_shards(snapshot, np.asarray(vector), RECALL_K)[0]
+        if fusion is None:
+            hits = hits[:DEPTH]
+            scores = score_pairs(ce, [(query, h.text) for h in hits])
+            top = hits[int(np.argmax(scores))].id
+        else:
+            rerank([query], [hits], ce, depth=DEPTH)
+            fuse(hits, *fusion)
+            top = hits[0].id
         latencies.append(time.perf_counter() - start)
-        tops.append(hits[int(np.argmax(scores))].id)
+        tops.append(top)
     return latencies, tops
 
 
@@ -145,10 +162,10 @@ def tree_worker(rev: str, work: Path) -> tuple[list[str], dict[str, str], Path]:
     return [sys.executable, "-c", LAUNCH.format(package="worker")], {"PYTHONPATH": str(tree)}, tree
 
 
-def worker_run(root: Path, reranker: str, queries: list[str], backend: str, url: str, *,
+def worker_run(root: Path, reranker: str, queries: list[str], backend: str | None, url: str, *,
                workers: int = 1, threads: int | None = None,
-               launch: tuple[list[str], dict[str, str], Path] | None = None
-               ) -> tuple[list, list, float]:
+               launch: tuple[list[str], dict[str, str], Path] | None = None,
+               defaults: bool = False) -> tuple[list, list, float]:
     import redis
 
     from twinq.shared.config import load_settings
@@ -156,8 +173,11 @@ def worker_run(root: Path, reranker: str, queries: list[str], backend: str, url:
     tag = uuid.uuid4().hex[:8]
     command, extra_env, cwd = launch or ([sys.executable, "-m", "twinq.shared.cli", "worker"], {},
                                          REPO)
-    env = {**os.environ, **extra_env, "TWINQ_STREAM": f"bench:{tag}", "TWINQ_GROUP": f"bench-{tag}",
-           "TWINQ_BACKEND": backend, "TWINQ_MAX_STREAM_LENGTH": str(len(queries) * 2)}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("TWINQ_")}, **extra_env,
+           "TWINQ_STREAM": f"bench:{tag}", "TWINQ_GROUP": f"bench-{tag}",
+           "TWINQ_MAX_STREAM_LENGTH": str(len(queries) * 2)}
+    if backend:
+        env["TWINQ_BACKEND"] = backend
     if threads:
         env["TWINQ_THREADS"] = str(threads)
     settings = load_settings(env=env)
@@ -174,8 +194,9 @@ def worker_run(root: Path, reranker: str, queries: list[str], backend: str, url:
         pipe = r.pipeline(transaction=False)
         for i, query in enumerate(queries):
             rid = f"{tag}-{i}"
-            payload = {"id": rid, "query": query, "recall_k": RECALL_K, "rerank_depth": DEPTH,
-                       "top_k": 10, "fusion": "none"}
+            payload = {"id": rid, "query": query, "recall_k": RECALL_K, "top_k": 10}
+            if not defaults:
+                payload.update({"rerank_depth": DEPTH, "fusion": "none"})
             pipe.xadd(settings.stream, {"payload": json.dumps(payload)})
             sent[rid] = time.perf_counter()
         pipe.execute()
@@ -213,17 +234,31 @@ def main() -> None:
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--baseline-rev", help="Also run the worker of this commit as (c), in "
                         "the same run: a before/after of a worker change.")
+    parser.add_argument("--defaults", action="store_true", help="(b) is one worker with every "
+                        "default (backend, threads, depth, adaptive reranking, fusion); (a) is "
+                        "torch fp32 at depth 20 with the reranker's fusion (issue 24).")
     args = parser.parse_args()
+    if args.defaults and (args.workers != 1 or args.threads or args.baseline_rev
+                          or args.naive_backend not in (None, "torch")):
+        parser.error("--defaults runs one worker with its defaults against the torch loop: "
+                     "leave --workers, --threads, --naive-backend and --baseline-rev out")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(tempfile.mkdtemp(prefix="twinq-bench-worker-"))
     root = _snapshot(args.root.resolve() if args.root else None, args.rows, work)
     reranker = str(Path(args.reranker).resolve()) if args.reranker else _random_head_reranker(work)
     queries = quora_questions(args.queries, offset=60_000)
 
-    naive_backend = args.naive_backend or args.backend
-    lat_a, top_a = naive_loop(root, reranker, queries, naive_backend)
-    lat_b, top_b, total_b = worker_run(root, reranker, queries, args.backend, args.redis_url,
-                                       workers=args.workers, threads=args.threads)
+    naive_backend = "torch" if args.defaults else args.naive_backend or args.backend
+    fusion = None
+    if args.defaults:
+        from twinq.shared.rerank_config import load_rerank_config
+
+        fusion = load_rerank_config(reranker).resolve_fusion()
+    lat_a, top_a = naive_loop(root, reranker, queries, naive_backend, fusion)
+    lat_b, top_b, total_b = worker_run(root, reranker, queries,
+                                       None if args.defaults else args.backend, args.redis_url,
+                                       workers=args.workers, threads=args.threads,
+                                       defaults=args.defaults)
     qps_a, qps_b = len(queries) / sum(lat_a), len(queries) / total_b
     same = sum(a == b for a, b in zip(top_a, top_b)) / len(queries)
     if args.baseline_rev:
@@ -235,14 +270,16 @@ def main() -> None:
     def pct(values: list[float], p: int) -> float:
         return float(np.percentile(values, p) * 1000)
 
+    worker_backend = "defaults (auto)" if args.defaults else args.backend
     print(f"machine: {machine()}; snapshot {root}; {len(queries)} queries; backend: naive "
-          f"{naive_backend}, worker {args.backend}; {args.workers} worker process(es), threads "
-          f"{args.threads or 'default'} each")
+          f"{naive_backend}, worker {worker_backend}; {args.workers} worker process(es), threads "
+          f"{args.threads or 'default'} each; fusion {fusion or 'none (rerank order)'}")
     print("| path | queries/s | p50 ms | p95 ms |\n|---|---:|---:|---:|")
     print(f"| (a) naive loop, one query at a time | {qps_a:.1f} | {pct(lat_a, 50):.0f} | {pct(lat_a, 95):.0f} |")
     print(f"| (b) {args.workers} worker(s) through Redis, burst | {qps_b:.1f} | {pct(lat_b, 50):.0f} | {pct(lat_b, 95):.0f} |")
     print(f"ratio b/a: {qps_b / qps_a:.2f} (goals: >= 1.5 on one backend, issue 3; >= 3 for "
-          f"worker onnx over naive torch, issue 7); same top-1 result: {same:.1%}")
+          f"worker onnx over naive torch, issue 7; >= 4 with --defaults, issue 24); same top-1 "
+          f"result: {same:.1%}")
     if args.baseline_rev:
         print(f"| (c) the same at {args.baseline_rev}, burst | {qps_c:.1f} | {pct(lat_c, 50):.0f} "
               f"| {pct(lat_c, 95):.0f} |")
