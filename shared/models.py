@@ -328,3 +328,24 @@ def encode_normalised(model: SentenceTransformer | OnnxBiEncoder, texts: Sequenc
     vectors = model.encode(list(texts), batch_size=batch_size, normalize_embeddings=True,
                            convert_to_numpy=True, show_progress_bar=progress)
     return np.asarray(vectors, dtype=np.float32)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print what the `auto` backend resolves a model to, with the int8 guard's numbers
+    (exporting the model first if needed): `python -m twinq.shared.models [--kind K] [MODEL]`."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m twinq.shared.models",
+                                     description="What backend=auto serves a model in, and why.")
+    parser.add_argument("model", nargs="?", default=None,
+                        help="Model folder or hub name (default: the bundled all-MiniLM-L6-v2).")
+    parser.add_argument("--kind", choices=["bi-encoder", "cross-encoder"], default="bi-encoder")
+    args = parser.parse_args(argv)
+    resolved = resolve_backend(args.kind, args.model, "auto")
+    print(json.dumps({"backend": resolved.backend, "quantisation_check": resolved.check},
+                     indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -205,7 +205,9 @@ def _checked(folder: Path, meta: dict[str, Any], kind: Kind, meta_path: Path) ->
     check = meta.get("quantisation_check")
     if check is not None and check.get("sample_version") == qc.SAMPLE_VERSION:
         return {**meta, "quantisation_check": qc.rejudged(check)}
-    meta = {**meta, "quantisation_check": qc.run_check(kind, folder, meta)}
+    cls = OnnxBiEncoder if kind == "bi-encoder" else OnnxCrossEncoder
+    fp32, int8 = cls(folder, meta, precision="fp32"), cls(folder, meta, precision="int8")
+    meta = {**meta, "quantisation_check": qc.run_check(kind, fp32, int8)}
     tmp = meta_path.with_name(f"meta.json.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(meta, indent=2))
     os.replace(tmp, meta_path)

@@ -14,10 +14,13 @@ Both sides are onnxruntime graphs of the same export, fp32 and int8, so the chec
 quantisation alone (the fp32 export matches torch exactly: docs/performance.md). Batches have a
 fixed size: int8 activations are scaled per batch, so the numbers depend on batch composition.
 
+This module imports no other twinq module (the export imports it). To see what `auto` makes of
+a model, with these numbers: `python -m twinq.shared.models [--kind cross-encoder] [MODEL]`.
+
 Example:
-    >>> check = run_check("bi-encoder", folder, meta)              # doctest: +SKIP
+    >>> check = run_check("bi-encoder", fp32_model, int8_model)    # doctest: +SKIP
     >>> check["passed"], check["numbers"]["mean_cosine"]
-    (True, 0.9946)
+    (True, 0.9937)
 """
 
 from __future__ import annotations
@@ -160,41 +163,13 @@ def compare_cross_encoders(fp32: Any, int8: Any) -> dict[str, float]:
             "pairs": len(pairs), "groups": len(groups)}
 
 
-def run_check(kind: str, folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
-    """Open both precisions of the export in `folder` and compare them on the sample.
+def run_check(kind: str, fp32: Any, int8: Any) -> dict[str, Any]:
+    """Compare the fp32 and int8 models of one export (`twinq.shared.onnx_backend` opens them)
+    on the sample.
 
     Returns:
         `record(...)`: numbers, thresholds, passed, the failed metrics, and the seconds taken.
     """
-    from twinq.shared.onnx_backend import OnnxBiEncoder, OnnxCrossEncoder
-
     start = time.perf_counter()
-    cls = OnnxBiEncoder if kind == "bi-encoder" else OnnxCrossEncoder
-    fp32, int8 = (cls(folder, meta, precision="fp32"), cls(folder, meta, precision="int8"))
     compare = compare_bi_encoders if kind == "bi-encoder" else compare_cross_encoders
     return record(kind, compare(fp32, int8), time.perf_counter() - start)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Print what `auto` resolves a model to, with the guard's numbers (exporting if needed).
-
-    Example: `python -m twinq.shared.quantisation_check --kind cross-encoder runs/ce`
-    """
-    import argparse
-    import json
-
-    from twinq.shared.models import resolve_backend
-
-    parser = argparse.ArgumentParser(prog="python -m twinq.shared.quantisation_check",
-                                     description=main.__doc__.splitlines()[0])  # type: ignore[union-attr]
-    parser.add_argument("model", nargs="?", default=None,
-                        help="Model folder or hub name (default: the bundled all-MiniLM-L6-v2).")
-    parser.add_argument("--kind", choices=["bi-encoder", "cross-encoder"], default="bi-encoder")
-    args = parser.parse_args(argv)
-    resolved = resolve_backend(args.kind, args.model, "auto")
-    print(json.dumps({"backend": resolved.backend, "quantisation_check": resolved.check},
-                     indent=2))
-
-
-if __name__ == "__main__":
-    main()
