@@ -342,7 +342,7 @@ def run_dedupe(name: str, root: Path, out: Path, args: argparse.Namespace, ids: 
            "--out", str(run_out), "--neighbours", str(args.neighbours),
            "--recall-floor", str(args.recall_floor)]
     if reranker:
-        if args.backend != "torch":  # the export is cached beside the model: work on a copy
+        if args.backend != "torch":  # the onnx export is cached beside the model: work on a copy
             import shutil
 
             copy = out / "reranker"
@@ -520,7 +520,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-dedupe")
     parser.add_argument("--neighbours", type=int, default=10)
     parser.add_argument("--recall-floor", type=float, default=0.8)
-    parser.add_argument("--backend", default="torch")
+    parser.add_argument("--backend", default="auto", help="Cross-encoder backend (default: 'auto', as `twinq dedupe`).")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--beam-arg", action="append", default=[], help="Extra Beam flag.")
     parser.add_argument("--no-recall-only", action="store_true", help="Skip the recall-only run.")
