@@ -82,7 +82,7 @@ class ServingFit:
 def fit_serving(model_dir: str, dev: Sequence[LabelledPair], corpus_pairs: Sequence[LabelledPair],
                 *, root: str | None, bi_encoder: str | None, unrelated: Sequence[str],
                 limit: int = 1000, seed: int = 0, max_length: int | None = None,
-                depth: int = DEFAULT_RERANK_DEPTH) -> ServingFit:
+                depth: int = DEFAULT_RERANK_DEPTH, backend: str = "torch") -> ServingFit:
     """Tune fusion, fit the decision model, the pair calibration and the adaptive reranking rule
     on serving-like dev queries.
 
@@ -98,6 +98,10 @@ def fit_serving(model_dir: str, dev: Sequence[LabelledPair], corpus_pairs: Seque
         seed: Seed for the query choice. Defaults to 0.
         max_length: Reranker token limit. Defaults to the model's.
         depth: Candidates reranked per query. Defaults to the worker's, `DEFAULT_RERANK_DEPTH`.
+        backend: The cross-encoder backend the worker will serve (`serving_backend`): the
+            decision model and the pair calibration read logits, and int8 logits differ from
+            fp32 ones by up to a logit or two, so they are fitted on the ones served. Defaults
+            to "torch".
 
     Raises:
         BadInput: when no dev question yields an answerable and a twin-removed query.
@@ -122,7 +126,7 @@ def fit_serving(model_dir: str, dev: Sequence[LabelledPair], corpus_pairs: Seque
     # A fifth of the set: enough to place "unrelated" far below any near miss, few enough not
     # to swamp the in-domain kinds the threshold is really about.
     queries.add_unrelated(list(unrelated), len(queries.texts) // 4)
-    model = load_cross_encoder(model_dir, max_length=max_length)
+    model = load_cross_encoder(model_dir, max_length=max_length, backend=backend)
     scored = score_queries(snapshot, bi, model, queries, depth=depth)
     fusion = tune_fusion(scored)
     rows = decision_rows(scored, fusion["weight"], fusion["method"])

@@ -14,8 +14,9 @@ logit), ``rerank_depth`` (the depth they were fitted at), ``adaptive_rerank`` (t
 reranking rule; `twinq.shared.adaptive_depth`), ``raw_score``, ``settings``, ``data``
 (sizes and sources), ``dev_metrics`` and ``train_metrics`` (pairs), ``decision_dev``,
 ``serving_backend`` (what the worker's default backend, auto, resolves to for this reranker and
-the int8 guard's numbers; for information: the worker resolves it again when it loads) and
-``created_at``.
+the int8 guard's numbers; fusion, the decision, the pair calibration and the adaptive rule are
+fitted on that backend's logits, because int8 logits differ from fp32 ones by up to a logit or
+two even where the ranking agrees) and ``created_at``.
 """
 
 from __future__ import annotations
@@ -88,15 +89,17 @@ def serving_backend(model_dir: str) -> dict[str, Any]:
     return record
 
 
-def serving_fit(model_dir: str, settings: TrainSettings, split: SplitPairs | None) -> ServingFit:
+def serving_fit(model_dir: str, settings: TrainSettings, split: SplitPairs | None,
+                backend: str = "torch") -> ServingFit:
     """Fusion, the twin decision and the pair calibration of a trained reranker, fitted on the
-    held-out side of `split` (`twinq.pipelines.serving_fit.fit_serving`)."""
+    held-out side of `split` (`twinq.pipelines.serving_fit.fit_serving`), on the logits of
+    `backend` (the one the worker will serve: `serving_backend`)."""
     split = split or split_pairs(settings)
     _, unrelated_held_out = split_unrelated(read_unrelated(settings.unrelated))
     return fit_serving(model_dir, split.dev, split.everything, root=settings.fusion_root,
                        bi_encoder=settings.bi_encoder, unrelated=unrelated_held_out,
                        limit=settings.fusion_queries, seed=settings.seed,
-                       max_length=settings.max_length)
+                       max_length=settings.max_length, backend=backend)
 
 
 def refit_decision(model_dir: str, *, fusion_root: str | None = None) -> dict[str, Any]:
@@ -121,8 +124,9 @@ def refit_decision(model_dir: str, *, fusion_root: str | None = None) -> dict[st
     settings = TrainSettings(**{k: v for k, v in stored.items() if k in known})
     if fusion_root:
         settings.fusion_root = fusion_root
-    serving = serving_fit(model_dir, settings, None)
-    report.update(serving.config.to_json(), decision_dev=serving.dev)
+    backend = serving_backend(model_dir)
+    serving = serving_fit(model_dir, settings, None, backend["backend"])
+    report.update(serving.config.to_json(), decision_dev=serving.dev, serving_backend=backend)
     report["settings"]["fusion_root"] = settings.fusion_root
     write_training_json(model_dir, report)
     return report
@@ -152,10 +156,10 @@ def train_reranker(settings: TrainSettings) -> dict[str, Any]:
     settings.timings_s["examples_per_s"] = round(seen / max(settings.timings_s["train"], 1e-9), 1)
     t2 = time.perf_counter()
     result = pair_report(str(out), dev, settings, train)
-    serving = serving_fit(str(out), settings, split)
+    backend = serving_backend(str(out))  # first: serving is fitted on the logits it will serve
+    serving = serving_fit(str(out), settings, split, backend["backend"])
     settings.timings_s["calibrate"] = round(time.perf_counter() - t2, 1)
     config = replace(serving.config, pair_threshold=result["threshold"])
-    backend = serving_backend(str(out))
     report = {"base": resolve_model(settings.base)[1], **config.to_json(),
               "raw_score": result["raw_score"], "settings": asdict(settings), "data": data,
               "dev_metrics": result["dev_metrics"], "decision_dev": serving.dev,
