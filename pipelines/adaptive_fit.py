@@ -8,22 +8,30 @@ size it picks per query.
 
 A rule keeps the answers when, against full reranking on the same queries:
 
-- the fused top-1 is the same candidate for at least `MIN_TOP1_AGREEMENT` of all queries
-  (answerable, twin-removed and unrelated: the twin the worker names);
-- the twin decision (top-1 probability at the decision model's `min_probability`) is the same
-  for at least `MIN_DECISION_AGREEMENT` of them (the head changes the decision's margins);
+- the *answer* is the same for at least `MIN_ANSWER_AGREEMENT` of all queries (answerable,
+  twin-removed and unrelated): both say "no twin" (the decision model's probability below its
+  `min_probability`), or both name the same top hit as the twin;
+- the fused top-1 is the same candidate for at least `MIN_TOP1_AGREEMENT` of the answerable
+  queries;
 - nDCG@10 of the answerable queries drops by at most `MAX_NDCG_DROP` (0.1 point).
+
+Why not the top-1 of *every* query, as first planned: on Quora's dev queries the reranker (fusion
+weight 0.7) reorders the near misses of twin-removed and unrelated queries, so their top-1 moved
+with almost any shortening (86% top-1 agreement over all queries at half the pairs) while their
+answer, "no twin", stayed for 99.8% of them. The twin a reply names, and the ranking of the
+answerable queries, are what the issue asks to keep; the top-1 agreement over every query and
+the decision agreement are still reported in ``dev``.
 
 The chosen margin is the smallest one *from which on* every larger margin of `MARGIN_GRID` keeps
 the answers too, not merely the smallest that does: agreement on a few hundred queries is noisy,
 and a lucky small margin between two failing ones would not hold on the next corpus. The largest
-margin (`FULL_MARGIN`) is full reranking, so a rule always exists; a reranker whose answers
-no margin keeps gets that one and saves nothing.
+margin (`FULL_MARGIN`) without a floor is full reranking, so a rule always exists; a reranker
+whose answers no margin keeps gets that one and saves nothing.
 
-Whether the top-1 cosine helps is fitted too: for each floor of `FLOOR_GRID`, queries whose
-top-1 cosine is below it rerank at full depth, and the margin is chosen as above. A floor is
-kept only when it saves at least `FLOOR_MIN_SAVING` of the full pairs more than the margin
-alone; otherwise the simpler rule wins.
+The absolute cosine floor (`min_cosine`: candidates below it are not reranked) is fitted the same
+way, one margin per floor of `FLOOR_GRID`; the floor with the fewest pairs wins, but only when it
+saves at least `FLOOR_MIN_SAVING` of the full pairs more than the margin alone; otherwise the
+simpler rule is kept.
 """
 
 from __future__ import annotations
@@ -48,16 +56,16 @@ MARGIN_GRID: tuple[float, ...] = (0.0, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07,
                                   0.12, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, FULL_MARGIN)
 """Margins tried, ascending; the last reranks at full depth."""
 
-FLOOR_GRID: tuple[float | None, ...] = (None, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
-"""Top-1 cosine floors tried (None: no floor)."""
+FLOOR_GRID: tuple[float | None, ...] = (None, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8)
+"""Absolute cosine floors tried (None: no floor)."""
 
+MIN_ANSWER_AGREEMENT = 0.99
 MIN_TOP1_AGREEMENT = 0.99
-MIN_DECISION_AGREEMENT = 0.99
 MAX_NDCG_DROP = 0.001
 """nDCG@10 on the 0..1 scale: 0.1 point, the issue's goal on the test set."""
 
 FLOOR_MIN_SAVING = 0.05
-"""Share of the full-depth pairs a top-1 cosine floor must save beyond the margin alone."""
+"""Share of the full-depth pairs a cosine floor must save beyond the margin alone."""
 
 
 @dataclass
@@ -125,15 +133,18 @@ def judge(table: HeadTable, depths: Sequence[int] | np.ndarray) -> dict[str, flo
     rows = np.arange(len(d))
     a = table.answerable
     scored_pairs, full_pairs = int(d.sum()), int(full.sum())
+    same_top = table.top[rows, d] == table.top[rows, full]
+    answered, answered_full = table.answered[rows, d], table.answered[rows, full]
+    same_answer = (answered == answered_full) & (~answered_full | same_top)
     return {
         "queries": int(len(d)), "answerable": int(len(a)),
         "pairs_share": scored_pairs / full_pairs if full_pairs else 1.0,
         "mean_pairs": scored_pairs / len(d) if len(d) else 0.0,
         "mean_pairs_full": full_pairs / len(d) if len(d) else 0.0,
-        "top1_agreement": float(np.mean(table.top[rows, d] == table.top[rows, full]))
-        if len(d) else 1.0,
-        "decision_agreement": float(np.mean(table.answered[rows, d]
-                                            == table.answered[rows, full])) if len(d) else 1.0,
+        "answer_agreement": float(np.mean(same_answer)) if len(d) else 1.0,
+        "top1_agreement_answerable": float(np.mean(same_top[a])) if len(a) else 1.0,
+        "top1_agreement": float(np.mean(same_top)) if len(d) else 1.0,
+        "decision_agreement": float(np.mean(answered == answered_full)) if len(d) else 1.0,
         "ndcg@10": float(table.ndcg[a, d[a]].mean()) if len(a) else 0.0,
         "ndcg@10_full": float(table.ndcg[a, full[a]].mean()) if len(a) else 0.0,
         "mrr@10": float(table.mrr[a, d[a]].mean()) if len(a) else 0.0,
@@ -143,8 +154,8 @@ def judge(table: HeadTable, depths: Sequence[int] | np.ndarray) -> dict[str, flo
 
 def keeps_answers(result: dict[str, float]) -> bool:
     """Whether a rule's dev result meets every criterion of the module docstring."""
-    return (result["top1_agreement"] >= MIN_TOP1_AGREEMENT
-            and result["decision_agreement"] >= MIN_DECISION_AGREEMENT
+    return (result["answer_agreement"] >= MIN_ANSWER_AGREEMENT
+            and result["top1_agreement_answerable"] >= MIN_TOP1_AGREEMENT
             and result["ndcg@10_full"] - result["ndcg@10"] <= MAX_NDCG_DROP + 1e-12)
 
 
@@ -155,12 +166,16 @@ def rule_depths(table: HeadTable, rule: AdaptiveRule) -> np.ndarray:
 
 
 def _choose_margin(table: HeadTable, floor: float | None, min_depth: int
-                   ) -> tuple[AdaptiveRule, dict[str, float], dict[str, dict[str, float]]]:
-    """The smallest margin from which on every larger margin keeps the answers."""
+                   ) -> tuple[AdaptiveRule, dict[str, float], dict[float, dict[str, float]]] | None:
+    """The smallest margin from which on every larger margin keeps the answers at `floor`, or
+    None when not even the largest does (without a floor the largest is full depth: never
+    None)."""
     results = {}
     for margin in MARGIN_GRID:
         rule = AdaptiveRule(margin, min_depth, floor)
         results[margin] = judge(table, rule_depths(table, rule))
+    if floor is not None and not keeps_answers(results[MARGIN_GRID[-1]]):
+        return None
     chosen = MARGIN_GRID[-1]
     for margin in reversed(MARGIN_GRID):
         if not keeps_answers(results[margin]):
@@ -186,29 +201,33 @@ def fit_adaptive(scored: Scored, *, method: str, weight: float, decision: Calibr
         min_depth: Candidates reranked at least. Defaults to 2 (the decision's margins).
 
     Returns:
-        The rule, with what it gave on dev in ``dev`` (and the margin-by-margin curve).
+        The rule, with what it gave on dev in ``dev`` (the margin chosen for each floor, and the
+        margin-by-margin curve at the chosen floor).
     """
     table = head_table(scored, method=method, weight=weight, decision=decision, depth=depth)
     fits = {floor: _choose_margin(table, floor, min_depth) for floor in FLOOR_GRID}
-    plain_rule, plain, curve = fits[None]
-    best_floor = min((f for f in FLOOR_GRID if f is not None),
-                     key=lambda f: (fits[f][1]["pairs_share"], f))
-    rule, result = plain_rule, plain
-    floor_saving = plain["pairs_share"] - fits[best_floor][1]["pairs_share"]
-    if floor_saving >= FLOOR_MIN_SAVING:
-        rule, result = fits[best_floor][0], fits[best_floor][1]
+    fitted = {f: fit for f, fit in fits.items() if fit is not None}
+    plain = fitted[None][1]
+    best_floor = min(fitted, key=lambda f: (fitted[f][1]["pairs_share"], f is not None, f or 0))
+    floor_saving = plain["pairs_share"] - fitted[best_floor][1]["pairs_share"]
+    chosen = best_floor if floor_saving >= FLOOR_MIN_SAVING else None
+    rule, result, curve = fitted[chosen]
     dev = {**_rounded(result), "depth": depth, "fusion": {"method": method, "weight": weight},
-           "criteria": {"min_top1_agreement": MIN_TOP1_AGREEMENT,
-                        "min_decision_agreement": MIN_DECISION_AGREEMENT,
+           "criteria": {"min_answer_agreement": MIN_ANSWER_AGREEMENT,
+                        "min_top1_agreement_answerable": MIN_TOP1_AGREEMENT,
                         "max_ndcg@10_drop": MAX_NDCG_DROP},
-           "rule": ("smallest margin from which on every larger one keeps the answers; "
-                    f"a top-1 cosine floor only if it saves >= {FLOOR_MIN_SAVING} of the pairs"),
-           "floor_saving": {"floor": best_floor, "pairs_share": round(floor_saving, 6)},
+           "rule": ("per cosine floor, the smallest margin from which on every larger one keeps "
+                    "the answers; a floor only if it saves >= "
+                    f"{FLOOR_MIN_SAVING} of the pairs over none"),
+           "by_floor": {str(f): ({"margin": fit[0].margin,
+                                  "pairs_share": round(fit[1]["pairs_share"], 6)}
+                                 if fit is not None else None) for f, fit in fits.items()},
            "by_margin": {str(m): {k: round(r[k], 6) for k in
-                                  ("pairs_share", "top1_agreement", "decision_agreement")}
+                                  ("pairs_share", "answer_agreement",
+                                   "top1_agreement_answerable", "top1_agreement")}
                          | {"ndcg@10_drop": round(r["ndcg@10_full"] - r["ndcg@10"], 6)}
                          for m, r in curve.items()}}
-    return AdaptiveRule(rule.margin, rule.min_depth, rule.min_top1, dev)
+    return AdaptiveRule(rule.margin, rule.min_depth, rule.min_cosine, dev)
 
 
 def summary(rule: AdaptiveRule | None) -> str:
@@ -216,11 +235,11 @@ def summary(rule: AdaptiveRule | None) -> str:
     if rule is None:
         return "adaptive reranking: none fitted (full depth)"
     dev: dict[str, Any] = dict(rule.dev)
-    floor = f", top-1 cosine >= {rule.min_top1}" if rule.min_top1 is not None else ""
+    floor = f", cosine >= {rule.min_cosine}" if rule.min_cosine is not None else ""
     if not dev:
         return f"adaptive reranking: margin {rule.margin}{floor}"
     return (f"adaptive reranking: margin {rule.margin}{floor} scores "
             f"{100 * dev['pairs_share']:.0f}% of the depth-{dev['depth']} pairs on dev "
-            f"({dev['mean_pairs']:.1f} per query), top-1 agreement "
-            f"{100 * dev['top1_agreement']:.1f}%, nDCG@10 {100 * dev['ndcg@10']:.2f} vs "
+            f"({dev['mean_pairs']:.1f} per query), same answer for "
+            f"{100 * dev['answer_agreement']:.1f}% of the queries, nDCG@10 {100 * dev['ndcg@10']:.2f} vs "
             f"{100 * dev['ndcg@10_full']:.2f} at full depth")

@@ -95,7 +95,7 @@ def evaluate_retrieval(root: str, queries_path: str, qrels_path: str, *,
         rerank, rerank_s = rerank_candidates(model, queries, heads, rerank_depth,
                                              symmetric=symmetric)
         report["adaptive"] = None if rule is None else {
-            "margin": rule.margin, "min_depth": rule.min_depth, "min_top1": rule.min_top1}
+            "margin": rule.margin, "min_depth": rule.min_depth, "min_cosine": rule.min_cosine}
         scored_pairs, full_pairs = sum(depths.values()), sum(full.values())
         report["rerank_pairs"] = {
             "total": scored_pairs, "mean_per_query": scored_pairs / max(len(cands), 1),
@@ -139,7 +139,7 @@ def retrieval_table(report: dict[str, Any]) -> str:
     if pairs:
         rule = report.get("adaptive")
         how = (f"adaptive, margin {rule['margin']}, at least {rule['min_depth']}"
-               + (f", top-1 cosine >= {rule['min_top1']}" if rule.get("min_top1") is not None
+               + (f", cosine >= {rule['min_cosine']}" if rule.get("min_cosine") is not None
                   else "") if rule else "full depth")
         lines.append(f"\nrerank pairs ({how}): {pairs['mean_per_query']:.2f} per query, "
                      f"{100 * pairs['share_of_depth']:.1f}% of depth {report['rerank_depth']} "

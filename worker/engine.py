@@ -102,8 +102,10 @@ class Engine:
                           self._fusion(None, None))
             rule = self.rerank_config.resolve_adaptive(self.settings)
             if rule is not None:
-                self.log.info("adaptive reranking: candidates within %.3f of the top-1 cosine, at "
-                              "least %d (%s)", rule.margin, rule.min_depth,
+                self.log.info("adaptive reranking: candidates within %.3f of the top-1 cosine"
+                              "%s, at least %d (%s)", rule.margin,
+                              "" if rule.min_cosine is None else
+                              f" and at cosine >= {rule.min_cosine}", rule.min_depth,
                               self.rerank_config.path)
             if self.rerank_config.decision is None:
                 self.log.warning("reranker %s has no decision model (no training.json from "

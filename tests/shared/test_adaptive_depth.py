@@ -44,10 +44,13 @@ def test_ties_with_the_top1_are_all_reranked() -> None:
     assert adaptive_depth([0.9] * 30, 20, 0.0) == 20
 
 
-def test_a_top1_cosine_floor_keeps_low_confidence_queries_at_full_depth() -> None:
-    low = [0.6, 0.3, 0.2, 0.1]
-    assert adaptive_depth(low, 20, 0.05, min_top1=0.7) == 4
-    assert adaptive_depth(CLEAR, 20, 0.05, min_top1=0.7) == 2
+def test_a_cosine_floor_leaves_far_candidates_unreranked() -> None:
+    candidates = [0.7, 0.65, 0.62, 0.58, 0.57, 0.3]
+    assert adaptive_depth(candidates, 20, 0.3) == 5
+    assert adaptive_depth(candidates, 20, 0.3, min_cosine=0.6) == 3
+    assert adaptive_depth(candidates, 20, 0.05, min_cosine=0.6) == 2       # the margin still cuts
+    assert adaptive_depth([0.5, 0.45, 0.4], 20, 0.3, min_cosine=0.6) == 2  # min_depth stays
+    assert adaptive_depth(candidates, 20, FULL_MARGIN, min_cosine=0.6) == 3
 
 
 def test_rule_round_trips_and_refuses_bad_fields() -> None:
@@ -58,7 +61,7 @@ def test_rule_round_trips_and_refuses_bad_fields() -> None:
     for bad, words in (({"margin": -0.1}, "margin must be in"), ({"margin": "x"}, "margin must"),
                        ({"margin": 0.1, "min_depth": 0}, "min_depth"),
                        ({"margin": 0.1, "min_depth": True}, "min_depth"),
-                       ({"margin": 0.1, "min_top1": 2}, "min_top1"),
+                       ({"margin": 0.1, "min_cosine": 2}, "min_cosine"),
                        ({"margin": 0.1, "marign": 1}, "unknown key"), ([], "JSON object")):
         with pytest.raises(ValueError, match=words):
             AdaptiveRule.from_dict(bad)
