@@ -65,6 +65,9 @@ def retrieval_command(
     adaptive: Optional[bool] = typer.Option(None, "--adaptive/--no-adaptive", help="Rerank each "
                                             "query's adaptive head, or the full depth (default: "
                                             "as the reranker's training.json says)."),
+    backend: str = typer.Option("auto", "--backend", help="Cross-encoder backend: auto (what "
+                                "the worker serves by default, and what `twinq train` fits the "
+                                "fusion, decision and adaptive rule on), torch, onnx, onnx-fp32."),
 ) -> None:
     """Recall-only vs rerank-only vs fused nDCG@10, MRR@10, Recall@k and queries/s, with the
     rerank pairs scored (adaptive reranking against the full depth).
@@ -78,7 +81,7 @@ def retrieval_command(
     report = evaluate_retrieval(root, str(queries), str(qrels), reranker=reranker,
                                 recall_k=recall_k, rerank_depth=rerank_depth,
                                 fusion_weight=fusion_weight, symmetric=symmetric,
-                                max_queries=max_queries, adaptive=adaptive,
+                                max_queries=max_queries, adaptive=adaptive, backend=backend,
                                 out=str(out) if out else None)
     Console().print(retrieval_table(report))
 

@@ -106,6 +106,9 @@ def decide_command(
     fusion_root: Optional[str] = typer.Option(None, "--fusion-root", help="Snapshot ROOT it "
                                               "will serve (default: the one it was trained "
                                               "with)."),
+    fusion_queries: Optional[int] = typer.Option(None, "--fusion-queries", min=1,
+                                                 help="In-domain dev queries to fit on at most "
+                                                 "(default: as trained, 1000)."),
 ) -> None:
     """Fit fusion, the twin decision and adaptive reranking again for a trained reranker,
     without training.
@@ -119,7 +122,7 @@ def decide_command(
 
     from twinq.pipelines.train import refit_decision
 
-    report = refit_decision(str(reranker), fusion_root=fusion_root)
+    report = refit_decision(str(reranker), fusion_root=fusion_root, fusion_queries=fusion_queries)
     d = report["decision_dev"]
     Console().print(f"[bold]updated {reranker / 'training.json'}[/]: fusion weight "
                     f"{report['fusion']['weight']}; twin decision on {d['queries']} dev queries: "

@@ -31,7 +31,7 @@ def evaluate_retrieval(root: str, queries_path: str, qrels_path: str, *,
                        rerank_depth: int = DEFAULT_RERANK_DEPTH,
                        fusion_weight: float | None = None, symmetric: bool = False,
                        max_queries: int | None = None, out: str | None = None,
-                       adaptive: bool | None = None) -> dict[str, Any]:
+                       adaptive: bool | None = None, backend: str = "auto") -> dict[str, Any]:
     """Recall-only, rerank-only and fused metrics plus queries/s, side by side.
 
     Args:
@@ -48,6 +48,8 @@ def evaluate_retrieval(root: str, queries_path: str, qrels_path: str, *,
             to False.
         max_queries: Evaluate only the first N queries. Defaults to None (all).
         out: Write report.json, report.md and retrieval.png here. Defaults to None.
+        backend: The cross-encoder backend; "auto" resolves as the worker's default does
+            (and as `twinq train` fits on). Defaults to "auto".
         adaptive: Rerank each query's adaptive head (True) or the full depth (False); None
             does what the reranker's training.json says (its rule if it has one). Defaults to
             None.
@@ -58,7 +60,7 @@ def evaluate_retrieval(root: str, queries_path: str, qrels_path: str, *,
         ConfigError: the reranker's training.json is malformed.
         SnapshotInvalid: the snapshot fails its checks or does not match its bi-encoder.
     """
-    from twinq.shared.models import load_cross_encoder
+    from twinq.shared.models import load_cross_encoder, resolve_backend
     from twinq.shared.opened_snapshot import open_snapshot
     from twinq.shared.rerank_config import TUNED_FUSION_METHOD, load_rerank_config
 
@@ -91,7 +93,8 @@ def evaluate_retrieval(root: str, queries_path: str, qrels_path: str, *,
                   for q, c in cands.items()}
         heads = {q: Candidates(c.ids[:depths[q]], c.texts[:depths[q]], c.recall[:depths[q]])
                  for q, c in cands.items()}
-        model = load_cross_encoder(reranker)
+        report["backend"] = resolve_backend("cross-encoder", reranker, backend).backend
+        model = load_cross_encoder(reranker, backend=report["backend"])
         rerank, rerank_s = rerank_candidates(model, queries, heads, rerank_depth,
                                              symmetric=symmetric)
         report["adaptive"] = None if rule is None else {

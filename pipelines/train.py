@@ -102,12 +102,14 @@ def serving_fit(model_dir: str, settings: TrainSettings, split: SplitPairs | Non
                        max_length=settings.max_length, backend=backend)
 
 
-def refit_decision(model_dir: str, *, fusion_root: str | None = None) -> dict[str, Any]:
+def refit_decision(model_dir: str, *, fusion_root: str | None = None,
+                   fusion_queries: int | None = None) -> dict[str, Any]:
     """Fit fusion and the twin decision of a reranker trained by twinq again, without training.
 
     The training pairs and split are read from the settings in its training.json, so the dev
     side is the same held-out one; `fusion_root` points it at another snapshot (the corpus it
-    will now serve). training.json's ``fusion``, ``decision``, ``calibration``,
+    will now serve); `fusion_queries` sets how many dev queries it may use (more: a steadier
+    fit, a longer one). training.json's ``fusion``, ``decision``, ``calibration``,
     ``rerank_depth``, ``adaptive_rerank`` and ``decision_dev`` are replaced; everything else
     is kept.
 
@@ -124,10 +126,13 @@ def refit_decision(model_dir: str, *, fusion_root: str | None = None) -> dict[st
     settings = TrainSettings(**{k: v for k, v in stored.items() if k in known})
     if fusion_root:
         settings.fusion_root = fusion_root
+    if fusion_queries:
+        settings.fusion_queries = fusion_queries
     backend = serving_backend(model_dir)
     serving = serving_fit(model_dir, settings, None, backend["backend"])
     report.update(serving.config.to_json(), decision_dev=serving.dev, serving_backend=backend)
     report["settings"]["fusion_root"] = settings.fusion_root
+    report["settings"]["fusion_queries"] = settings.fusion_queries
     write_training_json(model_dir, report)
     return report
 
