@@ -60,7 +60,7 @@ def evaluate_retrieval(root: str, queries_path: str, qrels_path: str, *,
         ConfigError: the reranker's training.json is malformed.
         SnapshotInvalid: the snapshot fails its checks or does not match its bi-encoder.
     """
-    from twinq.shared.models import load_cross_encoder, resolve_backend
+    from twinq.shared.models import backend_of, load_cross_encoder
     from twinq.shared.opened_snapshot import open_snapshot
     from twinq.shared.rerank_config import TUNED_FUSION_METHOD, load_rerank_config
 
@@ -93,8 +93,8 @@ def evaluate_retrieval(root: str, queries_path: str, qrels_path: str, *,
                   for q, c in cands.items()}
         heads = {q: Candidates(c.ids[:depths[q]], c.texts[:depths[q]], c.recall[:depths[q]])
                  for q, c in cands.items()}
-        report["backend"] = resolve_backend("cross-encoder", reranker, backend).backend
-        model = load_cross_encoder(reranker, backend=report["backend"])
+        model = load_cross_encoder(reranker, backend=backend)
+        report["backend"] = backend_of(model)
         rerank, rerank_s = rerank_candidates(model, queries, heads, rerank_depth,
                                              symmetric=symmetric)
         report["adaptive"] = None if rule is None else {

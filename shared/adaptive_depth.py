@@ -48,10 +48,11 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from twinq.shared.calibration import finite_number
 
 DEFAULT_MIN_DEPTH = 2
 """Pairs scored at least: the decision model's margins need two reranked candidates."""
@@ -134,7 +135,7 @@ class AdaptiveRule:
         unknown = sorted(set(data) - {"margin", "min_depth", "min_cosine", "dev"})
         if unknown:
             raise ValueError(f"unknown key(s): {', '.join(unknown)}")
-        margin = _finite(data.get("margin"), "margin")
+        margin = finite_number(data.get("margin"), "margin")
         if not 0.0 <= margin <= FULL_MARGIN:
             raise ValueError(f"margin must be in 0..{FULL_MARGIN}, got {margin}")
         min_depth = data.get("min_depth", DEFAULT_MIN_DEPTH)
@@ -142,14 +143,8 @@ class AdaptiveRule:
             raise ValueError(f"min_depth must be an integer >= 1, got {min_depth!r}")
         floor = data.get("min_cosine")
         if floor is not None:
-            floor = _finite(floor, "min_cosine")
+            floor = finite_number(floor, "min_cosine")
             if not -1.0 <= floor <= 1.0:
                 raise ValueError(f"min_cosine must be in -1..1, got {floor}")
         dev = data.get("dev", {})
         return cls(margin, min_depth, floor, dev if isinstance(dev, dict) else {})
-
-
-def _finite(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
