@@ -237,7 +237,7 @@ def run_beam(opts: DedupeOptions, snapshot: Snapshot, score: EdgeScore, work: st
         RuntimeError: the runner lost work (a count short or missing; see `_check_counts`).
     """
     from twinq.pipelines import dedupe_transforms as T  # first: it quiets Beam's import
-    from twinq.pipelines.index_transforms import COUNT, ONE, split
+    from twinq.pipelines.index_transforms import COUNT, ONE, split, write_counts
 
     import apache_beam as beam
 
@@ -270,7 +270,7 @@ def run_beam(opts: DedupeOptions, snapshot: Snapshot, score: EdgeScore, work: st
          | "AllCounts" >> beam.Flatten()
          | "OneKey" >> beam.Map(lambda count: (ONE, count))
          | "GatherCounts" >> beam.GroupByKey()
-         | "WriteCounts" >> beam.Map(T.write_counts(work)))
+         | "WriteCounts" >> beam.Map(write_counts(work, T.COUNTS_FILE)))
     pipeline.run().wait_until_finish()
     return _check_counts(work, snapshot)
 

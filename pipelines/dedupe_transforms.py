@@ -6,7 +6,8 @@
     -> GroupByKey by a hash of the pair -> ScorePairBatches(PairScorer): cross-encoder logits,
        both orders averaged, in batches
     -> {"a", "b", "recall", "rerank"} records -> GroupByKey by part -> WritePairs: one Parquet
-       file per part in the work folder -> their counts -> write_counts, the last step
+       file per part in the work folder -> their counts -> `index_transforms.write_counts`
+       into the work folder, the last step
 
 The pipeline keeps to what every runner the build supports runs correctly (the DaskRunner's
 gaps are listed in docs/dask_runner_probe.md): no RunInference (its batching emits a bundle's
@@ -34,7 +35,7 @@ from twinq.pipelines import index_transforms as _quiet  # noqa: F401 - first: qu
 import apache_beam as beam  # noqa: E402
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult  # noqa: E402
 
-from twinq.pipelines.index_transforms import COUNT, ONE  # noqa: E402
+from twinq.pipelines.index_transforms import COUNT, COUNTS as COUNTS_FILE  # noqa: E402, N811
 from twinq.shared.text import stable_shard  # noqa: E402
 
 if TYPE_CHECKING:
@@ -57,7 +58,6 @@ Candidate = tuple[PairKey, tuple[float, str, str]]
 PAIR = "pair"
 RECORD = "record"
 """Tags of the DoFns' `(tag, value)` outputs, besides `COUNT` (see `index_transforms.split`)."""
-COUNTS_FILE = "counts.json"
 PAIRS_PREFIX = "pairs-"
 SCORE_GROUPS = (4, 256)
 """Fewest and most groups the candidate pairs are hashed into for scoring: the units of
@@ -286,23 +286,6 @@ def write_pairs(work: str):  # noqa: ANN201 - returns a Beam-friendly callable
         pq.write_table(table, buffer)
         open_store(work).write_bytes(f"{PAIRS_PREFIX}{part:05d}.parquet", buffer.getvalue())
         yield "pairs_written", len(rows)
-
-    return write
-
-
-def write_counts(work: str):  # noqa: ANN201 - returns a Beam-friendly callable
-    """After a GroupByKey on `ONE`: sum the (name, number) pairs and write `counts.json` in the
-    work folder. The pipeline's last step, fed by the pair files' counts: a runner that skipped
-    a branch leaves a count short or the file missing, which the driver checks."""
-
-    def write(item: tuple[int, Iterable[tuple[str, int]]]) -> int:
-        from twinq.shared.store import open_store
-
-        counts: dict[str, int] = {}
-        for name, number in item[1]:
-            counts[name] = counts.get(name, 0) + int(number)
-        open_store(work).write_bytes(COUNTS_FILE, json.dumps(counts, sort_keys=True).encode())
-        return len(counts)
 
     return write
 

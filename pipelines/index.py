@@ -245,7 +245,8 @@ def run_beam(opts: BuildOptions, paths: list[str], version: str, model_name: str
          | "AllCounts" >> beam.Flatten()
          | "KeyCountsAsOne" >> beam.Map(lambda pair: (T.ONE, pair))
          | "OneCountsList" >> beam.GroupByKey()
-         | "WriteCounts" >> beam.Map(T.write_counts(str(opts.root), version)))  # last: see above
+         | "WriteCounts" >> beam.Map(T.write_counts(   # last: see above
+             str(opts.root), f"{snap.version_key(version)}/{T.ENTRIES}/{T.COUNTS}")))
     with _quiet_bad_input_logs():
         try:
             result = pipeline.run()

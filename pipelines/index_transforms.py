@@ -338,21 +338,20 @@ COUNTS = "counts.json"
 """The build's counts, written under `ENTRIES` by the pipeline's last step."""
 
 
-def write_counts(root: str, version: str):  # noqa: ANN201 - returns a Beam-friendly callable
-    """After a GroupByKey on `ONE`: sum the (name, number) pairs and write them as `COUNTS`.
+def write_counts(root: str, key: str):  # noqa: ANN201 - returns a Beam-friendly callable
+    """After a GroupByKey on `ONE`: sum the (name, number) pairs and write them as JSON to `key`
+    of the store at `root` (the build: the version's `ENTRIES/COUNTS`; dedupe: its work folder).
 
-    The pipeline's last step, fed by every write (shards, rejects): a runner that skipped a
-    branch leaves a count short or the file missing, which the driver checks."""
+    The pipeline's last step, fed by every write (shards, rejects, pair files): a runner that
+    skipped a branch leaves a count short or the file missing, which the driver checks."""
 
     def write(item: tuple[int, Iterable[tuple[str, int]]]) -> int:
-        from twinq.shared import snapshot as snap
         from twinq.shared.store import open_store
 
         counts: dict[str, int] = {}
         for name, number in item[1]:
             counts[name] = counts.get(name, 0) + int(number)
-        open_store(root).write_bytes(f"{snap.version_key(version)}/{ENTRIES}/{COUNTS}",
-                                     json.dumps(counts, sort_keys=True).encode())
+        open_store(root).write_bytes(key, json.dumps(counts, sort_keys=True).encode())
         return len(counts)
 
     return write
