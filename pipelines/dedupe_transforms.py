@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -35,7 +34,8 @@ from twinq.pipelines import index_transforms as _quiet  # noqa: F401 - first: qu
 import apache_beam as beam  # noqa: E402
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult  # noqa: E402
 
-from twinq.pipelines.index_transforms import COUNT, COUNTS as COUNTS_FILE  # noqa: E402, N811
+from twinq.pipelines.index_transforms import COUNT, once_per_process  # noqa: E402
+from twinq.pipelines.index_transforms import COUNTS as COUNTS_FILE  # noqa: E402, N811
 from twinq.shared.text import stable_shard  # noqa: E402
 
 if TYPE_CHECKING:
@@ -123,20 +123,6 @@ def nearest(snapshot: Snapshot, queries: np.ndarray, k: int) -> tuple[np.ndarray
     return take(scores, order, 1), take(shards, order, 1), take(rows, order, 1)
 
 
-_LOADED: dict[tuple[Any, ...], Any] = {}
-"""This process's loaded snapshot and cross-encoder, by what they were loaded from: a runner may
-set a DoFn up once per partition (the DaskRunner does), and each loads once per process, as
-RunInference shares its model."""
-_LOADED_LOCK = threading.Lock()
-
-
-def _once_per_process(key: tuple[Any, ...], load: Any) -> Any:
-    with _LOADED_LOCK:
-        if key not in _LOADED:
-            _LOADED[key] = load()
-        return _LOADED[key]
-
-
 class ShardNeighbours(beam.DoFn):
     """Search every shard for the K nearest neighbours of one shard's rows; emit candidate pairs.
 
@@ -153,8 +139,8 @@ class ShardNeighbours(beam.DoFn):
 
     def setup(self) -> None:
         root, version = self._root, self._version
-        self._snapshot = _once_per_process(("snapshot", root, version),
-                                           lambda: SearchableSnapshot.load(root, version))
+        self._snapshot = once_per_process("snapshot", (root, version),
+                                          lambda: SearchableSnapshot.load(root, version))
 
     def process(self, shard: int) -> Iterator[tuple[str, Any]]:
         import numpy as np
@@ -238,8 +224,8 @@ class ScorePairBatches(beam.DoFn):
 
     def setup(self) -> None:
         started = time.perf_counter()
-        self._model = _once_per_process(("cross-encoder", *self._scorer.model_key()),
-                                        self._scorer.load_model)
+        self._model = once_per_process("cross-encoder", self._scorer.model_key(),
+                                       self._scorer.load_model)
         self._load_ms = int((time.perf_counter() - started) * 1000)
 
     def process(self, item: tuple[int, Iterable[Candidate]]) -> Iterator[tuple[str, Any]]:

@@ -210,10 +210,22 @@ def embed_groups(estimated_rows: int | None, batch_size: int) -> int:
     return max(fewest, min(most, -(-estimated_rows // max(batch_size, 1))))
 
 
-_MODEL: dict[tuple[Any, ...], Any] = {}
-"""This process's loaded encoder, under its (model, backend, threads): one at a time. A runner
-may set a DoFn up once per bundle (the DaskRunner does, per partition); the model loads once."""
-_MODEL_LOCK = threading.Lock()
+_LOADED: dict[str, tuple[tuple[Any, ...], Any]] = {}
+"""What this process has loaded, by kind ("encoder", "snapshot", "cross-encoder"): the key it
+was loaded from and the object. A runner may set a DoFn up once per bundle or partition (the
+DaskRunner does, per partition); each thing loads once per process, as RunInference shares its
+model, and one of each kind is kept at a time."""
+_LOADED_LOCK = threading.Lock()
+
+
+def once_per_process(kind: str, key: tuple[Any, ...], load: Any) -> Any:
+    """This process's `kind` loaded from `key`: the one already loaded, else `load()` (which
+    replaces an earlier one of that kind)."""
+    with _LOADED_LOCK:
+        held = _LOADED.get(kind)
+        if held is None or held[0] != key:
+            _LOADED[kind] = (key, load())
+        return _LOADED[kind][1]
 
 
 def batch_key(groups: int):  # noqa: ANN201 - returns a Beam-friendly callable
@@ -239,12 +251,8 @@ class EmbedBatches(beam.DoFn):
         self._model: Any = None
 
     def setup(self) -> None:
-        key = self._handler.model_key()
-        with _MODEL_LOCK:
-            if key not in _MODEL:
-                _MODEL.clear()
-                _MODEL[key] = self._handler.load_model()
-            self._model = _MODEL[key]
+        self._model = once_per_process("encoder", self._handler.model_key(),
+                                       self._handler.load_model)
 
     def process(self, item: tuple[int, Iterable[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
         records = sorted(item[1], key=lambda r: (len(r["text"]), r["text_key"]))
