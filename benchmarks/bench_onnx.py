@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 from common import REPO, machine, quora_pairs, quora_questions
 
+from twinq.shared.quantisation_check import spearman
+
 
 def timed_rounds(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
     """Seconds per run for each candidate, interleaved so that load drift hits all of them alike."""
@@ -53,11 +55,6 @@ def best_threshold_accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
     hits = np.concatenate([[0], np.cumsum(labels[order])])  # positives among the top i
     negatives_below = (len(labels) - labels.sum()) - (np.arange(len(labels) + 1) - hits)
     return float((hits + negatives_below).max() / len(labels))
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    ranks = lambda x: np.argsort(np.argsort(x)).astype(np.float64)  # noqa: E731
-    return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
 
 
 def ndcg_at_10(beir: Path, models: dict[str, Any], corpus_size: int, seed: int) -> dict[str, float]:
