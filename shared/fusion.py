@@ -87,6 +87,27 @@ def _zscore(recall: np.ndarray, rerank: np.ndarray, weight: float) -> np.ndarray
     return scores
 
 
+LINEAR_COSINE_SCALE = 20.0
+"""Logits per unit of cosine in `linear` fusion. A BCE cross-encoder's logits span about ten
+(-5 to +5) and a query's candidate cosines about half a unit, so at weight 0.5 the two spans
+weigh about the same; the weight tuned on dev (`twinq.pipelines.fusion_tuning`) does the rest."""
+
+
+@fusion("linear")
+def _linear(recall: np.ndarray, rerank: np.ndarray, weight: float) -> np.ndarray:
+    """``weight * logit + (1 - weight) * LINEAR_COSINE_SCALE * cosine``; the rest get the
+    recall term only.
+
+    Unlike `zscore`, a candidate's score does not depend on which other candidates were
+    reranked with it, so scoring fewer of them never reorders the ones scored; and since a
+    logit has a ceiling, an unscored candidate's best possible score is known. Adaptive
+    reranking (`twinq.shared.adaptive_depth`) stops on exactly that: it never changes the top
+    hit."""
+    scores = (1.0 - weight) * LINEAR_COSINE_SCALE * recall
+    scores[:len(rerank)] += weight * rerank
+    return scores
+
+
 @fusion("rrf")
 def _rrf(recall: np.ndarray, rerank: np.ndarray, weight: float) -> np.ndarray:
     """``1/(60 + recall rank) + 1/(60 + rerank rank)``, ranks from 1 (recall over every

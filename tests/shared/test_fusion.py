@@ -97,7 +97,7 @@ def test_fusion_registry_names_the_methods_settings_and_requests_accept(monkeypa
     from twinq.shared.errors import ConfigError
     from twinq.shared.protocol import parse_request
 
-    assert fusion_methods() == ("none", "zscore", "rrf")
+    assert fusion_methods() == ("none", "zscore", "linear", "rrf")
     with pytest.raises(ConfigError):
         load_settings(env={}, overrides={"fusion": "max"})
     # Registering a method is all it takes: settings and requests accept it at once.
@@ -107,7 +107,7 @@ def test_fusion_registry_names_the_methods_settings_and_requests_accept(monkeypa
     assert settings.fusion == request.fusion == "max"
 
 
-@pytest.mark.parametrize("method", ["none", "zscore", "rrf"])
+@pytest.mark.parametrize("method", ["none", "zscore", "linear", "rrf"])
 def test_fuse_scores_are_the_scores_fuse_gives_the_reranked_hits(method: str) -> None:
     rng = np.random.default_rng(3)
     for _ in range(20):
@@ -161,3 +161,16 @@ def test_fuse_scores_zscore_and_rrf_by_hand() -> None:
         fuse_scores(recall, rerank, "max", 0.5)
     with pytest.raises(ValueError, match="same length"):
         fuse_scores(recall, rerank[:2], "zscore", 0.5)
+
+
+def test_linear_scores_are_each_candidates_own() -> None:
+    """weight * logit + (1 - weight) * 20 * cosine, whatever else was reranked: scoring fewer
+    candidates never reorders the ones scored (what adaptive reranking relies on)."""
+    from twinq.shared.fusion import LINEAR_COSINE_SCALE
+
+    recall, rerank = [0.9, 0.8, 0.7], [1.0, 3.0, -2.0]
+    expected = [0.4 * r + 0.6 * LINEAR_COSINE_SCALE * c for r, c in zip(rerank, recall)]
+    assert fuse_scores(recall, rerank, "linear", 0.4) == pytest.approx(expected)
+    assert fuse_scores(recall[:2], rerank[:2], "linear", 0.4) == pytest.approx(expected[:2])
+    assert np.argsort(-fuse_scores(recall, rerank, "linear", 0.0)).tolist() == [0, 1, 2]
+    assert np.argsort(-fuse_scores(recall, rerank, "linear", 1.0)).tolist() == [1, 0, 2]
