@@ -1,37 +1,20 @@
-"""Fit the adaptive reranking rule (`twinq.shared.adaptive_depth`) on serving-like dev queries.
+"""Measure the adaptive reranking rule (`twinq.shared.adaptive_depth`) on serving-like dev
+queries, and say what it gives against full reranking.
 
-`fit_serving` has already reranked every dev query at full depth. A pair's logit does not
-depend on the other pairs scored with it, so the logits of a shorter head are the first ones
-of the full head, and every candidate rule is judged without another cross-encoder call: each
-query is answered (fused, its top hit decided) at every head size once, and a rule is the head
-size it picks per query.
+Nothing is tuned: the rule's one number, `max_logit`, is the highest logit the reranker gave
+to any dev pair (answerable, twin-removed and unrelated queries, every candidate to the
+depth), and the bound it sets is what keeps the top hit. `fit_serving` has already reranked
+every dev query at full depth; a pair's logit does not depend on the other pairs scored with
+it, so what the rule would score, and answer, is simulated from those logits without another
+cross-encoder call (`rule_depths`). The twin decision is then fitted on the features of the
+heads the rule scores (`twinq.pipelines.decision_fit.decision_rows`), since that is what the
+worker computes by default; a query reranked at full depth (``"adaptive": false``) has more
+candidates to beat, so its margins, and with the decision's non-negative weights its
+probability, can only be lower.
 
-A rule keeps the answers when, against full reranking on the same queries:
-
-- the *answer* is the same for at least `MIN_ANSWER_AGREEMENT` of all queries (answerable,
-  twin-removed and unrelated): both say "no twin" (the decision model's probability below its
-  `min_probability`), or both name the same top hit as the twin;
-- the fused top-1 is the same candidate for at least `MIN_TOP1_AGREEMENT` of the answerable
-  queries;
-- nDCG@10 of the answerable queries drops by at most `MAX_NDCG_DROP` (0.1 point).
-
-Why not the top-1 of *every* query, as first planned: on Quora's dev queries the reranker (fusion
-weight 0.7) reorders the near misses of twin-removed and unrelated queries, so their top-1 moved
-with almost any shortening (86% top-1 agreement over all queries at half the pairs) while their
-answer, "no twin", stayed for 99.8% of them. The twin a reply names, and the ranking of the
-answerable queries, are what the issue asks to keep; the top-1 agreement over every query and
-the decision agreement are still reported in ``dev``.
-
-The chosen margin is the smallest one *from which on* every larger margin of `MARGIN_GRID` keeps
-the answers too, not merely the smallest that does: agreement on a few hundred queries is noisy,
-and a lucky small margin between two failing ones would not hold on the next corpus. The largest
-margin (`FULL_MARGIN`) without a floor is full reranking, so a rule always exists; a reranker
-whose answers no margin keeps gets that one and saves nothing.
-
-The absolute cosine floor (`min_cosine`: candidates below it are not reranked) is fitted the same
-way, one margin per floor of `FLOOR_GRID`; the floor with the fewest pairs wins, but only when it
-saves at least `FLOOR_MIN_SAVING` of the full pairs more than the margin alone; otherwise the
-simpler rule is kept.
+`judge` compares the rule with full reranking on the same dev queries (the reply's answer, the
+fused top-1, nDCG@10 of the answerable ones); `fit_serving` stores that in training.json's
+``adaptive_rerank.dev`` for readers, never to serve.
 """
 
 from __future__ import annotations
@@ -44,7 +27,7 @@ import numpy as np
 
 from twinq.pipelines.candidates import ranked_ids
 from twinq.pipelines.metrics import mrr_at_k, ndcg_at_k
-from twinq.shared.adaptive_depth import DEFAULT_MIN_DEPTH, FULL_MARGIN, AdaptiveRule
+from twinq.shared.adaptive_depth import DEFAULT_MIN_DEPTH, FUSION, AdaptiveRule
 from twinq.shared.calibration import hit_features
 from twinq.shared.fusion import fuse_scores
 
@@ -52,20 +35,25 @@ if TYPE_CHECKING:
     from twinq.pipelines.serving_queries import Scored
     from twinq.shared.calibration import Calibration
 
-MARGIN_GRID: tuple[float, ...] = (0.0, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.1,
-                                  0.12, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, FULL_MARGIN)
-"""Margins tried, ascending; the last reranks at full depth."""
 
-FLOOR_GRID: tuple[float | None, ...] = (None, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8)
-"""Absolute cosine floors tried (None: no floor)."""
+def fit_adaptive(scored: Scored, *, method: str, depth: int,
+                 min_depth: int = DEFAULT_MIN_DEPTH) -> AdaptiveRule | None:
+    """The rule for a reranker: its highest dev logit, or None when serving does not fuse
+    with `linear` fusion (the rule's bound holds for it only) or no dev pair was scored."""
+    logits = [np.asarray(scored.rerank[q][:depth]) for q in scored.cands if len(scored.rerank[q])]
+    if method != FUSION or not logits:
+        return None
+    return AdaptiveRule(round(float(np.concatenate(logits).max()), 6), min_depth)
 
-MIN_ANSWER_AGREEMENT = 0.99
-MIN_TOP1_AGREEMENT = 0.99
-MAX_NDCG_DROP = 0.001
-"""nDCG@10 on the 0..1 scale: 0.1 point, the issue's goal on the test set."""
 
-FLOOR_MIN_SAVING = 0.05
-"""Share of the full-depth pairs a cosine floor must save beyond the margin alone."""
+def rule_depths(scored: Scored, rule: AdaptiveRule, weight: float, depth: int) -> dict[str, int]:
+    """Per query, the candidates `rule` scores (step 1, then what could still win)."""
+    out = {}
+    for q, c in scored.cands.items():
+        logits = scored.rerank[q]
+        full = min(depth, len(logits))
+        out[q] = rule.depth(c.recall, logits[:rule.first(full)], full, weight)
+    return out
 
 
 @dataclass
@@ -73,7 +61,7 @@ class HeadTable:
     """Each dev query answered at every head size 0..depth (columns), from its full logits.
 
     Attributes:
-        recall: Per query, the cosines of its candidates (recall order).
+        qids: The queries (rows), those with at least one reranked candidate.
         available: Per query, candidates the full depth reranks (``min(depth, candidates)``).
         top: [query, head] the fused top-1's candidate position.
         answered: [query, head] whether the decision answers (p >= min_probability); all False
@@ -82,7 +70,7 @@ class HeadTable:
         answerable: Row indices of the answerable queries.
     """
 
-    recall: list[np.ndarray]
+    qids: list[str]
     available: np.ndarray
     top: np.ndarray
     answered: np.ndarray
@@ -105,12 +93,10 @@ def head_table(scored: Scored, *, method: str, weight: float, decision: Calibrat
     mrr = np.zeros((n, depth + 1))
     threshold = decision.min_probability if decision is not None else None
     available = np.zeros(n, dtype=np.int64)
-    recall = []
     for i, q in enumerate(qids):
         c, logits = scored.cands[q], scored.rerank[q]
         full = min(depth, len(logits))
         available[i] = full
-        recall.append(c.recall)
         qrels = {d: 1.0 for d in scored.queries.relevant[q]}
         for d in range(1, full + 1):
             fused = fuse_scores(c.recall[:d], logits[:d], method, weight)
@@ -123,7 +109,7 @@ def head_table(scored: Scored, *, method: str, weight: float, decision: Calibrat
                 ranked = ranked_ids(c, order)
                 ndcg[i, d] = ndcg_at_k(ranked, qrels, 10)
                 mrr[i, d] = mrr_at_k(ranked, qrels, 10)
-    return HeadTable(recall, available, top, answered, ndcg, mrr, answerable)
+    return HeadTable(qids, available, top, answered, ndcg, mrr, answerable)
 
 
 def judge(table: HeadTable, depths: Sequence[int] | np.ndarray) -> dict[str, float]:
@@ -152,94 +138,29 @@ def judge(table: HeadTable, depths: Sequence[int] | np.ndarray) -> dict[str, flo
     }
 
 
-def keeps_answers(result: dict[str, float]) -> bool:
-    """Whether a rule's dev result meets every criterion of the module docstring."""
-    return (result["answer_agreement"] >= MIN_ANSWER_AGREEMENT
-            and result["top1_agreement_answerable"] >= MIN_TOP1_AGREEMENT
-            and result["ndcg@10_full"] - result["ndcg@10"] <= MAX_NDCG_DROP + 1e-12)
-
-
-def rule_depths(table: HeadTable, rule: AdaptiveRule) -> np.ndarray:
-    """The head size `rule` gives each query of `table`."""
-    return np.array([rule.depth(r, int(full)) for r, full in zip(table.recall, table.available)],
-                    dtype=np.int64)
-
-
-def _choose_margin(table: HeadTable, floor: float | None, min_depth: int
-                   ) -> tuple[AdaptiveRule, dict[str, float], dict[float, dict[str, float]]] | None:
-    """The smallest margin from which on every larger margin keeps the answers at `floor`, or
-    None when not even the largest does (without a floor the largest is full depth: never
-    None)."""
-    results = {}
-    for margin in MARGIN_GRID:
-        rule = AdaptiveRule(margin, min_depth, floor)
-        results[margin] = judge(table, rule_depths(table, rule))
-    if floor is not None and not keeps_answers(results[MARGIN_GRID[-1]]):
-        return None
-    chosen = MARGIN_GRID[-1]
-    for margin in reversed(MARGIN_GRID):
-        if not keeps_answers(results[margin]):
-            break
-        chosen = margin
-    return AdaptiveRule(chosen, min_depth, floor), results[chosen], results
-
-
-def _rounded(result: dict[str, float]) -> dict[str, float]:
-    return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in result.items()}
-
-
-def fit_adaptive(scored: Scored, *, method: str, weight: float, decision: Calibration | None,
-                 depth: int, min_depth: int = DEFAULT_MIN_DEPTH) -> AdaptiveRule:
-    """The adaptive reranking rule for a reranker, fitted on its full-depth dev scores.
-
-    Args:
-        scored: The serving-like dev queries, reranked at `depth` (`score_queries`).
-        method: The fusion method serving uses (training.json's).
-        weight: Its weight.
-        decision: The decision model (its `min_probability` decides the twin), or None.
-        depth: The depth `scored` was reranked at: the most a rule may rerank.
-        min_depth: Candidates reranked at least. Defaults to 2 (the decision's margins).
-
-    Returns:
-        The rule, with what it gave on dev in ``dev`` (the margin chosen for each floor, and the
-        margin-by-margin curve at the chosen floor).
-    """
-    table = head_table(scored, method=method, weight=weight, decision=decision, depth=depth)
-    fits = {floor: _choose_margin(table, floor, min_depth) for floor in FLOOR_GRID}
-    fitted = {f: fit for f, fit in fits.items() if fit is not None}
-    plain = fitted[None][1]
-    best_floor = min(fitted, key=lambda f: (fitted[f][1]["pairs_share"], f is not None, f or 0))
-    floor_saving = plain["pairs_share"] - fitted[best_floor][1]["pairs_share"]
-    chosen = best_floor if floor_saving >= FLOOR_MIN_SAVING else None
-    rule, result, curve = fitted[chosen]
-    dev = {**_rounded(result), "depth": depth, "fusion": {"method": method, "weight": weight},
-           "criteria": {"min_answer_agreement": MIN_ANSWER_AGREEMENT,
-                        "min_top1_agreement_answerable": MIN_TOP1_AGREEMENT,
-                        "max_ndcg@10_drop": MAX_NDCG_DROP},
-           "rule": ("per cosine floor, the smallest margin from which on every larger one keeps "
-                    "the answers; a floor only if it saves >= "
-                    f"{FLOOR_MIN_SAVING} of the pairs over none"),
-           "by_floor": {str(f): ({"margin": fit[0].margin,
-                                  "pairs_share": round(fit[1]["pairs_share"], 6)}
-                                 if fit is not None else None) for f, fit in fits.items()},
-           "by_margin": {str(m): {k: round(r[k], 6) for k in
-                                  ("pairs_share", "answer_agreement",
-                                   "top1_agreement_answerable", "top1_agreement")}
-                         | {"ndcg@10_drop": round(r["ndcg@10_full"] - r["ndcg@10"], 6)}
-                         for m, r in curve.items()}}
-    return AdaptiveRule(rule.margin, rule.min_depth, rule.min_cosine, dev)
+def with_dev_report(rule: AdaptiveRule, scored: Scored, *, weight: float,
+                    decision: Calibration | None, depth: int) -> AdaptiveRule:
+    """`rule` with what it gives on the dev queries against full reranking in ``dev``."""
+    table = head_table(scored, method=FUSION, weight=weight, decision=decision, depth=depth)
+    depths = rule_depths(scored, rule, weight, depth)
+    result = judge(table, [depths[q] for q in table.qids])
+    dev = {**{k: (round(v, 6) if isinstance(v, float) else v) for k, v in result.items()},
+           "depth": depth, "fusion": {"method": FUSION, "weight": weight},
+           "rule": "the first min_depth candidates, then every one whose best possible linear "
+                   "score (at max_logit, the highest dev logit) reaches the best fused score"}
+    return AdaptiveRule(rule.max_logit, rule.min_depth, dev)
 
 
 def summary(rule: AdaptiveRule | None) -> str:
     """One line on what the rule saves on dev, for the CLI."""
     if rule is None:
-        return "adaptive reranking: none fitted (full depth)"
+        return "adaptive reranking: none (full depth; it needs linear fusion)"
     dev: dict[str, Any] = dict(rule.dev)
-    floor = f", cosine >= {rule.min_cosine}" if rule.min_cosine is not None else ""
     if not dev:
-        return f"adaptive reranking: margin {rule.margin}{floor}"
-    return (f"adaptive reranking: margin {rule.margin}{floor} scores "
+        return f"adaptive reranking: logits up to {rule.max_logit}"
+    return (f"adaptive reranking (logits up to {rule.max_logit:.2f}) scores "
             f"{100 * dev['pairs_share']:.0f}% of the depth-{dev['depth']} pairs on dev "
-            f"({dev['mean_pairs']:.1f} per query), same answer for "
-            f"{100 * dev['answer_agreement']:.1f}% of the queries, nDCG@10 {100 * dev['ndcg@10']:.2f} vs "
-            f"{100 * dev['ndcg@10_full']:.2f} at full depth")
+            f"({dev['mean_pairs']:.1f} per query), same top hit for "
+            f"{100 * dev['top1_agreement']:.1f}% and the same answer for "
+            f"{100 * dev['answer_agreement']:.1f}% of the queries, nDCG@10 "
+            f"{100 * dev['ndcg@10']:.2f} vs {100 * dev['ndcg@10_full']:.2f} at full depth")

@@ -26,7 +26,7 @@ from twinq.shared.fusion import fuse_scores
 from twinq.shared.rerank_config import TUNED_FUSION_METHOD
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Mapping, Sequence
 
     from sentence_transformers import CrossEncoder
 
@@ -73,13 +73,14 @@ class DecisionRows:
                    np.asarray(data["labels"], dtype=np.int64), list(data["kinds"]))
 
 
-def decision_rows(scored: Scored, weight: float, method: str = TUNED_FUSION_METHOD
-                  ) -> DecisionRows:
+def decision_rows(scored: Scored, weight: float, method: str = TUNED_FUSION_METHOD,
+                  depths: Mapping[str, int] | None = None) -> DecisionRows:
     """The top hit of each query after fusion (`method` at `weight`), as the worker would
-    answer it."""
+    answer it: with `depths`, from the first ``depths[query]`` logits only (the candidates
+    adaptive reranking scores), else from every logit scored."""
     rows, labels, kinds = [], [], []
     for qid, c in scored.cands.items():
-        logits = scored.rerank[qid]
+        logits = scored.rerank[qid] if depths is None else scored.rerank[qid][:depths[qid]]
         if len(logits) == 0:
             continue  # nothing recalled: the worker answers with no hit at all
         order = _fused_order(c, logits, weight, method)

@@ -4,15 +4,16 @@ The three variants are always reported side by side (``base_ndcg@10 -> ndcg@10``
 can lower nDCG where the bi-encoder was trained on the same task (Quora), so rerank must prove
 its value. Recall goes through the same path as serving (`open_snapshot`, `search_shards`);
 fusion is the reranker's own (`RerankConfig.resolve_fusion`: its training.json's method and
-weight, or z-score at `DEFAULT_FUSION_WEIGHT` for a model without one). Each query reranks the
-head its adaptive rule gives (`twinq.shared.adaptive_depth`, as the worker does) unless told not
-to; the report states the pairs scored against the full depth beside nDCG@10 and MRR@10.
+weight, or linear fusion at `DEFAULT_FUSION_WEIGHT` for a model without one). Each query is
+reranked as its adaptive rule says (`twinq.shared.adaptive_depth`: the first candidates, then
+those that could still become the top hit, in a second call, as the worker does) unless told
+not to; the report states the pairs scored against the full depth beside nDCG@10 and MRR@10.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,6 +25,9 @@ from twinq.pipelines.metrics import paired_gain, per_query, recall_at_k, retriev
 from twinq.pipelines.report_files import write_report_files
 from twinq.shared.constants import DEFAULT_RERANK_DEPTH
 from twinq.shared.errors import BadInput
+
+if TYPE_CHECKING:
+    from twinq.shared.adaptive_depth import AdaptiveRule
 
 
 def evaluate_retrieval(root: str, queries_path: str, qrels_path: str, *,
@@ -50,7 +54,7 @@ def evaluate_retrieval(root: str, queries_path: str, qrels_path: str, *,
         out: Write report.json, report.md and retrieval.png here. Defaults to None.
         backend: The cross-encoder backend; "auto" resolves as the worker's default does
             (and as `twinq train` fits on). Defaults to "auto".
-        adaptive: Rerank each query's adaptive head (True) or the full depth (False); None
+        adaptive: Rerank as the adaptive rule says (True) or the full depth (False); None
             does what the reranker's training.json says (its rule if it has one). Defaults to
             None.
 
@@ -84,21 +88,18 @@ def evaluate_retrieval(root: str, queries_path: str, qrels_path: str, *,
     if config is not None:
         method, weight = config.resolve_fusion(None, None, fusion_weight,
                                                fallback=TUNED_FUSION_METHOD)
-        rule = config.resolve_adaptive(None, adaptive)
+        rule = config.resolve_adaptive(None, adaptive, method)
         if adaptive and rule is None:
             raise BadInput(f"--adaptive: {reranker} has no adaptive_rerank rule in its "
-                           "training.json (fit one with `twinq train decide`)")
+                           "training.json (fit one with `twinq train decide`), or the fusion "
+                           f"is {method!r} and the rule needs 'linear'")
         full = {q: min(rerank_depth, len(c.texts)) for q, c in cands.items()}
-        depths = {q: rule.depth(c.recall, rerank_depth) if rule else full[q]
-                  for q, c in cands.items()}
-        heads = {q: Candidates(c.ids[:depths[q]], c.texts[:depths[q]], c.recall[:depths[q]])
-                 for q, c in cands.items()}
         model = load_cross_encoder(reranker, backend=backend)
         report["backend"] = backend_of(model)
-        rerank, rerank_s = rerank_candidates(model, queries, heads, rerank_depth,
-                                             symmetric=symmetric)
+        rerank, depths, rerank_s = _rerank(model, queries, cands, full, rule, weight,
+                                           symmetric=symmetric)
         report["adaptive"] = None if rule is None else {
-            "margin": rule.margin, "min_depth": rule.min_depth, "min_cosine": rule.min_cosine}
+            "max_logit": rule.max_logit, "min_depth": rule.min_depth}
         scored_pairs, full_pairs = sum(depths.values()), sum(full.values())
         report["rerank_pairs"] = {
             "total": scored_pairs, "mean_per_query": scored_pairs / max(len(cands), 1),
@@ -125,6 +126,31 @@ def evaluate_retrieval(root: str, queries_path: str, qrels_path: str, *,
     return report
 
 
+def _rerank(model: Any, queries: dict[str, str], cands: dict[str, Candidates],
+            full: dict[str, int], rule: AdaptiveRule | None, weight: float, *, symmetric: bool
+            ) -> tuple[dict[str, np.ndarray], dict[str, int], float]:
+    """Rerank as the worker does: `full` candidates per query in one call, or with `rule` the
+    first few, then in a second call those that could still become the top hit. Returns the
+    logits, the candidates scored per query and the seconds spent."""
+    first = {q: rule.first(full[q]) if rule else full[q] for q in cands}
+    heads = {q: _slice(c, 0, first[q]) for q, c in cands.items()}
+    rerank, seconds = rerank_candidates(model, queries, heads, max(first.values(), default=0),
+                                        symmetric=symmetric)
+    if rule is None:
+        return rerank, first, seconds
+    depths = {q: rule.depth(c.recall, rerank[q], full[q], weight) for q, c in cands.items()}
+    more = {q: _slice(c, first[q], depths[q]) for q, c in cands.items() if depths[q] > first[q]}
+    extra, extra_s = rerank_candidates(model, queries, more, max(full.values(), default=0),
+                                       symmetric=symmetric)
+    for q, logits in extra.items():
+        rerank[q] = np.concatenate([rerank[q], logits])
+    return rerank, depths, seconds + extra_s
+
+
+def _slice(c: Candidates, start: int, stop: int) -> Candidates:
+    return Candidates(c.ids[start:stop], c.texts[start:stop], c.recall[start:stop])
+
+
 def _recall_curve(run: dict[str, list[str]], qrels: dict[str, dict[str, float]], k_max: int
                   ) -> list[float]:
     return [float(np.mean([recall_at_k(run[q], qrels[q], k) for q in run])) for k in range(1, k_max + 1)]
@@ -141,9 +167,8 @@ def retrieval_table(report: dict[str, Any]) -> str:
     pairs = report.get("rerank_pairs")
     if pairs:
         rule = report.get("adaptive")
-        how = (f"adaptive, margin {rule['margin']}, at least {rule['min_depth']}"
-               + (f", cosine >= {rule['min_cosine']}" if rule.get("min_cosine") is not None
-                  else "") if rule else "full depth")
+        how = (f"adaptive, the first {rule['min_depth']}, then any that could still win at "
+               f"logits up to {rule['max_logit']:.2f}" if rule else "full depth")
         lines.append(f"\nrerank pairs ({how}): {pairs['mean_per_query']:.2f} per query, "
                      f"{100 * pairs['share_of_depth']:.1f}% of depth {report['rerank_depth']} "
                      f"({pairs['total']} of {pairs['full_depth_total']})")

@@ -2,9 +2,10 @@
 
 `fit_serving` searches held-out questions in the corpus the reranker will serve (a snapshot,
 or the pairs' own questions as an in-memory corpus), reranks them as the worker does, tunes
-the fusion weight (`twinq.pipelines.fusion_tuning`), fits the decision model on the fused top
-hits (`twinq.pipelines.decision_fit`) and the adaptive reranking rule on the same full-depth
-scores (`twinq.pipelines.adaptive_fit`), and returns them as the reranker's `RerankConfig`.
+the fusion weight (`twinq.pipelines.fusion_tuning`), measures the adaptive reranking rule on
+the same full-depth scores (`twinq.pipelines.adaptive_fit`), fits the decision model on the
+fused top hits of the candidates that rule scores (`twinq.pipelines.decision_fit`), and
+returns them as the reranker's `RerankConfig`.
 `twinq train reranker` calls it after training; `twinq train decide` calls it again alone.
 """
 
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from twinq.pipelines.adaptive_fit import fit_adaptive
+from twinq.pipelines.adaptive_fit import fit_adaptive, rule_depths, with_dev_report
 from twinq.pipelines.decision_fit import (decision_metrics, decision_rows, fit_decision,
                                           pair_calibration, write_dev_rows)
 from twinq.pipelines.fusion_tuning import tune_fusion
@@ -129,12 +130,15 @@ def fit_serving(model_dir: str, dev: Sequence[LabelledPair], corpus_pairs: Seque
     model = load_cross_encoder(model_dir, max_length=max_length, backend=backend)
     scored = score_queries(snapshot, bi, model, queries, depth=depth)
     fusion = tune_fusion(scored)
-    rows = decision_rows(scored, fusion["weight"], fusion["method"])
+    adaptive = fit_adaptive(scored, method=fusion["method"], depth=depth)
+    depths = rule_depths(scored, adaptive, fusion["weight"], depth) if adaptive else None
+    rows = decision_rows(scored, fusion["weight"], fusion["method"], depths)
     decision = fit_decision(rows)
     calibration = pair_calibration(model, dev, rows)
     write_dev_rows(model_dir, rows)
-    adaptive = fit_adaptive(scored, method=fusion["method"], weight=fusion["weight"],
-                            decision=decision, depth=depth)
+    if adaptive is not None:
+        adaptive = with_dev_report(adaptive, scored, weight=fusion["weight"], decision=decision,
+                                   depth=depth)
     report = decision_metrics(decision.predict(rows.features), rows, decision.min_probability or 1.0)
     report["corpus"] = f"snapshot {root}" if root else "the questions of the pairs files"
     config = RerankConfig(

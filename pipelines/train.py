@@ -7,7 +7,7 @@ serve, tune the fusion weight and fit the twin decision on those serving-like qu
 (`twinq.pipelines.serving_fit`) -> write the model and ``training.json``.
 
 ``training.json`` is the contract with the query worker (read by
-`twinq.shared.rerank_config`): ``base``, ``threshold``, ``fusion`` (``{"method": "zscore",
+`twinq.shared.rerank_config`): ``base``, ``threshold``, ``fusion`` (``{"method": "linear",
 "weight"}`` and how it was tuned), ``decision`` (the twin decision model with its default
 ``min_probability``; `twinq.shared.calibration`), ``calibration`` (the pair calibration of the
 logit), ``rerank_depth`` (the depth they were fitted at), ``adaptive_rerank`` (the adaptive

@@ -1,49 +1,41 @@
-"""Adaptive reranking: how many of a query's candidates the cross-encoder scores, decided from
-the recall scores alone, before any pair is scored.
+"""Adaptive reranking: score only the candidates that could still become the top hit.
 
-Reranking is the main cost of a query on a CPU, yet when the bi-encoder's top candidate is far
-ahead of the rest no rerank score can change the answer: fusion (`twinq.shared.fusion`) mixes
-the rerank z-score with the recall z-score, and a candidate whose cosine is far below the top
-one needs a rerank lead that the reranker never gives. So each query reranks only its head:
+Reranking is the main cost of a query on a CPU, yet most candidates cannot change the answer.
+With `linear` fusion (`twinq.shared.fusion`) a candidate's fused score is its own,
 
-    the candidates whose cosine is within `margin` of the top-1 cosine,
-    at least `min_depth` of them and at most the resolved depth.
+    weight * logit + (1 - weight) * LINEAR_COSINE_SCALE * cosine,
 
-A clear top-1 (a gap wider than `margin` to the next candidate) scores `min_depth` pairs;
-bunched candidates score up to the whole depth. A candidate below the absolute cosine floor
-`min_cosine` is not reranked beyond `min_depth`: with a bi-encoder trained on the task, a
-candidate that far from the query is rarely its twin, and reranking it mostly promotes a wrong
-one (on Quora's dev queries, leaving out every candidate below 0.6 kept nDCG@10 and the twin
-answers; on the test set it cost 0.15 nDCG@10 point: docs/results.md section 6). Candidates
-beyond the head keep their recall order after it, as with any depth
-(`twinq.shared.rerank.rerank`). `min_depth` is 2 so that the twin decision's margins
-exist: `calibrate` computes ``rerank_margin`` and ``recall_margin`` against the best *other
-reranked* candidate, and with one candidate both are 0, which the decision model (fitted with
-margins) would read as a tie and under-state the probability.
+whatever else was scored, and a cross-encoder's logit has a ceiling: the highest logit the
+reranker gave on its dev queries (`max_logit`). So a candidate not yet scored can at best reach
+``weight * max_logit + (1 - weight) * LINEAR_COSINE_SCALE * cosine``, and once that is below
+the best fused score already found it cannot be the top hit. Each query is reranked in two
+calls per batch, not one:
 
-`margin` and `min_cosine` are fitted per reranker on the serving-like dev queries
-(`twinq.pipelines.adaptive_fit`) and stored in training.json as ``adaptive_rerank``; a reranker
-without it reranks at full depth.
+1. the first `min_depth` candidates (recall order);
+2. every further candidate, up to the depth, whose best possible score reaches the best fused
+   score of step 1. Candidates come in falling cosine, so this is a prefix.
 
-Why only the recall scores:
+Step 2 scores a superset of what scoring one by one would need (the best score only rises), so
+the top hit is the one full reranking at that depth gives, as long as no logit exceeds
+`max_logit`; nothing is fitted, `max_logit` is measured. A clear top-1 stops after step 1; a
+query whose best candidates all score low (no twin in the corpus) reranks deeper, where it
+matters. `min_depth` is 2 so that the twin decision's margins exist (`calibrate` measures them
+against the best *other reranked* candidate; with one candidate both would be 0).
 
-- The rule must decide before the one cross-encoder call of a batch; a rule on rerank scores
-  or on the decision model's probability needs a second call (score a head, look, score more),
-  which serialises two predict calls per batch for a saving the recall rule already gets.
-- The margin alone was not enough on Quora's dev queries: with the dev-tuned fusion weight 0.7
-  the reranker reorders candidates far below the top-1 cosine, so keeping nDCG@10 within 0.1
-  point needed a margin of 0.3, which still scored 79% of the dev pairs. The floor cut that to
-  42% on dev (39% of the test pairs; docs/results.md section 6). A floor is kept only when it
-  saves clearly more pairs than the margin alone (`adaptive_fit.FLOOR_MIN_SAVING`).
+The earlier rule (session 11) chose the head from recall cosines alone, fitted a margin and a
+cosine floor on dev, and fused by per-query z-scores; a z-score depends on which candidates were
+scored, so a shorter head reordered even the candidates it kept, and on Quora's test queries
+the fitted rule lost 0.13 to 0.23 nDCG@10 point. This one keeps the top hit by construction
+(docs/results.md section 6).
 
 Example:
-    >>> rule = AdaptiveRule(margin=0.05)
-    >>> rule.depth([0.97, 0.80, 0.79, 0.78], 20)        # clear top-1: the decision's 2
+    >>> rule = AdaptiveRule(max_logit=5.0)
+    >>> rule.first(20)
     2
-    >>> rule.depth([0.82, 0.80, 0.79, 0.70], 20)        # bunched: every close candidate
+    >>> rule.depth([0.95, 0.70, 0.68, 0.50], [4.0, -3.0], 20, weight=0.5)   # clear top-1
+    2
+    >>> rule.depth([0.80, 0.78, 0.77, 0.40], [-1.0, -2.0], 20, weight=0.5)  # no twin: deeper
     3
-    >>> AdaptiveRule(margin=0.3, min_cosine=0.6).depth([0.7, 0.65, 0.58, 0.5], 20)
-    2
 """
 
 from __future__ import annotations
@@ -52,75 +44,79 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from twinq.shared.calibration import finite_number
+from twinq.shared.fusion import LINEAR_COSINE_SCALE
 
 DEFAULT_MIN_DEPTH = 2
-"""Pairs scored at least: the decision model's margins need two reranked candidates."""
+"""Pairs scored first, and at least: the decision model's margins need two reranked candidates."""
 
-FULL_MARGIN = 2.0
-"""A margin that keeps every candidate (cosines lie in -1..1): the rule then reranks at full
-depth. The fit falls back to it when no smaller margin keeps the answers on dev."""
+FUSION = "linear"
+"""The fusion method the rule's bound holds for; with any other, queries rerank at full depth."""
 
 
-def adaptive_depth(recall: Sequence[float], max_depth: int, margin: float,
-                   min_depth: int = DEFAULT_MIN_DEPTH, min_cosine: float | None = None) -> int:
-    """Candidates to rerank for one query.
+def linear_score(logits: Sequence[float] | np.ndarray, cosines: Sequence[float] | np.ndarray,
+                 weight: float) -> np.ndarray:
+    """`linear` fusion's score (`twinq.shared.fusion`) of each candidate."""
+    return (weight * np.asarray(logits, dtype=np.float64)
+            + (1.0 - weight) * LINEAR_COSINE_SCALE * np.asarray(cosines, dtype=np.float64))
+
+
+def adaptive_depth(recall: Sequence[float], head_logits: Sequence[float], max_depth: int,
+                   weight: float, max_logit: float) -> int:
+    """Candidates to rerank in all, once the first ``len(head_logits)`` are scored.
 
     Args:
         recall: The query's recall scores (cosines), in recall order (best first).
-        max_depth: The resolved depth (request, settings, training.json): never more.
-        margin: Candidates whose cosine is at least ``top1 - margin`` are reranked.
-        min_depth: Never fewer (unless `max_depth` or the candidates are fewer). Defaults to 2.
-        min_cosine: Candidates below this cosine are not reranked (beyond `min_depth`);
-            None: no floor.
+        head_logits: The logits of its first candidates, already scored (step 1).
+        max_depth: The resolved depth: never more.
+        weight: The `linear` fusion weight serving uses.
+        max_logit: The highest logit the reranker gives (measured on dev).
 
     Returns:
-        The number of leading candidates to rerank, in ``0..min(max_depth, len(recall))``.
+        A count in ``len(head_logits)..min(max_depth, len(recall))``.
     """
     available = min(max(0, max_depth), len(recall))
-    if available == 0:
-        return 0
-    cut = float(recall[0]) - margin
-    if min_cosine is not None:
-        cut = max(cut, min_cosine)
-    head = available
-    for i in range(1, available):
-        if float(recall[i]) < cut:
-            head = i
-            break
-    return max(head, min(min_depth, available))
+    scored = min(len(head_logits), available)
+    if scored == 0 or scored >= available:
+        return max(scored, 0)
+    best = float(linear_score(head_logits[:scored], recall[:scored], weight).max())
+    bound = linear_score(np.full(available, max_logit), recall[:available], weight)
+    reach = np.flatnonzero(bound[scored:] >= best)
+    return scored + (int(reach[-1]) + 1 if reach.size else 0)
 
 
 @dataclass(frozen=True)
 class AdaptiveRule:
-    """The fitted rule, as training.json's ``adaptive_rerank`` holds it.
+    """The rule, as training.json's ``adaptive_rerank`` holds it.
 
     Attributes:
-        margin: Cosine distance from the top-1 within which candidates are reranked.
-        min_depth: Candidates reranked at least.
-        min_cosine: Candidates below this cosine are not reranked beyond `min_depth`; None:
-            no floor.
-        dev: What the fit measured on dev (pairs share, agreement with full reranking), for
-            readers of training.json; never used to serve.
+        max_logit: The highest logit the reranker gave on its dev queries.
+        min_depth: Candidates scored in step 1, and at least.
+        dev: What it gave on dev (pairs share, agreement with full reranking), for readers of
+            training.json; never used to serve.
     """
 
-    margin: float
+    max_logit: float
     min_depth: int = DEFAULT_MIN_DEPTH
-    min_cosine: float | None = None
     dev: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
-    def depth(self, recall: Sequence[float], max_depth: int) -> int:
-        """See `adaptive_depth`."""
-        return adaptive_depth(recall, max_depth, self.margin, self.min_depth, self.min_cosine)
+    def first(self, max_depth: int) -> int:
+        """Candidates to score in step 1 (never more than the depth)."""
+        return max(0, min(self.min_depth, max_depth))
 
-    def key(self) -> tuple[float, int, float | None]:
+    def depth(self, recall: Sequence[float], head_logits: Sequence[float], max_depth: int,
+              weight: float) -> int:
+        """See `adaptive_depth`."""
+        return adaptive_depth(recall, head_logits, max_depth, weight, self.max_logit)
+
+    def key(self) -> tuple[float, int]:
         """What an answer depends on (the query cache key's part)."""
-        return (self.margin, self.min_depth, self.min_cosine)
+        return (self.max_logit, self.min_depth)
 
     def to_dict(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"margin": self.margin, "min_depth": self.min_depth}
-        if self.min_cosine is not None:
-            data["min_cosine"] = self.min_cosine
+        data: dict[str, Any] = {"max_logit": self.max_logit, "min_depth": self.min_depth}
         return {**data, **({"dev": dict(self.dev)} if self.dev else {})}
 
     @classmethod
@@ -132,19 +128,12 @@ class AdaptiveRule:
         """
         if not isinstance(data, dict):
             raise ValueError("must be a JSON object")
-        unknown = sorted(set(data) - {"margin", "min_depth", "min_cosine", "dev"})
+        unknown = sorted(set(data) - {"max_logit", "min_depth", "dev"})
         if unknown:
             raise ValueError(f"unknown key(s): {', '.join(unknown)}")
-        margin = finite_number(data.get("margin"), "margin")
-        if not 0.0 <= margin <= FULL_MARGIN:
-            raise ValueError(f"margin must be in 0..{FULL_MARGIN}, got {margin}")
+        max_logit = finite_number(data.get("max_logit"), "max_logit")
         min_depth = data.get("min_depth", DEFAULT_MIN_DEPTH)
         if isinstance(min_depth, bool) or not isinstance(min_depth, int) or min_depth < 1:
             raise ValueError(f"min_depth must be an integer >= 1, got {min_depth!r}")
-        floor = data.get("min_cosine")
-        if floor is not None:
-            floor = finite_number(floor, "min_cosine")
-            if not -1.0 <= floor <= 1.0:
-                raise ValueError(f"min_cosine must be in -1..1, got {floor}")
         dev = data.get("dev", {})
-        return cls(margin, min_depth, floor, dev if isinstance(dev, dict) else {})
+        return cls(max_logit, min_depth, dev if isinstance(dev, dict) else {})

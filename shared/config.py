@@ -57,7 +57,8 @@ class Settings:
     fusion: str | None = None  # a name in twinq.shared.fusion.FUSIONS
     """Fusion of recall and rerank scores; None takes the reranker's training.json (else none)."""
     fusion_weight: float | None = None
-    """Weight of the rerank z-score in `zscore` fusion; None takes the reranker's tuned value."""
+    """Weight of the rerank score in `linear` and `zscore` fusion (0 recall order, 1 rerank
+    order); None takes the reranker's tuned value."""
     min_probability: float | None = None
     """Default duplicate probability a top hit needs to count as a twin (else `no_twin`); None
     takes the reranker's decision model (its 95%-precision point on dev)."""

@@ -6,12 +6,12 @@ them); the worker, the evaluators and the negative denoiser read them through `l
 which checks every one:
 
     {"threshold": 0.42,
-     "fusion": {"method": "zscore", "weight": 0.3, "tuned": true, ...},
+     "fusion": {"method": "linear", "weight": 0.3, "tuned": true, ...},
      "decision": {"method": "logistic", "features": ["rerank", "recall"], ...,
                   "min_probability": 0.7},
      "calibration": {"method": "logistic", "features": ["rerank"], ...},
      "rerank_depth": 20,
-     "adaptive_rerank": {"margin": 0.05, "min_depth": 2, "dev": {...}},
+     "adaptive_rerank": {"max_logit": 4.76, "min_depth": 2, "dev": {...}},
      "settings": {"max_length": 64, ...}, ...}
 
 Each knob of a query is resolved in one order, the request first, then the settings
@@ -19,17 +19,19 @@ Each knob of a query is resolved in one order, the request first, then the setti
 
     >>> config = load_rerank_config("runs/ce")                      # doctest: +SKIP
     >>> config.resolve_fusion(settings, request.fusion, request.fusion_weight)  # doctest: +SKIP
-    ('zscore', 0.3)
+    ('linear', 0.3)
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from twinq.shared.adaptive_depth import FUSION as ADAPTIVE_FUSION
 from twinq.shared.adaptive_depth import AdaptiveRule
 from twinq.shared.calibration import Calibration, finite_number
 from twinq.shared.constants import DEFAULT_RERANK_DEPTH, MAX_RECALL_K
@@ -46,12 +48,14 @@ DEFAULT_FUSION_METHOD = "none"
 """Fusion when neither the request, the settings nor training.json name one: rerank order."""
 
 DEFAULT_FUSION_WEIGHT = 0.5
-"""The z-score weight (0 = recall order, 1 = rerank order) when nothing tuned one, and the
+"""The fusion weight (0 = recall order, 1 = rerank order) when nothing tuned one, and the
 weight fusion tuning breaks ties towards: the equal mix that helped in the first Quora runs."""
 
-TUNED_FUSION_METHOD = "zscore"
+TUNED_FUSION_METHOD = "linear"
 """The method `twinq train reranker` tunes, and the evaluators' fused variant for a reranker
-that has no training.json."""
+that has no training.json. `linear`, not `zscore` (the default until session 12): the two rank
+level on Quora (docs/results.md section 6), and only `linear` lets adaptive reranking stop
+early without changing the top hit (`twinq.shared.adaptive_depth`)."""
 
 DEFAULT_PAIR_THRESHOLD = 0.5
 """Duplicate threshold on `CrossEncoder.predict`'s default output (a sigmoid) for a model that
@@ -156,15 +160,20 @@ class RerankConfig:
         return depth if recall_k is None else min(depth, recall_k)
 
     def resolve_adaptive(self, settings: Settings | None = None,
-                         requested: bool | None = None) -> AdaptiveRule | None:
+                         requested: bool | None = None, fusion: str | None = None
+                         ) -> AdaptiveRule | None:
         """The adaptive reranking rule a query is answered with, or None for full depth.
 
         On or off is the request's ``adaptive``, else the settings' ``adaptive_rerank``, else
         on; what "on" applies is training.json's rule, so a reranker without one (fitted before
-        it) reranks every query at full depth whatever is asked.
+        it) reranks every query at full depth whatever is asked. The rule's bound holds for
+        `linear` fusion only: a query fused another way (`fusion`, the resolved method) is
+        reranked at full depth.
         """
         enabled = next(v for v in (requested, settings.adaptive_rerank if settings else None,
                                    True) if v is not None)
+        if fusion is not None and fusion != ADAPTIVE_FUSION:
+            return None
         return self.adaptive if enabled else None
 
     def check_settings(self, settings: Settings) -> None:
@@ -279,6 +288,12 @@ def load_rerank_config(model_dir: str | Path | None) -> RerankConfig:
     settings = data.get("settings")
     max_length = settings.get("max_length") if isinstance(settings, dict) else None
     adaptive = data.get("adaptive_rerank")
+    if isinstance(adaptive, dict) and "margin" in adaptive:
+        # Session 11's cosine-margin rule went with z-score fusion; it is not applied.
+        logging.getLogger(__name__).warning(
+            "%s: adaptive_rerank is an older cosine-margin rule, not applied (full depth); "
+            "`twinq train decide --reranker %s` fits the current one", path, model_dir)
+        adaptive = None
     if adaptive is not None:
         try:
             adaptive = AdaptiveRule.from_dict(adaptive)

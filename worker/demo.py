@@ -51,10 +51,11 @@ TRAIN_FAST = ["--epochs", "1", "--max-length", "32", "--lr", "1e-4", "--batch-si
               "--max-steps", "30"]
 
 
-TRAINING_VERSION = "4"
+TRAINING_VERSION = "5"
 """Part of the cached reranker's key: bump it when `twinq train reranker` changes what it writes
 (4: easy negatives, mined near misses for labelled positives, the twin decision model,
-fusion falling back to recall only without a dev gain)."""
+fusion falling back to recall only without a dev gain; 5: linear fusion, the adaptive rule's
+logit bound, the decision fitted on the candidates it scores)."""
 
 
 def demo_dir() -> Path:

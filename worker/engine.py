@@ -1,8 +1,9 @@
 """The query engine: answer a batch against the served snapshot, one call per stage.
 
 Embed every query in one call, search every shard once (`search_shards`), rerank every pair
-once (`rerank`), then per request fuse, calibrate, cut to `top_k`, decide the twin and build
-the reply. What it answers with (snapshot and bi-encoder) comes from a `SnapshotHolder`
+once (`rerank`; adaptive reranking scores the pairs that can still change the top hit in a
+second call), then per request fuse, calibrate, cut to `top_k`, decide the twin and build the
+reply. What it answers with (snapshot and bi-encoder) comes from a `SnapshotHolder`
 (`twinq.worker.served`), read once per batch, so one batch never mixes versions; the engine
 itself holds only the cross-encoder and how to use it. The snapshot is not memory-mapped as a
 whole: FAISS maps only IVF indexes, so a hot reload briefly holds two copies of a Flat or HNSW
@@ -100,13 +101,12 @@ class Engine:
                           self.settings.rerank_depth,
                           ", both orders" if self.settings.rerank_symmetric else "",
                           self._fusion(None, None))
-            rule = self.rerank_config.resolve_adaptive(self.settings)
+            rule = self.rerank_config.resolve_adaptive(self.settings, None,
+                                                       self._fusion(None, None)[0])
             if rule is not None:
-                self.log.info("adaptive reranking: candidates within %.3f of the top-1 cosine"
-                              "%s, at least %d (%s)", rule.margin,
-                              "" if rule.min_cosine is None else
-                              f" and at cosine >= {rule.min_cosine}", rule.min_depth,
-                              self.rerank_config.path)
+                self.log.info("adaptive reranking: the first %d candidates, then those that "
+                              "could still become the top hit (logits up to %.3f; %s)",
+                              rule.min_depth, rule.max_logit, self.rerank_config.path)
             if self.rerank_config.decision is None:
                 self.log.warning("reranker %s has no decision model (no training.json from "
                                  "`twinq train reranker`): duplicate_probability is null and "
@@ -213,14 +213,37 @@ class Engine:
                                                 request.recall_k)
 
     def _adaptive(self, request: QueryRequest) -> AdaptiveRule | None:
-        return self.rerank_config.resolve_adaptive(self.settings, request.adaptive)
+        method, _ = self._fusion(request.fusion, request.fusion_weight)
+        return self.rerank_config.resolve_adaptive(self.settings, request.adaptive, method)
 
-    def _head(self, request: QueryRequest, hits: list[Hit]) -> tuple[int, int]:
-        """(candidates to rerank, candidates the resolved depth alone would rerank): the
-        adaptive rule's head (`twinq.shared.adaptive_depth`) when it applies, else the depth."""
-        full = min(self._depth(request), len(hits))
-        rule = self._adaptive(request)
-        return (full if rule is None else rule.depth([h.recall_score for h in hits], full)), full
+    def _rerank(self, requests: list[QueryRequest], hits: list[list[Hit]]) -> None:
+        """Rerank each query's candidates: the whole depth in one call; or, where adaptive
+        reranking applies, the first few in that call and, in a second one, the further
+        candidates that could still become the top hit (`twinq.shared.adaptive_depth`)."""
+        assert self.cross_encoder is not None
+        queries = [r.query for r in requests]
+        full = [min(self._depth(r), len(h)) for r, h in zip(requests, hits)]
+        rules = [self._adaptive(r) for r in requests]
+        first = [f if rule is None else rule.first(f) for rule, f in zip(rules, full)]
+        heads = [h[:n] for h, n in zip(hits, first)]  # recall order; rerank() reorders hits
+        symmetric = self.settings.rerank_symmetric
+        rerank(queries, hits, self.cross_encoder, depth=first, symmetric=symmetric)
+        more = []
+        for i, (request, rule) in enumerate(zip(requests, rules)):
+            if rule is not None and first[i] < full[i]:
+                weight = self._fusion(request.fusion, request.fusion_weight)[1]
+                recall = [h.recall_score for h in heads[i] + hits[i][first[i]:]]
+                depth = rule.depth(recall, [h.rerank_score or 0.0 for h in heads[i]], full[i],
+                                   weight)
+                if depth > first[i]:
+                    more.append((i, depth))
+        if more:
+            rerank([queries[i] for i, _ in more], [hits[i][first[i]:d] for i, d in more],
+                   self.cross_encoder, depth=[d - first[i] for i, d in more],
+                   symmetric=symmetric)
+        if self.metrics:
+            scored = sum(first) + sum(d - first[i] for i, d in more)
+            self.metrics.count_rerank_pairs(scored, sum(full))
 
     # --- answering ---------------------------------------------------------------------------
 
@@ -243,7 +266,8 @@ class Engine:
 
     def answer_batch(self, requests: list[QueryRequest], *,
                      queue_ms: list[float] | None = None) -> list[dict[str, Any]]:
-        """Answer a batch with one embed call, one search call and one rerank call.
+        """Answer a batch with one embed call, one search call and one rerank call (two with
+        adaptive reranking: `_rerank`).
 
         Args:
             requests: Parsed requests.
@@ -274,12 +298,7 @@ class Engine:
         searched = self.clock()
         chosen = [i for i, r in enumerate(requests) if r.rerank and self.cross_encoder is not None]
         if chosen:
-            heads = [self._head(requests[i], hits[i]) for i in chosen]
-            rerank([queries[i] for i in chosen], [hits[i] for i in chosen], self.cross_encoder,
-                   depth=[scored for scored, _ in heads],
-                   symmetric=self.settings.rerank_symmetric)
-            if self.metrics:
-                self.metrics.count_rerank_pairs(sum(s for s, _ in heads), sum(f for _, f in heads))
+            self._rerank([requests[i] for i in chosen], [hits[i] for i in chosen])
         reranked = self.clock()
         stage_ms = {"embed": (embedded - start) * 1000, "search": (searched - embedded) * 1000,
                     "rerank": (reranked - searched) * 1000}

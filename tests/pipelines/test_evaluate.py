@@ -40,8 +40,9 @@ def test_tune_weight_picks_the_weight_that_ranks_relevant_first() -> None:
 
 
 def _flip(relevant_first_in_rerank: bool) -> tuple[Candidates, np.ndarray, dict[str, float]]:
-    """Two candidates whose order flips for weights above 0.5 (z-scores are +-1 each)."""
-    c = Candidates([["a"], ["b"]], ["A", "B"], np.array([0.9, 0.1]))
+    """Two candidates whose order flips for weights above 0.5 (in linear fusion a cosine gap
+    of 0.05 weighs one logit)."""
+    c = Candidates([["a"], ["b"]], ["A", "B"], np.array([0.6, 0.55]))
     return c, np.array([0.0, 1.0]), {"b" if relevant_first_in_rerank else "a": 1.0}
 
 

@@ -55,7 +55,7 @@ def test_train_reranker_cli_writes_loadable_model(tmp_path: Path, tiny_cross_enc
     meta = json.loads((out / "training.json").read_text())
     assert meta["base"] == str(Path(tiny_cross_encoder_path).resolve())
     assert isinstance(meta["threshold"], float)
-    assert meta["fusion"]["method"] == "zscore" and 0.0 <= meta["fusion"]["weight"] <= 1.0
+    assert meta["fusion"]["method"] == "linear" and 0.0 <= meta["fusion"]["weight"] <= 1.0
     assert meta["fusion"]["tuned"] is True and "rule" in meta["fusion"]
     # The twin decision: fitted on serving-like dev queries of all three kinds, and loadable.
     from twinq.shared.rerank_config import load_rerank_config
@@ -95,7 +95,7 @@ def test_train_reranker_cli_writes_loadable_model(tmp_path: Path, tiny_cross_enc
     same = ("backend", "quantisation_check")  # resolved again for the refit (its time differs)
     assert {k: refit["serving_backend"][k] for k in same} == \
         {k: meta["serving_backend"][k] for k in same}
-    assert "adaptive reranking: margin" in again.output
+    assert "adaptive reranking (logits up to" in again.output
     assert (out / "decision_dev.json").is_file()
 
 

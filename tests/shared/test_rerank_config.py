@@ -123,8 +123,8 @@ def test_resolve_fusion_takes_request_then_settings_then_training_json_then_defa
     assert config.resolve_fusion(settings, *request_knobs) == expected
 
 
-def test_resolve_fusion_fallback_is_the_evaluators_zscore() -> None:
-    assert RerankConfig().resolve_fusion(fallback=TUNED_FUSION_METHOD) == ("zscore", 0.5)
+def test_resolve_fusion_fallback_is_the_evaluators_linear() -> None:
+    assert RerankConfig().resolve_fusion(fallback=TUNED_FUSION_METHOD) == ("linear", 0.5)
     assert TUNED.resolve_fusion(fallback=TUNED_FUSION_METHOD) == ("rrf", 0.3)
 
 
