@@ -99,6 +99,9 @@ def decide_command(
     seed: int = typer.Option(13, help="Seed for which queries lose their twins."),
     max_queries: Optional[int] = typer.Option(None, "--max-queries", help="First N queries only."),
     out: Optional[Path] = typer.Option(None, "--out", help="report.json, report.md, decision.png."),
+    backend: str = typer.Option("auto", "--backend", help="Cross-encoder backend: auto (what "
+                                "the worker serves by default, and what `twinq train` fits the "
+                                "decision on), torch, onnx, onnx-fp32."),
 ) -> None:
     """Answer or abstain: precision/coverage, ECE, Brier and AUROC of the top-1 probability.
 
@@ -111,5 +114,6 @@ def decide_command(
 
     report = evaluate_decision(root, str(queries), str(qrels), reranker,
                                removed_share=removed_share, unrelated=unrelated, seed=seed,
-                               max_queries=max_queries, out=str(out) if out else None)
+                               max_queries=max_queries, out=str(out) if out else None,
+                               backend=backend)
     Console().print(Text(decision_table(report)))

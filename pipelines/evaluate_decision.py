@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from twinq.pipelines.adaptive_fit import rule_depths
 from twinq.pipelines.beir import load_beir
 from twinq.pipelines.decision_fit import (DecisionRows, decision_metrics, decision_rows,
                                           fit_decision, read_dev_rows)
@@ -39,8 +40,9 @@ def evaluate_decision(root: str, queries_path: str, qrels_path: str, reranker: s
                       removed_share: float = 0.5, unrelated: str | None = "none",
                       seed: int = 13, max_queries: int | None = None,
                       recall_k: int = DEFAULT_RECALL_K, depth: int | None = None,
-                      out: str | None = None) -> dict[str, Any]:
-    """Score the twin decision of `reranker` on a BEIR query set with some twins removed.
+                      out: str | None = None, backend: str = "auto") -> dict[str, Any]:
+    """Score the twin decision of `reranker` on a BEIR query set with some twins removed, as
+    the worker decides by default (its backend, fusion and adaptive reranking).
 
     Args:
         root: Snapshot root holding the corpus (the published version is used).
@@ -58,13 +60,15 @@ def evaluate_decision(root: str, queries_path: str, qrels_path: str, reranker: s
         depth: Candidates reranked. Defaults to the depth the decision was fitted at, else
             the worker's (`RerankConfig.resolve_depth`).
         out: Write report.json, report.md and decision.png here. Defaults to None.
+        backend: The cross-encoder backend; "auto" resolves as the worker's default does (and
+            as `twinq train` fits the decision on). Defaults to "auto".
 
     Raises:
         BadInput: bad files, a removed share outside 0..1, or a reranker without a decision.
         ConfigError: the reranker's training.json is malformed.
         SnapshotInvalid: the snapshot fails its checks or does not match its bi-encoder.
     """
-    from twinq.shared.models import load_cross_encoder
+    from twinq.shared.models import backend_of, load_cross_encoder
     from twinq.shared.opened_snapshot import open_snapshot
     from twinq.shared.rerank_config import load_rerank_config
 
@@ -83,15 +87,20 @@ def evaluate_decision(root: str, queries_path: str, qrels_path: str, reranker: s
     serving.add_unrelated(extra, len(extra))
     opened = open_snapshot(root)
     snapshot = opened.snapshot
-    model = load_cross_encoder(reranker)
+    model = load_cross_encoder(reranker, backend=backend)
+    depth = config.resolve_depth(None, depth)
     scored = score_queries(snapshot, opened.bi_encoder, model, serving, recall_k=recall_k,
-                           depth=config.resolve_depth(None, depth))
-    rows = decision_rows(scored, weight, method)
+                           depth=depth)
+    # As the worker answers by default: from the candidates adaptive reranking scores.
+    rule = config.resolve_adaptive(None, None, method)
+    rows = decision_rows(scored, weight, method,
+                         rule_depths(scored, rule, weight, depth) if rule else None)
     decision = config.decision
     p = decision.predict(rows.features)
     report: dict[str, Any] = {
         "snapshot": snapshot.version, "reranker": reranker, "removed_share": removed_share,
-        "seed": seed, "unrelated": unrelated, "fusion_weight": weight,
+        "seed": seed, "unrelated": unrelated, "fusion": {"method": method, "weight": weight},
+        "adaptive": rule is not None, "backend": backend_of(model),
         "decision": decision.to_dict(),
         "shipped": decision_metrics(p, rows, float(decision.min_probability or 1.0)),
         "raw_sigmoid": _raw(rows), "curve": coverage_curve(p, rows.labels),
