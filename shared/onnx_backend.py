@@ -62,9 +62,11 @@ are lookups (no time to save) and quantising them lost a little quality.
 
 _FILES = {"fp32": "model.onnx", "int8": "model_qint8.onnx"}
 _SKIP_DIRS = {"onnx", ".git", "__pycache__"}
-_SKIP_FILES = {"training.json"}
-"""twinq's own record beside a reranker's weights: rewritten after the export (the int8 guard's
-verdict goes into it; `twinq train decide` refits it), and no input of the export."""
+_SKIP_FILES = {"training.json", "decision_dev.json"}
+"""twinq's own records beside a reranker's weights: rewritten after the export (the int8 guard's
+verdict goes into training.json; `twinq train decide` refits it and rewrites the decision's dev
+rows), and no input of the export. Before decision_dev.json was skipped, every `twinq train
+decide` made the next load export and quantise the model again."""
 
 
 def _fingerprint(source: Path, kind: Kind) -> str:

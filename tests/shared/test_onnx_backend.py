@@ -184,6 +184,13 @@ def test_export_cache_is_reused_and_refreshed(bi_folder: Path) -> None:
     before = [f.stat().st_mtime_ns for f in files]
     OnnxBiEncoder.load(bi_folder, threads=1)
     assert [f.stat().st_mtime_ns for f in files] == before, "second load must not re-export"
+    # twinq's own records (rewritten by `twinq train decide`) are no input of the export.
+    for record in ("training.json", "decision_dev.json"):
+        (bi_folder / record).write_text("{}")
+    OnnxBiEncoder.load(bi_folder, threads=1)
+    assert [f.stat().st_mtime_ns for f in files] == before, "a refit must not re-export"
+    for record in ("training.json", "decision_dev.json"):
+        (bi_folder / record).unlink()
     # New weights (a training run rewrote them) make the cache stale.
     weights = next(bi_folder.glob("*.safetensors"))
     weights.touch()
