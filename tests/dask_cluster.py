@@ -202,11 +202,15 @@ def _import(modules: list[str]) -> None:
         importlib.import_module(name)
 
 
-def warm_imports(client: Any, modules: list[str]) -> None:
-    """Import `modules` in every worker now, in the background (a first build would otherwise
-    wait on Beam's and torch's imports in each worker)."""
-    from distributed import fire_and_forget
+def warm_imports(client: Any, modules: list[str], timeout_s: float = 300.0) -> None:
+    """Import `modules` in every worker, and wait until each has. A first build would
+    otherwise wait on Beam's and torch's imports in each worker; and a worker still importing
+    when the build starts is busy, so the scheduler gave every task to the other one (a CI run
+    of the spread test, session 12: 120 texts on one worker, none on the other)."""
+    from distributed import wait
 
-    for worker in client.scheduler_info(n_workers=-1)["workers"]:
-        fire_and_forget(client.submit(_import, modules, workers=[worker], pure=False,
-                                      allow_other_workers=False))
+    futures = [client.submit(_import, modules, workers=[worker], pure=False,
+                             allow_other_workers=False)
+               for worker in client.scheduler_info(n_workers=-1)["workers"]]
+    wait(futures, timeout=timeout_s)
+    client.gather(futures)  # an import that failed raises here

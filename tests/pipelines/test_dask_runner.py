@@ -207,10 +207,14 @@ def test_dask_runner_build_into_s3_matches_direct_runner(tmp_path: Path, s3_root
         _assert_same_snapshot(direct_root, direct, s3_root, on_dask)
 
         # the workers embedded every text and wrote every non-empty shard (the driver writes
-        # only the empty ones, after the pipeline)
+        # only the empty ones, after the pipeline), and each worker did part of it. Which one
+        # embeds is the scheduler's choice: in most runs both do (79/41, 63/57), but on an idle
+        # machine one in three put all 120 texts on one worker while the other wrote 3 of the 4
+        # shards (session 12), so the spread is asserted over the build's work, not one step's.
         embedded = {w: tally[w].get("texts_embedded", 0) for w in workers}
         print(f"work per Dask worker: {tally}")
-        assert all(embedded.values()), f"the work did not spread over both workers: {tally}"
+        assert all(embedded[w] or tally[w].get("shards_written", 0) for w in workers), \
+            f"the work did not spread over both workers: {tally}"
         assert sum(embedded.values()) == on_dask["corpus"]["rows_embedded"], tally
         assert sum(tally[w].get("shards_written", 0) for w in workers) == sum(
             1 for e in on_dask["shards"] if e["rows"]), tally
