@@ -47,20 +47,13 @@ from typing import Any
 import numpy as np
 
 from twinq.shared.calibration import finite_number
-from twinq.shared.fusion import LINEAR_COSINE_SCALE
+from twinq.shared.fusion import linear_score
 
 DEFAULT_MIN_DEPTH = 2
 """Pairs scored first, and at least: the decision model's margins need two reranked candidates."""
 
 FUSION = "linear"
 """The fusion method the rule's bound holds for; with any other, queries rerank at full depth."""
-
-
-def linear_score(logits: Sequence[float] | np.ndarray, cosines: Sequence[float] | np.ndarray,
-                 weight: float) -> np.ndarray:
-    """`linear` fusion's score (`twinq.shared.fusion`) of each candidate."""
-    return (weight * np.asarray(logits, dtype=np.float64)
-            + (1.0 - weight) * LINEAR_COSINE_SCALE * np.asarray(cosines, dtype=np.float64))
 
 
 def adaptive_depth(recall: Sequence[float], head_logits: Sequence[float], max_depth: int,

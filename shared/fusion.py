@@ -93,6 +93,14 @@ LINEAR_COSINE_SCALE = 20.0
 weigh about the same; the weight tuned on dev (`twinq.pipelines.fusion_tuning`) does the rest."""
 
 
+def linear_score(logits: Sequence[float] | np.ndarray, cosines: Sequence[float] | np.ndarray,
+                 weight: float) -> np.ndarray:
+    """``weight * logit + (1 - weight) * LINEAR_COSINE_SCALE * cosine`` per candidate: `linear`
+    fusion's score, and the bound adaptive reranking takes at the highest logit."""
+    return (weight * np.asarray(logits, dtype=np.float64)
+            + (1.0 - weight) * LINEAR_COSINE_SCALE * np.asarray(cosines, dtype=np.float64))
+
+
 @fusion("linear")
 def _linear(recall: np.ndarray, rerank: np.ndarray, weight: float) -> np.ndarray:
     """``weight * logit + (1 - weight) * LINEAR_COSINE_SCALE * cosine``; the rest get the
@@ -103,8 +111,8 @@ def _linear(recall: np.ndarray, rerank: np.ndarray, weight: float) -> np.ndarray
     logit has a ceiling, an unscored candidate's best possible score is known. Adaptive
     reranking (`twinq.shared.adaptive_depth`) stops on exactly that: it never changes the top
     hit."""
-    scores = (1.0 - weight) * LINEAR_COSINE_SCALE * recall
-    scores[:len(rerank)] += weight * rerank
+    scores = linear_score(np.zeros_like(recall), recall, weight)
+    scores[:len(rerank)] = linear_score(rerank, recall[:len(rerank)], weight)
     return scores
 
 

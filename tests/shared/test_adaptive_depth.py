@@ -11,11 +11,11 @@ import pytest
 
 import numpy as np
 
-from twinq.shared.adaptive_depth import AdaptiveRule, adaptive_depth, linear_score
+from twinq.shared.adaptive_depth import AdaptiveRule, adaptive_depth
 from twinq.shared.calibration import Calibration
 from twinq.shared.config import Settings, load_settings
 from twinq.shared.errors import ConfigError, ProtocolError
-from twinq.shared.fusion import fuse_scores
+from twinq.shared.fusion import fuse_scores, linear_score
 from twinq.shared.protocol import ErrorCode, parse_request
 from twinq.shared.rerank_config import RerankConfig, load_rerank_config
 
