@@ -66,10 +66,10 @@ class Settings:
     """Score (query, candidate) and (candidate, query) and average: on Quora +0.2 nDCG@10 for
     rerank alone but nothing measurable fused, at twice the rerank cost (docs/results.md §4)."""
     adaptive_rerank: bool = True
-    """Rerank only the candidates close to the top-1 cosine (and above a floor), by the rule
-    fitted on dev and stored in the reranker's training.json (`twinq.shared.adaptive_depth`);
-    false reranks every query at full depth. A reranker without the rule reranks at full depth
-    either way."""
+    """Rerank the first 2 candidates, then only those that could still become the top hit under
+    `linear` fusion, by the rule stored in the reranker's training.json
+    (`twinq.shared.adaptive_depth`); false reranks every query at full depth. Other fusion
+    methods, and a reranker without the rule, rerank at full depth either way."""
     collapse_clusters: bool = True
     """Default of a request's `collapse`: keep one hit per duplicate cluster (the best-ranked),
     the others as its `also_asked`. Only rows built with `--clusters` carry a cluster id, so on

@@ -102,8 +102,8 @@ class QueryRequest:
     """Keep one hit per duplicate cluster, the others as its `also_asked`; None: the worker's
     `collapse_clusters` (see `twinq.shared.collapse`)."""
     adaptive: bool | None = None
-    """Rerank only the candidates close to the top-1 cosine (the reranker's fitted rule); false
-    reranks at full depth; None: the worker's `adaptive_rerank` (see
+    """Rerank only the candidates that could still become the top hit (the reranker's rule);
+    false reranks at full depth; None: the worker's `adaptive_rerank` (see
     `twinq.shared.adaptive_depth`)."""
     submitted_ms: int | None = None
     """Client wall-clock time of submission, epoch ms, for tracing. The worker times the queue
