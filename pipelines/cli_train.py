@@ -28,6 +28,9 @@ def reranker_command(
     labelled: Optional[list[Path]] = typer.Option(
         None, "--labelled", help="Human-labelled pairs (0/1), kept in full beside --pairs: their "
         "non-duplicates are the hard negatives mining cannot find (same topic, other question)."),
+    train_only: Optional[list[Path]] = typer.Option(
+        None, "--train-only", help="Pairs from elsewhere (another domain) used for training "
+        "only: never held out, so dev, fusion and the twin decision are about --pairs alone."),
     dev_fraction: float = typer.Option(0.1, help="Share of questions held out for dev."),
     epochs: float = typer.Option(1.0, help="Training epochs."),
     swap: bool = typer.Option(True, "--swap/--no-swap", help="Also train on (q2, q1)."),
@@ -82,6 +85,7 @@ def reranker_command(
         pairs=[str(p) for p in pairs], out=str(out), base=base,
         dev=[str(p) for p in dev] if dev else None, dev_fraction=dev_fraction,
         labelled=[str(p) for p in labelled] if labelled else None,
+        train_only=[str(p) for p in train_only] if train_only else None,
         max_pairs=max_pairs, max_dev_pairs=max_dev_pairs, epochs=epochs, lr=lr,
         batch_size=batch_size, max_length=max_length, swap=swap, negatives=negatives,
         random_negatives=random_negatives, margin=margin, bands=bands, bi_encoder=bi_encoder, hard_negatives=hard_negatives,

@@ -15,7 +15,8 @@ from typing import Any, NamedTuple
 
 from twinq.pipelines.denoise import drop_likely_twins, teacher_calibration
 from twinq.pipelines.mining import mine_hard_negatives
-from twinq.pipelines.splits import build_clusters, is_positive, question_disjoint_split, question_key
+from twinq.pipelines.splits import (build_clusters, drop_overlap, is_positive,
+                                    question_disjoint_split, question_key, question_set)
 from twinq.pipelines.train_settings import LOSSES, TrainSettings, parse_bands
 from twinq.pipelines.unrelated_questions import read_unrelated, split_unrelated
 from twinq.shared.errors import BadInput
@@ -175,8 +176,22 @@ def split_pairs(settings: TrainSettings) -> SplitPairs:
     # --max-pairs caps the bulk source only: the human-labelled pairs are few and the most useful.
     train = (sample_pairs([p for p in train if p not in kept], settings.max_pairs, settings.seed)
              + [p for p in train if p in kept])
+    if settings.train_only:
+        train = train + _train_only(settings.train_only, dev, data)
     dev = sample_pairs(dev, settings.max_dev_pairs, settings.seed + 1)
     return SplitPairs(train, dev, everything, data, kept)
+
+
+def _train_only(paths: list[str], dev: list[LabelledPair], data: dict[str, Any]
+                ) -> list[LabelledPair]:
+    """The --train-only pairs, less any that share a question with dev (dev stays unseen)."""
+    source = read_pairs(paths)
+    if not source.pairs:
+        raise BadInput(f"no pairs read from --train-only {paths}")
+    pairs, overlap = drop_overlap(source.pairs, question_set(dev))
+    data["train_only_sources"] = source.sources
+    data["train_only"] = {"pairs": len(pairs), "dropped_sharing_a_dev_question": overlap}
+    return pairs
 
 
 def prepare_data(settings: TrainSettings) -> PreparedData:

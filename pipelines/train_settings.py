@@ -17,6 +17,9 @@ class TrainSettings:
     dev: list[str] | None = None
     labelled: list[str] | None = None
     """Human-labelled pairs kept in full (never capped); their 0s are hard negatives."""
+    train_only: list[str] | None = None
+    """Pairs from elsewhere (another domain, say) that only add training signal: never split
+    into dev and never capped, so dev, fusion and the twin decision stay about --pairs."""
     dev_fraction: float = 0.1
     max_pairs: int | None = None
     max_dev_pairs: int | None = 2000

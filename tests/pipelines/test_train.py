@@ -128,6 +128,35 @@ def test_labelled_pairs_are_kept_in_full_and_split_question_disjointly(
     assert data["labelled_sources"][0]["paths"][0].endswith("labelled.tsv")
 
 
+def test_train_only_pairs_are_never_held_out(tmp_path: Path, tiny_bi_encoder_path: str) -> None:
+    """--train-only pairs (another domain) all train, uncapped; none reaches dev, and one that
+    shares a question with dev is dropped, so dev stays unseen."""
+    from twinq.pipelines.splits import question_key
+    from twinq.pipelines.train_data import prepare_data
+    from twinq.pipelines.train_settings import TrainSettings
+
+    pairs = tmp_path / "pairs.tsv"
+    _write_positive_pairs(pairs)
+    other = tmp_path / "other.tsv"
+    rows = [f"Can I renew a {t} book online?\tHow do I extend my {t} loan?\t1" for t in TOPICS]
+    rows += [f"Can I renew a {t} book online?\tCan I reserve a {t} book online?\t0" for t in TOPICS]
+    settings = TrainSettings(pairs=[str(pairs)], out=str(tmp_path / "o"), max_pairs=4,
+                             dev_fraction=0.3, bi_encoder=tiny_bi_encoder_path)
+    _, first_dev, *_ = prepare_data(settings)
+    shared = first_dev[0].q1  # a dev question, also written into the other domain's file
+    rows.append(f"{shared}\tCan I renew a chess book online?\t0")
+    other.write_text("\n".join(rows) + "\n")
+    settings.train_only = [str(other)]
+    train, dev, data, *_ = prepare_data(settings)
+    assert dev == first_dev, "the split and dev are --pairs' alone"
+    given = {tuple(row.split("\t")[:2]) for row in rows}
+    kept = {(p.q1, p.q2) for p in train if (p.q1, p.q2) in given}
+    assert len(kept) == len(rows) - 1 and (shared, "Can I renew a chess book online?") not in kept
+    assert data["train_only"] == {"pairs": len(rows) - 1, "dropped_sharing_a_dev_question": 1}
+    train_keys = {question_key(q) for p in train for q in (p.q1, p.q2)}
+    assert not train_keys & {question_key(q) for p in dev for q in (p.q1, p.q2)}
+
+
 def test_same_seed_trains_the_same_model(tmp_path: Path, tiny_bi_encoder_path: str) -> None:
     """The demo's test asserts exact answers: training must be a function of its settings.
 
