@@ -1,10 +1,12 @@
-"""Derive the demo's labelled pairs from its paraphrase groups.
+"""Derive labelled pairs from paraphrase groups: the demo FAQ's, and the other domains' the
+demo reranker also trains on (`pipelines/paraphrases`).
 
 Every two questions of a group are a duplicate pair. Near-miss groups (same words, another
 meaning) give the hard negatives a reranker must learn; pairs across random groups give easy
-ones. The output is deterministic, so `pipelines/demo/pairs.tsv` can be regenerated and checked.
+ones. The output is deterministic, so each pairs.tsv can be regenerated and checked.
 
     python -m twinq.pipelines.demo_pairs > pipelines/demo/pairs.tsv
+    python -m twinq.pipelines.demo_pairs pipelines/paraphrases/groups.jsonl > pipelines/paraphrases/pairs.tsv
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
+PARAPHRASES_DIR = Path(__file__).resolve().parent / "paraphrases"
 HARD_PER_NEAR_MISS = 36
 """Up to every cross pair of two near-miss groups: the distinctions a reranker is for."""
 
@@ -58,4 +61,4 @@ def render(pairs: list[tuple[str, str, int]]) -> str:
 
 
 if __name__ == "__main__":
-    sys.stdout.write(render(derive_pairs(*load_groups())))
+    sys.stdout.write(render(derive_pairs(*load_groups(*(Path(a) for a in sys.argv[1:2])))))

@@ -1,15 +1,34 @@
-"""The shipped demo corpus: its shape, and that pairs.tsv is what its groups derive."""
+"""The shipped demo corpus and the other domains' paraphrase groups: their shape, and that each
+pairs.tsv is what its groups derive."""
 
 from __future__ import annotations
 
 import json
 from collections import Counter
 
-from twinq.pipelines.demo_pairs import DEMO_DIR, derive_pairs, load_groups, render
+from twinq.pipelines.demo_pairs import DEMO_DIR, PARAPHRASES_DIR, derive_pairs, load_groups, render
 
 
 def test_demo_pairs_file_matches_its_groups() -> None:
     assert (DEMO_DIR / "pairs.tsv").read_text(encoding="utf-8") == render(derive_pairs(*load_groups()))
+    other = load_groups(PARAPHRASES_DIR / "groups.jsonl")
+    assert (PARAPHRASES_DIR / "pairs.tsv").read_text(encoding="utf-8") == render(derive_pairs(*other))
+
+
+def test_other_domains_stay_apart_from_the_demo() -> None:
+    """The other domains' groups train the demo reranker only: none of their texts may be an FAQ
+    question, a sample question or an unrelated question, and each group has a near miss."""
+    groups, near = load_groups(PARAPHRASES_DIR / "groups.jsonl")
+    texts = [t.lower() for ts in groups.values() for t in ts]
+    assert len(groups) >= 60 and all(len(ts) >= 4 for ts in groups.values())
+    assert len(set(texts)) == len(texts)
+    assert {g for pair in near for g in pair} == set(groups)
+    faq = {json.loads(line)["text"].lower() for line in (DEMO_DIR / "faq.jsonl").read_text().splitlines()}
+    asked = {json.loads(line)["query"].lower()
+             for line in (DEMO_DIR / "questions.jsonl").read_text().splitlines()}
+    unrelated = set((DEMO_DIR.parent / "unrelated" / "questions.txt").read_text(encoding="utf-8")
+                    .lower().splitlines())
+    assert not set(texts) & (faq | asked | unrelated)
 
 
 def test_demo_corpus_shape() -> None:
