@@ -6,7 +6,10 @@ paraphrases should be answered from their twin, questions with no twin refused.
 
 Reads a demo work folder (snapshot + cached reranker) left by `make demo` / `twinq demo`:
 
-    .venv/bin/python benchmarks/demo_rankings.py --workdir runs/demo
+    .venv/bin/python benchmarks/demo_rankings.py --workdir runs/demo [--reranker DIR]
+
+`--reranker` scores another reranker trained for the demo's snapshot (a recipe being compared);
+the last line sums up what issue 18's demo goals count.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import argparse
 import copy
 import json
 from pathlib import Path
+
+import numpy as np
 
 from common import REPO
 
@@ -25,6 +30,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "demo")
     parser.add_argument("--depth", type=int, default=DEFAULT_RERANK_DEPTH)
+    parser.add_argument("--reranker", type=Path, default=None,
+                        help="default: the newest reranker cached in --workdir")
     args = parser.parse_args()
 
     from twinq.shared.calibration import calibrate
@@ -38,7 +45,8 @@ def main() -> None:
     demo = REPO / "pipelines" / "demo"
     group_of = {r["id"]: r["group"] for r in map(json.loads, (demo / "faq.jsonl").read_text().splitlines())}
     questions = [json.loads(line) for line in (demo / "questions.jsonl").read_text().splitlines()]
-    reranker = max((args.workdir / "").glob("reranker-*/training.json"), key=lambda p: p.stat().st_mtime).parent
+    reranker = args.reranker or max((args.workdir / "").glob("reranker-*/training.json"),
+                                    key=lambda p: p.stat().st_mtime).parent
     opened = open_snapshot(args.workdir / "root")
     texts = [q["query"] for q in questions]
     vectors = encode_normalised(opened.bi_encoder, texts)
@@ -70,6 +78,8 @@ def main() -> None:
     threshold = float(defaults.decision.min_probability or 1.0)
     print(f"\nTwin decision at min_probability {threshold:.3f} (from training.json):\n"
           "| question | kind | top hit p | decision | right? |\n|---|---|---|---|---|")
+    confident = answered_right = refused = 0
+    off_topic: list[float] = []
     for question, candidates in zip(questions, hits):
         ranked = copy.deepcopy(candidates)
         fuse(ranked, tuned["method"], float(tuned["weight"]))
@@ -81,6 +91,24 @@ def main() -> None:
             "group") else not answered
         print(f"| {question['query'][:60]} | {kind} | {p:.3f} | "
               f"{'answer' if answered else 'no twin'} | {'yes' if right else 'NO'} |")
+        if question.get("group"):
+            at_one = group_of[ranked[0].id] == question["group"]
+            confident += at_one and p >= 0.5
+            answered_right += right
+        else:
+            refused += right
+            if kind == "off-topic":
+                off_topic.append(p)
+    dev_rows = json.loads((reranker / "decision_dev.json").read_text())
+    dev_p = defaults.decision.predict(np.asarray(dev_rows["rows"]))
+    twins = np.asarray(dev_rows["labels"]) == 1
+    no_twin = np.asarray(dev_rows["kinds"]) != "answerable"
+    print(f"\ndev ({len(dev_p)} queries, decision_dev.json): twins at p >= 0.5: "
+          f"{np.mean(dev_p[twins] >= 0.5):.2f} of {int(twins.sum())}; no-twin queries below 0.5: "
+          f"{np.mean(dev_p[no_twin] < 0.5):.2f} of {int(no_twin.sum())}")
+    print(f"paraphrases at rank 1 with p >= 0.5: {confident}/{n}; answered: {answered_right}/{n}; "
+          f"no-twin questions refused: {refused}/{len(questions) - n}; off-topic p at most "
+          f"{max(off_topic, default=0.0):.3f}")
 
 
 if __name__ == "__main__":

@@ -60,14 +60,13 @@ def test_demo_answers_every_sample_question_and_leaves_nothing_running(tmp_path:
             wrong.append((q["query"], q["kind"], top["text"], top["duplicate_probability"]))
     assert not wrong, wrong
     # A guard against regressions, not the goal of 16 (issue 18 stays open on it). Measured
-    # 12/16 at p >= 0.5 and 9/16 above the default threshold in session 10; 10 to 11 and 4 to 5
-    # in session 11 (an AVX-512 machine, int8, z-score fusion and the cosine-margin rule, whose
-    # short heads moved the top hit among one entry's phrasings); 12 and 9 again in session 12
-    # (linear fusion, the bound rule, the decision fitted on the pairs it scores). The demo
-    # reranker, trained on 62 groups, gives every paraphrase and near miss logits of 3 to 3.6,
-    # so the decision rests on the cosine, and its threshold on 35 answerable dev queries moves
-    # with small changes.
-    assert confident >= 10 and answered >= 7, (confident, answered)
+    # 12/16 at p >= 0.5 and 9/16 above the default threshold in sessions 10 and 12, 10 to 11 and
+    # 4 to 5 in session 11, with a reranker trained on the 62 FAQ groups alone (11 and 7 on an
+    # AMD EPYC in session 13). Trained on the other domains' groups too (pipelines/paraphrases),
+    # 14 and 8 (session 13); the full-depth benchmark gives 15 for seeds 0 and 1, against 11 and 9
+    # for the FAQ alone (docs/results.md §5). The threshold, the most precise point on 35
+    # answerable dev queries, moves with small changes; hence the lower floor on answered.
+    assert confident >= 12 and answered >= 7, (confident, answered)
     assert sum(q["group"] is None for q in data["questions"]) >= 10
     assert "found their twin at rank 1" in result.stdout
     # Nothing keeps running: no worker, no Redis, no open port.
