@@ -25,6 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REDIS_URL = os.environ.get("TWINQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+DATA_DIR = Path(os.environ.get("TWINQ_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 @pytest.fixture(autouse=True)
@@ -40,7 +41,6 @@ def _environment_restored() -> Iterator[None]:
     if os.environ != saved:
         os.environ.clear()
         os.environ.update(saved)
-DATA_DIR = Path(os.environ.get("TWINQ_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 def _tiny_bert(path: Path, *, num_labels: int | None = None) -> Path:

@@ -44,8 +44,8 @@ console = Console()
 # the loss (0.69 -> 0.57) and the reranker learned nothing; 1e-4 with 32 tokens reached a dev AP
 # of 0.95 and fixed the near-miss questions when fused. 62 FAQ groups are still too few to learn
 # intent, so the reranker also trains on 68 groups from other help desks (pipelines/paraphrases,
-# --train-only: never dev); two epochs over both gave the best twin decision on dev (AUROC 0.88
-# against 0.82-0.87 for FAQ-only recipes; docs/results.md §5).
+# --train-only: never dev); two epochs over both brought the most dev twins to p >= 0.5 (0.75
+# against 0.32-0.66 for FAQ-only recipes and 0.59-0.67 for 1 or 1.5 epochs; docs/results.md §5).
 # A fifth of the groups is held out (not the default tenth): the twin decision is fitted on
 # their questions, and 8 groups gave it under 50 queries.
 TRAIN_FULL = ["--epochs", "2", "--max-length", "32", "--lr", "1e-4", "--batch-size", "32",
