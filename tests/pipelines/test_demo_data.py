@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+import pytest
+
 from twinq.pipelines.demo_pairs import DEMO_DIR, PARAPHRASES_DIR, derive_pairs, load_groups, render
 
 
@@ -15,14 +17,19 @@ def test_demo_pairs_file_matches_its_groups() -> None:
     assert (PARAPHRASES_DIR / "pairs.tsv").read_text(encoding="utf-8") == render(derive_pairs(*other))
 
 
-def test_other_domains_stay_apart_from_the_demo() -> None:
+@pytest.mark.parametrize(("name", "least"), [("groups.jsonl", 60), ("concrete_groups.jsonl", 30)])
+def test_other_domains_stay_apart_from_the_demo(name: str, least: int) -> None:
     """The other domains' groups train the demo reranker only: none of their texts may be an FAQ
-    question, a sample question or an unrelated question, and each group has a near miss."""
-    groups, near = load_groups(PARAPHRASES_DIR / "groups.jsonl")
+    question, a sample question, an unrelated question or one of the other batch, and each group
+    has a near miss."""
+    groups, near = load_groups(PARAPHRASES_DIR / name)
     texts = [t.lower() for ts in groups.values() for t in ts]
-    assert len(groups) >= 60 and all(len(ts) >= 4 for ts in groups.values())
+    assert len(groups) >= least and all(len(ts) >= 4 for ts in groups.values())
     assert len(set(texts)) == len(texts)
     assert {g for pair in near for g in pair} == set(groups)
+    other, _ = load_groups(PARAPHRASES_DIR / ({"groups.jsonl", "concrete_groups.jsonl"} - {name}).pop())
+    assert not set(texts) & {t.lower() for ts in other.values() for t in ts}
+    assert not set(groups) & set(other)
     faq = {json.loads(line)["text"].lower() for line in (DEMO_DIR / "faq.jsonl").read_text().splitlines()}
     asked = {json.loads(line)["query"].lower()
              for line in (DEMO_DIR / "questions.jsonl").read_text().splitlines()}
