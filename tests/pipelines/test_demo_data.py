@@ -17,7 +17,11 @@ def test_demo_pairs_file_matches_its_groups() -> None:
     assert (PARAPHRASES_DIR / "pairs.tsv").read_text(encoding="utf-8") == render(derive_pairs(*other))
 
 
-@pytest.mark.parametrize(("name", "least"), [("groups.jsonl", 60), ("concrete_groups.jsonl", 30)])
+OTHER_DOMAIN_BATCHES = {"groups.jsonl": 60, "concrete_groups.jsonl": 30}
+"""pipelines/paraphrases' two batches of groups, with the fewest groups each must hold."""
+
+
+@pytest.mark.parametrize(("name", "least"), OTHER_DOMAIN_BATCHES.items())
 def test_other_domains_stay_apart_from_the_demo(name: str, least: int) -> None:
     """The other domains' groups train the demo reranker only: none of their texts may be an FAQ
     question, a sample question, an unrelated question or one of the other batch, and each group
@@ -27,7 +31,7 @@ def test_other_domains_stay_apart_from_the_demo(name: str, least: int) -> None:
     assert len(groups) >= least and all(len(ts) >= 4 for ts in groups.values())
     assert len(set(texts)) == len(texts)
     assert {g for pair in near for g in pair} == set(groups)
-    other, _ = load_groups(PARAPHRASES_DIR / ({"groups.jsonl", "concrete_groups.jsonl"} - {name}).pop())
+    other, _ = load_groups(PARAPHRASES_DIR / next(b for b in OTHER_DOMAIN_BATCHES if b != name))
     assert not set(texts) & {t.lower() for ts in other.values() for t in ts}
     assert not set(groups) & set(other)
     faq = {json.loads(line)["text"].lower() for line in (DEMO_DIR / "faq.jsonl").read_text().splitlines()}
