@@ -32,6 +32,9 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=DEFAULT_RERANK_DEPTH)
     parser.add_argument("--reranker", type=Path, default=None,
                         help="default: the newest reranker cached in --workdir")
+    parser.add_argument("--backend", default="auto",
+                        help="cross-encoder backend; default auto, as the worker: int8 where the "
+                             "reranker's guard passed, which its decision model was fitted on")
     args = parser.parse_args()
 
     from twinq.shared.calibration import calibrate
@@ -51,7 +54,8 @@ def main() -> None:
     texts = [q["query"] for q in questions]
     vectors = encode_normalised(opened.bi_encoder, texts)
     hits = [h[: args.depth] for h in search_shards(opened.snapshot, vectors, DEFAULT_RECALL_K)]
-    rerank(texts, hits, load_cross_encoder(str(reranker)), depth=args.depth)
+    rerank(texts, hits, load_cross_encoder(str(reranker), backend=args.backend),
+           depth=args.depth)
     defaults = load_rerank_config(str(reranker))
     method, weight = defaults.resolve_fusion(fallback=TUNED_FUSION_METHOD)
     tuned = {"method": method, "weight": weight}

@@ -1,0 +1,74 @@
+"""Per-row int8 activations (`twinq.shared.row_quantisation`) on hand-built graphs: the rewrite
+computes per-row quantisation exactly, and refuses a graph it does not understand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from twinq.shared.row_quantisation import per_row_activations  # noqa: E402
+
+RNG = np.random.default_rng(0)
+WEIGHT = RNG.normal(size=(8, 5)).astype(np.float32)
+
+
+def _matmul() -> onnx.ModelProto:
+    """X[rows, 8] @ W[8, 5] in fp32."""
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "mm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", 5])],
+        [numpy_helper.from_array(WEIGHT, "w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+def _int8(tmp_path) -> onnx.ModelProto:  # noqa: ANN001
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    fp32, int8 = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
+    onnx.save(_matmul(), str(fp32))
+    quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8, per_channel=True,
+                     op_types_to_quantize=["MatMul"])
+    return onnx.load(str(int8))
+
+
+def test_each_row_is_quantised_with_its_own_scale(tmp_path) -> None:  # noqa: ANN001
+    model = _int8(tmp_path)
+    assert per_row_activations(model) == 1
+    assert not [n for n in model.graph.node if n.op_type == "DynamicQuantizeLinear"]
+    # A row of large values beside a row of small ones: one shared scale would flatten the
+    # small row; per row, each keeps 8 bits of its own.
+    x = np.stack([RNG.normal(size=8) * 100.0, RNG.normal(size=8) * 0.01]).astype(np.float32)
+    scale = np.abs(x).max(axis=1, keepdims=True) / 127.0
+    dequantised = np.round(x / scale) * scale
+    w_scale = np.abs(WEIGHT).max(axis=0) / 127.0
+    w = np.round(WEIGHT / w_scale) * w_scale
+    np.testing.assert_allclose(_run(model, x), dequantised @ w, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(_run(model, x[1:]), _run(model, x)[1:], rtol=0, atol=0)
+    assert np.abs(_run(model, x)[1] - x[1] @ WEIGHT).max() < 0.01 * np.abs(x[1] @ WEIGHT).max()
+
+
+def test_a_graph_without_quantised_activations_is_left_alone() -> None:
+    model = _matmul()
+    before = model.SerializeToString()
+    assert per_row_activations(model) == 0
+    assert model.SerializeToString() == before
+
+
+def test_an_unknown_use_of_a_matmul_is_refused(tmp_path) -> None:  # noqa: ANN001
+    model = _int8(tmp_path)
+    cast = next(n for n in model.graph.node if n.op_type == "Cast")
+    cast.op_type = "Identity"  # the quantiser's Cast -> Mul chain, broken
+    del cast.attribute[:]
+    with pytest.raises(ValueError, match="should feed one Cast"):
+        per_row_activations(model)
