@@ -3,7 +3,8 @@
 Why this exists: on twinq's small CPUs, fp32 torch tops out near 250 real questions/s, and
 sentence-transformers' own `backend="onnx"` export needs optimum, whose pins conflict with
 transformers 5. So the models are exported here with `torch.onnx.export`, quantised with
-onnxruntime's dynamic quantiser, and served by a plain `InferenceSession`.
+onnxruntime's dynamic quantiser with one activation scale per row
+(`twinq.shared.row_quantisation`), and served by a plain `InferenceSession`.
 
 Exports are cached in `<model>/onnx/<kind>/` when the model folder is writable, else in
 `~/.cache/twinq/onnx/<sha of the model path>/<kind>/`, and re-made only when the source
@@ -45,11 +46,15 @@ Kind = Literal["bi-encoder", "cross-encoder"]
 OPSET = 17
 """ONNX opset: 17 has LayerNormalization as one op and runs on every onnxruntime >= 1.14."""
 
-RECIPE_VERSION = 1
-"""Bump when the export or quantisation recipe changes, so that stale caches are re-made."""
+RECIPE_VERSION = 2
+"""Bump when the export or quantisation recipe changes, so that stale caches are re-made.
+2: activations quantised per row (`twinq.shared.row_quantisation`), not per batch."""
 
-INT8_RECIPE: dict[str, Any] = {"weight_type": "QInt8", "per_channel": True, "op_types": ["MatMul"]}
-"""How `onnxruntime.quantization.quantize_dynamic` is called, and why.
+INT8_RECIPE: dict[str, Any] = {"weight_type": "QInt8", "per_channel": True, "op_types": ["MatMul"],
+                               "activations": "per-row"}
+"""How `onnxruntime.quantization.quantize_dynamic` is called, and why; then each activation's
+scale is made per row (`twinq.shared.row_quantisation`), so that a row's result is the same in
+any batch.
 
 Measured with `benchmarks/bench_onnx.py --recipes` (bundled all-MiniLM-L6-v2, 2,000 real Quora
 questions, one run; docs/performance.md): mean cosine to torch fp32 / speed vs onnx fp32 was
@@ -57,7 +62,9 @@ QInt8 per-channel 0.9944 / 2.07x, QInt8 per-tensor 0.9688 / 1.99x, QUInt8 per-ch
 0.9945 / 0.93x, QUInt8 per-tensor 0.9855 / 0.93x (u8u8 has no fast VNNI kernel). QInt8
 per-channel has the best quality among the recipes that are 2x faster; QUInt8 per-channel is
 no better (+0.0001) and gains nothing over fp32. Only MatMul is quantised: the embedding Gathers
-are lookups (no time to save) and quantising them lost a little quality.
+are lookups (no time to save) and quantising them lost a little quality. Those four were
+compared with onnxruntime's per-batch activation scales; per-row scales (recipe 2) cost about a
+quarter of the speed and cut the error against fp32 (`benchmarks/bench_batch_dependence.py`).
 """
 
 _FILES = {"fp32": "model.onnx", "int8": "model_qint8.onnx"}
@@ -128,13 +135,19 @@ def _export(model: torch.nn.Module, tokenizer: Any, output: str, path: Path) -> 
 
 
 def _quantize(fp32: Path, int8: Path) -> None:
-    """Dynamic int8: weights quantised once, activations per batch at run time (see INT8_RECIPE)."""
+    """Dynamic int8: weights quantised once, activations per row at run time (see INT8_RECIPE)."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from twinq.shared.row_quantisation import per_row_activations
 
     tmp = int8.with_name(f"{int8.name}.{os.getpid()}.tmp")
     quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType[INT8_RECIPE["weight_type"]],
                      per_channel=INT8_RECIPE["per_channel"],
                      op_types_to_quantize=INT8_RECIPE["op_types"])
+    model = onnx.load(str(tmp))
+    per_row_activations(model)
+    onnx.save(model, str(tmp))
     os.replace(tmp, int8)
 
 

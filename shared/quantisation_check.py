@@ -12,7 +12,8 @@ Spearman correlation over all pairs and by top-1 agreement per group.
 
 Both sides are onnxruntime graphs of the same export, fp32 and int8, so the check measures
 quantisation alone (the fp32 export matches torch exactly: docs/performance.md). Batches have a
-fixed size: int8 activations are scaled per batch, so the numbers depend on batch composition.
+fixed size, though int8 activations are scaled per row (`twinq.shared.row_quantisation`), so a
+row's score no longer depends on its batch.
 
 This module imports no other twinq module (the export imports it). To see what `auto` makes of
 a model, with these numbers: `python -m twinq.shared.models [--kind cross-encoder] [MODEL]`.

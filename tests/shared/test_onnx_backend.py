@@ -169,6 +169,39 @@ def test_cross_encoder_int8_stays_close(real_ce_folder: Path) -> None:
     assert list(np.argsort(got)) == list(np.argsort(expected))
 
 
+def test_int8_scores_do_not_depend_on_their_batch_mates(bi_folder: Path,
+                                                        real_ce_folder: Path) -> None:
+    """Per-row activation scales (twinq.shared.row_quantisation): a row scored alone and in any
+    batch gets the same numbers. onnxruntime's own per-batch scales moved real logits by up to
+    2.2 here, and this test fails with them (docs/performance.md)."""
+    bi = OnnxBiEncoder.load(bi_folder, threads=1)
+    alone = np.stack([bi.encode(t) for t in TEXTS])
+    for batch_size in (2, 4, len(TEXTS)):
+        np.testing.assert_allclose(bi.encode(TEXTS, batch_size=batch_size), alone, atol=1e-5)
+    ce = OnnxCrossEncoder.load(real_ce_folder, threads=1)
+    scores_alone = np.array([ce.predict(p) for p in PAIRS])
+    for batch_size in (2, len(PAIRS)):
+        np.testing.assert_allclose(ce.predict(PAIRS, batch_size=batch_size), scores_alone,
+                                   atol=1e-5)
+
+
+def test_int8_graph_computes_the_same_at_every_optimisation_level(real_ce_folder: Path) -> None:
+    """The exported int8 graph writes its fused MatMuls out itself: a session without graph
+    optimisations (or any other tool's session) gets what twinq's sessions get. Not to the
+    last bit: the optimiser's fused fp32 kernels move a value across an int8 rounding step now
+    and then (0.008 at most here); leaving the fusion to onnxruntime misread the row scales
+    and moved the real bi-encoder's vectors to cosine 0.71."""
+    import onnxruntime as ort
+
+    ce = OnnxCrossEncoder.load(real_ce_folder, threads=1)
+    expected = ce.predict(PAIRS)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    ce.session = ort.InferenceSession(str(ce.folder / "model_qint8.onnx"), options,
+                                      providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(ce.predict(PAIRS), expected, atol=0.02)
+
+
 def test_cross_encoder_preserves_order(ce_folder: Path) -> None:
     onnx = OnnxCrossEncoder.load(ce_folder, precision="fp32", threads=1)
     together = onnx.predict(PAIRS, batch_size=2)

@@ -242,3 +242,33 @@ def test_engine_without_snapshot_answers_not_ready(tmp_path: Path, tiny_bi_encod
     assert not engine.ready
     [reply] = engine.answer_batch([request(engine.settings)])
     assert reply["error"]["code"] == "not_ready" and reply["error"]["retryable"] is True
+
+
+def test_a_query_gets_the_same_reply_alone_and_in_any_batch(
+        quick_snapshot: Any, tiny_bi_encoder: Any, tiny_cross_encoder_path: str,
+        make_settings: Any, tmp_path: Path) -> None:
+    """With the int8 reranker (the default backend), a reply does not depend on the queries
+    batched with it: activations are scaled per row (twinq.shared.row_quantisation). With
+    onnxruntime's per-batch scales, scores moved with the batch and this test fails."""
+    pytest.importorskip("onnxruntime")
+    from twinq.shared.onnx_backend import OnnxCrossEncoder
+
+    folder = tmp_path / "reranker"
+    shutil.copytree(tiny_cross_encoder_path, folder)  # its int8 export is written inside
+    int8 = OnnxCrossEncoder.load(folder, threads=1)
+    root, _ = quick_snapshot(TEXTS)
+    settings = make_settings(root, reranker=str(folder), rerank_depth=5)
+    engine = Engine(settings, bi_encoder=tiny_bi_encoder, cross_encoder=int8)
+    engine.start(watch=False)
+
+    def scores(reply: dict[str, Any]) -> list[tuple[str, float | None]]:
+        return [(h["id"], h["rerank_score"]) for h in reply["results"]]
+
+    alone = [scores(engine.answer_batch([request(settings, id="a", query=t)])[0])
+             for t in TEXTS[:3]]
+    mates = [request(settings, id=f"r{i}", query=t) for i, t in enumerate(
+        [*TEXTS[:3], "a much longer question about invoices, payment methods and support " * 3])]
+    together = [scores(r) for r in engine.answer_batch(mates)[:3]]
+    for got, expected in zip(together, alone):
+        assert [i for i, _ in got] == [i for i, _ in expected]
+        assert [s for _, s in got] == pytest.approx([s for _, s in expected], abs=1e-5)
