@@ -37,6 +37,7 @@ from twinq.pipelines.trainer import fit, scored_pairs
 from twinq.pipelines.unrelated_questions import read_unrelated, split_unrelated
 from twinq.shared.errors import BadInput
 from twinq.shared.models import resolve_backend, resolve_model, set_threads
+from twinq.shared.onnx_backend import RECIPE_VERSION
 from twinq.shared.pairs import LabelledPair
 from twinq.shared.rerank_config import TRAINING_FILE, write_training_json
 
@@ -84,6 +85,8 @@ def serving_backend(model_dir: str) -> dict[str, Any]:
     resolved = resolve_backend("cross-encoder", model_dir, "auto")
     record = {"backend": resolved.backend, "quantisation_check": resolved.check,
               "seconds": round(time.perf_counter() - start, 1)}
+    if resolved.backend == "onnx":  # the int8 logits the decision is fitted on depend on it
+        record["int8_recipe"] = RECIPE_VERSION
     log.info("serving backend of %s: %s (%s)", model_dir, resolved.backend,
              resolved.check["numbers"] if resolved.check else "no onnx export")
     return record

@@ -299,6 +299,7 @@ def load_rerank_config(model_dir: str | Path | None) -> RerankConfig:
             adaptive = AdaptiveRule.from_dict(adaptive)
         except ValueError as exc:
             raise ConfigError(f"{path}: adaptive_rerank: {exc}") from exc
+    _warn_if_fitted_on_older_int8(data.get("serving_backend"), path, model_dir)
     return RerankConfig(
         fusion_method=method, fusion_weight=weight, decision=models["decision"],
         calibration=models["calibration"],
@@ -309,3 +310,21 @@ def load_rerank_config(model_dir: str | Path | None) -> RerankConfig:
                                                             f"{path}: settings.max_length",
                                                             1, 1_000_000),
         adaptive=adaptive, fusion_info=info, path=path)
+
+
+def _warn_if_fitted_on_older_int8(record: Any, path: Path, model_dir: str | Path) -> None:
+    """One warning when the decision and fusion were fitted on int8 logits of an older
+    quantisation recipe (`twinq.shared.onnx_backend.RECIPE_VERSION`): recipe 1 scaled
+    activations per batch, so its logits differ from today's by 0.16 on average; a refit takes
+    a minute and fits them on the logits served now."""
+    from twinq.shared.onnx_backend import RECIPE_VERSION
+
+    if not isinstance(record, dict) or record.get("backend") != "onnx":
+        return
+    fitted = record.get("int8_recipe", 1)
+    if fitted != RECIPE_VERSION:
+        logging.getLogger(__name__).warning(
+            "%s: the twin decision was fitted on int8 scores of quantisation recipe %s; this "
+            "version serves recipe %d (activations scaled per row): `twinq train decide "
+            "--reranker %s` refits it on the scores served now", path, fitted, RECIPE_VERSION,
+            model_dir)

@@ -160,3 +160,23 @@ def test_min_probability_setting_needs_a_decision_model() -> None:
     RerankConfig().check_settings(Settings())
     with pytest.raises(ConfigError, match="min_probability needs a reranker with a decision"):
         RerankConfig().check_settings(Settings(min_probability=0.5))
+
+
+@pytest.mark.parametrize(("record", "warned"), [
+    ({"backend": "onnx"}, True),                      # before int8_recipe was written: recipe 1
+    ({"backend": "onnx", "int8_recipe": 1}, True),
+    ({"backend": "onnx", "int8_recipe": "current"}, False),
+    ({"backend": "onnx-fp32"}, False),                # fp32 logits do not depend on the recipe
+    (None, False),
+])
+def test_a_decision_fitted_on_older_int8_scores_is_named_with_its_refit(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, record: Any, warned: bool) -> None:
+    from twinq.shared.onnx_backend import RECIPE_VERSION
+
+    if record and record.get("int8_recipe") == "current":
+        record = {**record, "int8_recipe": RECIPE_VERSION}
+    data = {**TRAINING, **({"serving_backend": record} if record else {})}
+    with caplog.at_level("WARNING"):
+        config = load_rerank_config(_write(tmp_path, data))
+    assert config.decision == DECISION  # served as it is: a warning, not a refusal
+    assert ("twinq train decide --reranker" in caplog.text) is warned
