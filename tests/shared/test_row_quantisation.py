@@ -72,3 +72,12 @@ def test_an_unknown_use_of_a_matmul_is_refused(tmp_path) -> None:  # noqa: ANN00
     del cast.attribute[:]
     with pytest.raises(ValueError, match="should feed one Cast"):
         per_row_activations(model)
+
+
+def test_a_quantised_activation_read_elsewhere_is_refused(tmp_path) -> None:  # noqa: ANN001
+    model = _int8(tmp_path)
+    dql = next(n for n in model.graph.node if n.op_type == "DynamicQuantizeLinear")
+    model.graph.node.append(helper.make_node("Identity", [dql.output[1]], ["scale_copy"]))
+    model.graph.output.append(helper.make_tensor_value_info("scale_copy", TensorProto.FLOAT, []))
+    with pytest.raises(ValueError, match="other than a quantised MatMul"):
+        per_row_activations(model)
