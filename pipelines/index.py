@@ -45,6 +45,8 @@ from twinq.shared.corpus import expand_paths, read_columns, resolve_fields
 from twinq.shared.errors import BadInput, SnapshotCorrupt, SnapshotInvalid, SnapshotNotFound
 from twinq.shared.index_choice import parse_bytes
 from twinq.shared.models import resolve_backend, resolve_model
+from twinq.shared.onnx_backend import RECIPE_VERSION
+from twinq.shared.opened_snapshot import stale_int8_recipe
 from twinq.shared.snapshot_sync import download_files
 from twinq.shared.store import is_remote, open_store
 
@@ -151,6 +153,11 @@ def _previous_data_files(opts: BuildOptions, model_name: str
     backend = manifest["model"].get("backend", "torch")
     if backend != opts.backend:
         log.info("not reusing %s: embedded with the %s backend, not %s", version, backend, opts.backend)
+        return None, []
+    old_recipe = stale_int8_recipe(manifest["model"])
+    if old_recipe is not None:
+        log.info("not reusing %s: embedded with int8 recipe %d, not %d", version, old_recipe,
+                 RECIPE_VERSION)
         return None, []
     prefix = snap.version_key(version)
     return version, [(str(root), f"{prefix}/{e['data_file']}") for e in manifest["shards"] if e["rows"]]
@@ -406,7 +413,8 @@ def build_snapshot(opts: BuildOptions) -> BuildResult:
                 "created_at": snap.now_iso(),
                 "model": {"name": model_name, "dimension": dim, "normalized": True,
                           "max_seq_length": _max_seq_length(source), "backend": opts.backend,
-                          "quantisation_check": resolved.check},
+                          "quantisation_check": resolved.check,
+                          **({"int8_recipe": RECIPE_VERSION} if opts.backend == "onnx" else {})},
                 "corpus": {
                     "sources": paths, "rows_read": counters.get("rows_read", 0),
                     "rows_rejected": counters.get("rows_rejected", 0),

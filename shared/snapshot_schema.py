@@ -180,6 +180,7 @@ def _check_model(f: _Fields, model: dict[str, Any]) -> None:
     f.integer(model, "dimension", "model.dimension", 1, MAX_DIMENSION)
     f.integer(model, "max_seq_length", "model.max_seq_length", 1, MAX_SEQ_LENGTH, optional=True)
     f.text(model, "backend", "model.backend", optional=True)
+    f.integer(model, "int8_recipe", "model.int8_recipe", 1, 1000, optional=True)
     f.boolean(model, "normalized", "model.normalized")
 
 

@@ -90,6 +90,47 @@ def test_backend_is_recorded_and_vectors_are_not_reused_across_backends(
     assert third.manifest["corpus"]["rows_reused"] == 30
 
 
+def test_int8_recipe_is_recorded_and_an_older_recipe_is_rebuilt_not_reused(
+        tmp_path: Path, tiny_bi_encoder_path: str, caplog: pytest.LogCaptureFixture) -> None:
+    """int8 vectors name the recipe that made them. A snapshot from an older recipe (recipe 1
+    scaled activations per batch; a manifest from then has no `int8_recipe`) is served with a
+    warning, and the next build embeds every row again rather than mix two recipes' vectors."""
+    pytest.importorskip("onnxruntime")
+    import shutil
+
+    from twinq.shared.onnx_backend import RECIPE_VERSION
+    from twinq.shared.opened_snapshot import open_snapshot
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_bi_encoder_path, model)
+    root = tmp_path / "root"
+    corpus = str(_write_jsonl(tmp_path / "c.jsonl", _corpus(30)))
+    options = dict(corpus=[corpus], root=root, shards=2, model=str(model), publish=True,
+                   backend="onnx")
+    first = build_snapshot(BuildOptions(**options))
+    assert first.manifest["model"]["int8_recipe"] == RECIPE_VERSION
+    old = snap.read_manifest_at(root, first.version)
+    del old["model"]["int8_recipe"]  # as written before recipes were recorded
+    snap.write_manifest(root, first.version, old)
+    with caplog.at_level("WARNING"):
+        opened = open_snapshot(root)
+    assert opened.bi_encoder.precision == "int8"
+    assert f"made with int8 recipe 1, queries now with recipe {RECIPE_VERSION}" in caplog.text
+    with caplog.at_level("INFO"):
+        second = build_snapshot(BuildOptions(**options))
+    assert second.manifest["corpus"]["rows_reused"] == 0, "two int8 recipes' vectors must not mix"
+    assert f"embedded with int8 recipe 1, not {RECIPE_VERSION}" in caplog.text
+    assert second.manifest["model"]["int8_recipe"] == RECIPE_VERSION
+    third = build_snapshot(BuildOptions(**options))
+    assert third.manifest["corpus"]["rows_reused"] == 30
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        open_snapshot(root)
+    assert "int8 recipe" not in caplog.text
+    torch_built = build_snapshot(BuildOptions(**{**options, "backend": "torch"}))
+    assert "int8_recipe" not in torch_built.manifest["model"]
+
+
 def test_auto_backend_is_recorded_resolved_with_its_check_and_reuse_compares_it(
         tmp_path: Path, tiny_bi_encoder_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The default (auto) resolves once: the manifest names the backend the vectors were made
