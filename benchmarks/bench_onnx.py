@@ -104,8 +104,13 @@ def random_head_cross_encoder(seed: int) -> str:
 
 
 def recipe_variants(folder: Path) -> dict[str, Path]:
-    """The four `quantize_dynamic` recipes the brief asks to compare, written once under runs/."""
+    """The four `quantize_dynamic` recipes the brief asks to compare, each with onnxruntime's
+    own activation scales (one per batch) and with ours (one per row: what twinq serves,
+    `twinq.shared.row_quantisation`), written once under runs/."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from twinq.shared.row_quantisation import per_row_activations
 
     out = REPO / "runs" / "bench-onnx" / "recipes"
     out.mkdir(parents=True, exist_ok=True)
@@ -117,7 +122,13 @@ def recipe_variants(folder: Path) -> dict[str, Path]:
             if not path.is_file():
                 quantize_dynamic(str(folder / "model.onnx"), str(path), weight_type=QuantType[weight],
                                  per_channel=per_channel, op_types_to_quantize=["MatMul"])
-            variants[name] = path
+            row_path = path.with_name(f"{path.stem}_rows.onnx")
+            if not row_path.is_file():
+                model = onnx.load(str(path))
+                per_row_activations(model)
+                onnx.save(model, str(row_path))
+            variants[f"{name}, batch scales"] = path
+            variants[f"{name}, row scales"] = row_path
     return variants
 
 
@@ -171,7 +182,8 @@ def main() -> None:
     parser.add_argument("--pairs", help="Labelled pairs: label\\tq1\\tq2\\tid.")
     parser.add_argument("--labelled-limit", type=int, default=5000)
     parser.add_argument("--recipes", action="store_true",
-                        help="Also compare QInt8/QUInt8 x per-channel/per-tensor (bi-encoder).")
+                        help="Also compare QInt8/QUInt8 x per-channel/per-tensor x activation scales "
+                             "per batch/per row (bi-encoder).")
     parser.add_argument("--beir-only", action="store_true",
                         help="Only the nDCG@10 comparison (e.g. with --corpus-size 0 for all docs).")
     parser.add_argument("--seed", type=int, default=0)

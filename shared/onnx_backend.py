@@ -63,8 +63,11 @@ QInt8 per-channel 0.9944 / 2.07x, QInt8 per-tensor 0.9688 / 1.99x, QUInt8 per-ch
 per-channel has the best quality among the recipes that are 2x faster; QUInt8 per-channel is
 no better (+0.0001) and gains nothing over fp32. Only MatMul is quantised: the embedding Gathers
 are lookups (no time to save) and quantising them lost a little quality. Those four were
-compared with onnxruntime's per-batch activation scales; per-row scales (recipe 2) cost 12 to
-16% of the speed and cut the error against fp32 (`benchmarks/bench_batch_dependence.py`).
+compared with onnxruntime's per-batch activation scales; measured again with per-row scales
+(recipe 2; docs/performance.md, session 17), QInt8 per-channel reached 0.9978 at 1.84x onnx
+fp32 (QUInt8 per-channel 0.9980 at 1.02x, the per-tensor ones 0.9728 and 0.9890): per-row
+scales cost 5 to 16% of the speed and cut the error against fp32
+(`benchmarks/bench_batch_dependence.py`).
 """
 
 _FILES = {"fp32": "model.onnx", "int8": "model_qint8.onnx"}
