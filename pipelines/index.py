@@ -45,8 +45,7 @@ from twinq.shared.corpus import expand_paths, read_columns, resolve_fields
 from twinq.shared.errors import BadInput, SnapshotCorrupt, SnapshotInvalid, SnapshotNotFound
 from twinq.shared.index_choice import parse_bytes
 from twinq.shared.models import resolve_backend, resolve_model
-from twinq.shared.onnx_backend import RECIPE_VERSION
-from twinq.shared.opened_snapshot import stale_int8_recipe
+from twinq.shared.onnx_backend import RECIPE_VERSION, recipe_fields, stale_int8_recipe
 from twinq.shared.snapshot_sync import download_files
 from twinq.shared.store import is_remote, open_store
 
@@ -414,7 +413,7 @@ def build_snapshot(opts: BuildOptions) -> BuildResult:
                 "model": {"name": model_name, "dimension": dim, "normalized": True,
                           "max_seq_length": _max_seq_length(source), "backend": opts.backend,
                           "quantisation_check": resolved.check,
-                          **({"int8_recipe": RECIPE_VERSION} if opts.backend == "onnx" else {})},
+                          **recipe_fields(opts.backend)},
                 "corpus": {
                     "sources": paths, "rows_read": counters.get("rows_read", 0),
                     "rows_rejected": counters.get("rows_rejected", 0),

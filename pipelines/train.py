@@ -37,7 +37,7 @@ from twinq.pipelines.trainer import fit, scored_pairs
 from twinq.pipelines.unrelated_questions import read_unrelated, split_unrelated
 from twinq.shared.errors import BadInput
 from twinq.shared.models import resolve_backend, resolve_model, set_threads
-from twinq.shared.onnx_backend import RECIPE_VERSION
+from twinq.shared.onnx_backend import recipe_fields
 from twinq.shared.pairs import LabelledPair
 from twinq.shared.rerank_config import TRAINING_FILE, write_training_json
 
@@ -83,10 +83,9 @@ def serving_backend(model_dir: str) -> dict[str, Any]:
     is cached in the model folder, so the worker's first load is instant."""
     start = time.perf_counter()
     resolved = resolve_backend("cross-encoder", model_dir, "auto")
+    # int8 logits, which the decision is fitted on, depend on the recipe: it is recorded too.
     record = {"backend": resolved.backend, "quantisation_check": resolved.check,
-              "seconds": round(time.perf_counter() - start, 1)}
-    if resolved.backend == "onnx":  # the int8 logits the decision is fitted on depend on it
-        record["int8_recipe"] = RECIPE_VERSION
+              "seconds": round(time.perf_counter() - start, 1), **recipe_fields(resolved.backend)}
     log.info("serving backend of %s: %s (%s)", model_dir, resolved.backend,
              resolved.check["numbers"] if resolved.check else "no onnx export")
     return record

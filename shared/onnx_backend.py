@@ -26,7 +26,7 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -49,6 +49,23 @@ OPSET = 17
 RECIPE_VERSION = 2
 """Bump when the export or quantisation recipe changes, so that stale caches are re-made.
 2: activations quantised per row (`twinq.shared.row_quantisation`), not per batch."""
+
+def recipe_fields(backend: str) -> dict[str, int]:
+    """What a record of vectors or logits made in `backend` (a snapshot manifest's ``model``,
+    training.json's ``serving_backend``) stores about the int8 recipe: its version for int8."""
+    return {"int8_recipe": RECIPE_VERSION} if backend == "onnx" else {}
+
+
+def stale_int8_recipe(record: Mapping[str, Any]) -> Any:
+    """The older int8 recipe such a record names, or None when it is today's or not int8 (a
+    record without one is from recipe 1). Why it matters: recipe 1 scaled activations per
+    batch, so its vectors sit at cosine ~0.99 from the same text embedded now, its logits three
+    times as far from fp32, and two recipes' outputs must not be mixed or fitted across."""
+    if record.get("backend") != "onnx":
+        return None
+    recipe = record.get("int8_recipe") or 1
+    return None if recipe == RECIPE_VERSION else recipe
+
 
 INT8_RECIPE: dict[str, Any] = {"weight_type": "QInt8", "per_channel": True, "op_types": ["MatMul"],
                                "activations": "per-row"}

@@ -19,13 +19,14 @@ Example:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from twinq.shared.errors import SnapshotInvalid
 from twinq.shared.models import backend_of, load_bi_encoder, resolve_model
+from twinq.shared.onnx_backend import RECIPE_VERSION, stale_int8_recipe
 from twinq.shared.snapshot import load_snapshot
 
 if TYPE_CHECKING:
@@ -57,25 +58,6 @@ class OpenedSnapshot:
 def snapshot_backend(snapshot: Snapshot) -> str:
     """The backend the snapshot's vectors were embedded with; torch for an old manifest."""
     return str(snapshot.manifest["model"].get("backend") or "torch")
-
-
-def int8_recipe(model: Mapping[str, Any]) -> int | None:
-    """The int8 recipe (`twinq.shared.onnx_backend.RECIPE_VERSION`) a manifest's ``model``
-    section says its vectors were made with: None for a backend that is not int8, 1 for an int8
-    manifest written before the recipe was recorded."""
-    if (model.get("backend") or "torch") != "onnx":
-        return None
-    return int(model.get("int8_recipe") or 1)
-
-
-def stale_int8_recipe(model: Mapping[str, Any]) -> int | None:
-    """The older int8 recipe a manifest's vectors were made with, or None when they are today's
-    (or not int8). Why it matters: recipe 1 scaled activations per batch, so its vectors sit at
-    cosine ~0.99 from the same text embedded now, and two recipes' vectors must not mix."""
-    from twinq.shared.onnx_backend import RECIPE_VERSION
-
-    recipe = int8_recipe(model)
-    return recipe if recipe is not None and recipe != RECIPE_VERSION else None
 
 
 def query_backend(snapshot: Snapshot, backend: str) -> str:
@@ -141,10 +123,8 @@ def open_snapshot(root: str | Path, version: str | None = None, *, model: str | 
         (logger or log).warning("snapshot %s was built with %s but %s is used (--model)",
                                 snapshot.version, built_with, wanted)
     concrete = query_backend(snapshot, backend)
-    old = stale_int8_recipe(snapshot.manifest["model"]) if concrete == "onnx" else None
+    old = stale_int8_recipe(snapshot.manifest["model"])  # the manifest's backend is `concrete`
     if old is not None:
-        from twinq.shared.onnx_backend import RECIPE_VERSION
-
         (logger or log).warning(
             "snapshot %s: its vectors were made with int8 recipe %d, queries now with recipe %d; "
             "scores differ slightly (cosine ~0.99) until the next `twinq index` rebuilds it",

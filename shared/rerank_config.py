@@ -318,12 +318,10 @@ def _warn_if_fitted_on_older_int8(record: Any, path: Path, model_dir: str | Path
     activations per batch, and its logits were three times as far from fp32 as today's (0.16
     against 0.05 on average); the reranker still serves, and a refit of a minute or so fits the
     decision on the logits served now."""
-    from twinq.shared.onnx_backend import RECIPE_VERSION
+    from twinq.shared.onnx_backend import RECIPE_VERSION, stale_int8_recipe
 
-    if not isinstance(record, dict) or record.get("backend") != "onnx":
-        return
-    fitted = record.get("int8_recipe", 1)
-    if fitted != RECIPE_VERSION:
+    fitted = stale_int8_recipe(record) if isinstance(record, dict) else None
+    if fitted is not None:
         logging.getLogger(__name__).warning(
             "%s: the twin decision was fitted on int8 scores of quantisation recipe %s; this "
             "version serves recipe %d (activations scaled per row): `twinq train decide "
