@@ -63,7 +63,10 @@ class _Fields:
         self.folder = folder
 
     def fail(self, field: str, problem: str) -> NoReturn:
-        raise SnapshotCorrupt(f"{self.folder}: corrupt manifest: {field} {problem}")
+        # A field path can hold a key read from the manifest (a build stage's name): shown as a
+        # short repr when it is not plain printable text, so the error stays one short line.
+        shown = field if field.isprintable() and len(field) <= 80 else _short(field)
+        raise SnapshotCorrupt(f"{self.folder}: corrupt manifest: {shown} {problem}")
 
     def get(self, obj: dict[str, Any], key: str, field: str, optional: bool) -> Any:
         if key not in obj and not optional:
