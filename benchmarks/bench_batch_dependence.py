@@ -29,21 +29,29 @@ from common import REPO, machine, quora_pairs, quora_questions
 from twinq.shared.quantisation_check import spearman
 
 
-def per_batch_variant(model: Any, kind: str, threads: int) -> Any:
-    """`model` (shipped, per-row int8) with its graph quantised as recipe 1 did: the same
-    `quantize_dynamic` call, activations left per batch, every onnxruntime fusion on."""
+def quantised_variant(model: Any, kind: str, threads: int, *, per_row: bool,
+                      reduce_range: bool) -> Any:
+    """`model` with its graph quantised again from its fp32 export: the same `quantize_dynamic`
+    call as the shipped recipe but for `reduce_range` (7-bit weights), and activations per row
+    (twinq's rewrite) or per batch (recipe 1, every onnxruntime fusion on)."""
+    import onnx
     import onnxruntime as ort
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from twinq.shared.onnx_backend import INT8_RECIPE
+    from twinq.shared.row_quantisation import per_row_activations
 
     out = REPO / "runs" / "bench-batch"
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{kind}_per_batch.onnx"
+    path = out / f"{kind}_{'row' if per_row else 'batch'}_{'7' if reduce_range else '8'}bit.onnx"
     quantize_dynamic(str(model.folder / "model.onnx"), str(path),
                      weight_type=QuantType[INT8_RECIPE["weight_type"]],
-                     per_channel=INT8_RECIPE["per_channel"],
+                     per_channel=INT8_RECIPE["per_channel"], reduce_range=reduce_range,
                      op_types_to_quantize=INT8_RECIPE["op_types"])
+    if per_row:
+        graph = onnx.load(str(path))
+        per_row_activations(graph)
+        onnx.save(graph, str(path))
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
@@ -55,8 +63,17 @@ def per_batch_variant(model: Any, kind: str, threads: int) -> Any:
 
 
 def variants(model: Any, kind: str, threads: int) -> dict[str, Any]:
+    """The shipped graph and, made from the same fp32 export, the other weight width with
+    per-row activations and the shipped weight width with per-batch ones (recipe 1)."""
+    from twinq.shared.onnx_backend import INT8_RECIPE
+
+    shipped = bool(INT8_RECIPE.get("reduce_range", False))
+    other = "8-bit" if shipped else "7-bit"
     return {"int8 per row (shipped)": model,
-            "int8 per batch (recipe 1)": per_batch_variant(model, kind, threads)}
+            f"int8 per row, {other} weights": quantised_variant(
+                model, kind, threads, per_row=True, reduce_range=not shipped),
+            "int8 per batch (recipe 1)": quantised_variant(
+                model, kind, threads, per_row=False, reduce_range=False)}
 
 
 def score(model: Any, pairs: list[tuple[str, str]]) -> np.ndarray:

@@ -46,9 +46,10 @@ Kind = Literal["bi-encoder", "cross-encoder"]
 OPSET = 17
 """ONNX opset: 17 has LayerNormalization as one op and runs on every onnxruntime >= 1.14."""
 
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 """Bump when the export or quantisation recipe changes, so that stale caches are re-made.
-2: activations quantised per row (`twinq.shared.row_quantisation`), not per batch."""
+2: activations quantised per row (`twinq.shared.row_quantisation`), not per batch.
+3: weights in 7 bits (``reduce_range``), so that no CPU's int8 kernel saturates."""
 
 def recipe_fields(backend: str) -> dict[str, int]:
     """What a record of vectors or logits made in `backend` (a snapshot manifest's ``model``,
@@ -58,17 +59,18 @@ def recipe_fields(backend: str) -> dict[str, int]:
 
 def stale_int8_recipe(record: Mapping[str, Any]) -> Any:
     """The older int8 recipe such a record names, or None when it is today's or not int8 (a
-    record without one is from recipe 1). Why it matters: recipe 1 scaled activations per
-    batch, so its vectors sit at cosine ~0.99 from the same text embedded now, its logits three
-    times as far from fp32, and two recipes' outputs must not be mixed or fitted across."""
+    record without one is from recipe 1). Why it matters: recipes compute other numbers (recipe
+    1 scaled activations per batch, so its vectors sit at cosine ~0.99 from the same text
+    embedded now; recipe 2's 8-bit weights saturate on CPUs without VNNI), and two recipes'
+    outputs must not be mixed or fitted across."""
     if record.get("backend") != "onnx":
         return None
     recipe = record.get("int8_recipe") or 1
     return None if recipe == RECIPE_VERSION else recipe
 
 
-INT8_RECIPE: dict[str, Any] = {"weight_type": "QInt8", "per_channel": True, "op_types": ["MatMul"],
-                               "activations": "per-row"}
+INT8_RECIPE: dict[str, Any] = {"weight_type": "QInt8", "per_channel": True, "reduce_range": True,
+                               "op_types": ["MatMul"], "activations": "per-row"}
 """How `onnxruntime.quantization.quantize_dynamic` is called, and why; then each activation's
 scale is made per row (`twinq.shared.row_quantisation`), so that a row's result is the same in
 any batch.
@@ -85,6 +87,17 @@ compared with onnxruntime's per-batch activation scales; measured again with per
 fp32 (QUInt8 per-channel 0.9980 at 1.02x, the per-tensor ones 0.9728 and 0.9890): per-row
 scales cost 5 to 16% of the speed and cut the error against fp32
 (`benchmarks/bench_batch_dependence.py`).
+
+``reduce_range`` (recipe 3) keeps the weights in 7 bits, -64..64. On an x86 CPU without VNNI
+(AVX2 only: AMD Zen 2 and 3, Intel before Cascade Lake), onnxruntime's uint8 x int8 kernel adds
+pairs of products in 16 bits with saturation (``vpmaddubsw``): with 8-bit weights a pair can
+reach 2 * 255 * 127 = 64,770 and is clipped to 32,767, so the same graph gives other, worse
+numbers there than on a VNNI CPU (a hand-built MatMul gave -43 for 140; the demo reranker's
+logit error against fp32 0.111 against 0.061, Spearman 0.985 against 0.995, measured on a Zen 3
+EPYC). With 7-bit weights a pair stays within 2 * 255 * 64 = 32,640: every CPU computes the
+same integers, so a decision fitted on one machine's logits holds on another's. The cost is
+a coarser weight grid (on the same Zen 3 EPYC, the bi-encoder's mean cosine to fp32 0.9968
+against 0.9971; docs/performance.md).
 """
 
 _FILES = {"fp32": "model.onnx", "int8": "model_qint8.onnx"}
@@ -154,8 +167,10 @@ def _export(model: torch.nn.Module, tokenizer: Any, output: str, path: Path) -> 
     return names
 
 
-def _quantize(fp32: Path, int8: Path) -> None:
-    """Dynamic int8: weights quantised once, activations per row at run time (see INT8_RECIPE)."""
+def quantise(fp32: Path, int8: Path, *, per_row: bool = True) -> None:
+    """Write `int8` from the `fp32` graph with `INT8_RECIPE`: weights quantised once, then (with
+    `per_row`, as served) each activation scaled per row at run time; without it, onnxruntime's
+    own per-batch activations (for tests and benchmarks of the rewrite)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -164,10 +179,12 @@ def _quantize(fp32: Path, int8: Path) -> None:
     tmp = int8.with_name(f"{int8.name}.{os.getpid()}.tmp")
     quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType[INT8_RECIPE["weight_type"]],
                      per_channel=INT8_RECIPE["per_channel"],
+                     reduce_range=INT8_RECIPE["reduce_range"],
                      op_types_to_quantize=INT8_RECIPE["op_types"])
-    model = onnx.load(str(tmp))
-    per_row_activations(model)
-    onnx.save(model, str(tmp))
+    if per_row:
+        model = onnx.load(str(tmp))
+        per_row_activations(model)
+        onnx.save(model, str(tmp))
     os.replace(tmp, int8)
 
 
@@ -223,7 +240,7 @@ def ensure_exported(source: str | Path, kind: Kind, *, owned: bool = True) -> tu
     else:
         meta, model, output = _cross_encoder_meta(loaded), loaded.model, "logits"
     meta["input_names"] = _export(model.eval(), loaded.tokenizer, output, folder / _FILES["fp32"])
-    _quantize(folder / _FILES["fp32"], folder / _FILES["int8"])
+    quantise(folder / _FILES["fp32"], folder / _FILES["int8"])
     loaded.tokenizer.save_pretrained(str(folder / "tokenizer"))
     meta.update(fingerprint=fingerprint, kind=kind, source=str(source), output=output,
                 int8_recipe=INT8_RECIPE, opset=OPSET)

@@ -315,15 +315,15 @@ def load_rerank_config(model_dir: str | Path | None) -> RerankConfig:
 def _warn_if_fitted_on_older_int8(record: Any, path: Path, model_dir: str | Path) -> None:
     """A warning when the decision and fusion were fitted on int8 logits of an older
     quantisation recipe (`twinq.shared.onnx_backend.RECIPE_VERSION`): recipe 1 scaled
-    activations per batch, and its logits were three times as far from fp32 as today's (0.16
-    against 0.05 on average); the reranker still serves, and a refit of a minute or so fits the
-    decision on the logits served now."""
+    activations per batch (logits three times as far from fp32 as recipe 2's), recipe 2's 8-bit
+    weights saturate on CPUs without VNNI; the reranker still serves, and a refit of a minute
+    or so fits the decision on the logits served now."""
     from twinq.shared.onnx_backend import RECIPE_VERSION, stale_int8_recipe
 
     fitted = stale_int8_recipe(record) if isinstance(record, dict) else None
     if fitted is not None:
         logging.getLogger(__name__).warning(
             "%s: the twin decision was fitted on int8 scores of quantisation recipe %s; this "
-            "version serves recipe %d (activations scaled per row): `twinq train decide "
+            "version serves recipe %d: `twinq train decide "
             "--reranker %s` refits it on the scores served now", path, fitted, RECIPE_VERSION,
             model_dir)

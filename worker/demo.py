@@ -54,12 +54,13 @@ TRAIN_FAST = ["--epochs", "1", "--max-length", "32", "--lr", "1e-4", "--batch-si
               "--max-steps", "30"]
 
 
-TRAINING_VERSION = "7"
+TRAINING_VERSION = "8"
 """Part of the cached reranker's key: bump it when `twinq train reranker` changes what it writes
 (4: easy negatives, mined near misses for labelled positives, the twin decision model,
 fusion falling back to recall only without a dev gain; 5: linear fusion, the adaptive rule's
 logit bound, the decision fitted on the candidates it scores; 6: the other domains' groups,
-two epochs; 7: fitted on int8 scores with per-row activation scales)."""
+two epochs; 7: fitted on int8 scores with per-row activation scales; 8: on int8 recipe 3's,
+7-bit weights)."""
 
 
 def demo_dir() -> Path:
