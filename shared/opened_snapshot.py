@@ -127,7 +127,7 @@ def open_snapshot(root: str | Path, version: str | None = None, *, model: str | 
     if old is not None:
         (logger or log).warning(
             "snapshot %s: its vectors were made with int8 recipe %d, queries now with recipe %d; "
-            "scores differ slightly (cosine ~0.99) until the next `twinq index` rebuilds it",
+            "scores differ slightly until the next `twinq index` rebuilds it",
             snapshot.version, old, RECIPE_VERSION)
     encoder = (load_encoder(wanted, concrete) if load_encoder is not None
                else load_bi_encoder(wanted, backend=concrete))
