@@ -31,27 +31,18 @@ from twinq.shared.quantisation_check import spearman
 
 def quantised_variant(model: Any, kind: str, threads: int, *, per_row: bool,
                       reduce_range: bool) -> Any:
-    """`model` with its graph quantised again from its fp32 export: the same `quantize_dynamic`
-    call as the shipped recipe but for `reduce_range` (7-bit weights), and activations per row
-    (twinq's rewrite) or per batch (recipe 1, every onnxruntime fusion on)."""
-    import onnx
+    """`model` with its graph quantised again from its fp32 export: the shipped recipe but for
+    `reduce_range` (7-bit weights), and activations per row (twinq's rewrite) or per batch
+    (recipe 1, every onnxruntime fusion on)."""
     import onnxruntime as ort
-    from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from twinq.shared.onnx_backend import INT8_RECIPE
-    from twinq.shared.row_quantisation import per_row_activations
+    from twinq.shared.onnx_backend import INT8_RECIPE, quantise
 
     out = REPO / "runs" / "bench-batch"
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{kind}_{'row' if per_row else 'batch'}_{'7' if reduce_range else '8'}bit.onnx"
-    quantize_dynamic(str(model.folder / "model.onnx"), str(path),
-                     weight_type=QuantType[INT8_RECIPE["weight_type"]],
-                     per_channel=INT8_RECIPE["per_channel"], reduce_range=reduce_range,
-                     op_types_to_quantize=INT8_RECIPE["op_types"])
-    if per_row:
-        graph = onnx.load(str(path))
-        per_row_activations(graph)
-        onnx.save(graph, str(path))
+    quantise(model.folder / "model.onnx", path, per_row=per_row,
+             recipe={**INT8_RECIPE, "reduce_range": reduce_range})
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads

@@ -167,20 +167,22 @@ def _export(model: torch.nn.Module, tokenizer: Any, output: str, path: Path) -> 
     return names
 
 
-def quantise(fp32: Path, int8: Path, *, per_row: bool = True) -> None:
-    """Write `int8` from the `fp32` graph with `INT8_RECIPE`: weights quantised once, then (with
-    `per_row`, as served) each activation scaled per row at run time; without it, onnxruntime's
-    own per-batch activations (for tests and benchmarks of the rewrite)."""
+def quantise(fp32: Path, int8: Path, *, per_row: bool = True,
+             recipe: Mapping[str, Any] | None = None) -> None:
+    """Write `int8` from the `fp32` graph: weights quantised once with `recipe` (default
+    `INT8_RECIPE`, what twinq serves; benchmarks pass variants of it), then, with `per_row` (as
+    served), each activation scaled per row at run time; without it, onnxruntime's own
+    per-batch activations (for tests and benchmarks of the rewrite)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from twinq.shared.row_quantisation import per_row_activations
 
+    recipe = INT8_RECIPE if recipe is None else recipe
     tmp = int8.with_name(f"{int8.name}.{os.getpid()}.tmp")
-    quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType[INT8_RECIPE["weight_type"]],
-                     per_channel=INT8_RECIPE["per_channel"],
-                     reduce_range=INT8_RECIPE["reduce_range"],
-                     op_types_to_quantize=INT8_RECIPE["op_types"])
+    quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType[recipe["weight_type"]],
+                     per_channel=recipe["per_channel"], reduce_range=recipe["reduce_range"],
+                     op_types_to_quantize=recipe["op_types"])
     if per_row:
         model = onnx.load(str(tmp))
         per_row_activations(model)
