@@ -256,6 +256,31 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      help="Run the long fault/load/fuzz suites marked `reliability` (make reliability).")
 
 
+OWN_LANE = ("tests/worker/test_demo.py",)
+"""Test files that run in a lane of their own under xdist (`pytest_xdist_make_scheduler`)."""
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Two lanes for `.ci/run`'s `-n 2`: the files in `OWN_LANE`, and the rest of the suite.
+
+    The demo test spends minutes training a reranker, about half of the suite run after it.
+    In a lane of its own, on one thread (test_demo.py), beside the rest on the other core, the
+    suite took 768 s instead of 896 s on a 2-core AVX2-only EPYC (2026-12-01). The rest stays
+    one lane, in order, as it always ran: those tests share a Redis database, a SeaweedFS
+    server and ports, and were written to run one at a time. (xdist's `--dist loadgroup`
+    would group with markers, but pytest 9.2 builds node ids afresh and ignores the suffix
+    xdist 3.8 writes into them to group them.)
+    """
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Lanes(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return nodeid.split("::", 1)[0] if nodeid.startswith(OWN_LANE) else "rest"
+
+    return Lanes(config, log)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Deselect (not skip) `reliability` tests unless asked for: a skip would read as a pass."""
     if config.getoption("--run-reliability"):
