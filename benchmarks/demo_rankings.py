@@ -80,8 +80,12 @@ def main() -> None:
     if defaults.decision is None:
         return
     threshold = float(defaults.decision.min_probability or 1.0)
-    print(f"\nTwin decision at min_probability {threshold:.3f} (from training.json):\n"
-          "| question | kind | top hit p | decision | right? |\n|---|---|---|---|---|")
+    trained_on = _trained_groups(reranker, group_of)
+    print(f"\nTwin decision at min_probability {threshold:.3f} (from training.json); the top "
+          "hit's logit and cosine, and whether the reranker trained on the question's FAQ group "
+          "(else it was on the dev side of its split):\n"
+          "| question | kind | trained on group | logit | cosine | top hit p | decision | right? |"
+          "\n|---|---|---|---|---|---|---|---|")
     confident = answered_right = refused = 0
     off_topic: list[float] = []
     for question, candidates in zip(questions, hits):
@@ -93,7 +97,10 @@ def main() -> None:
         kind = question.get("kind") or "paraphrase"
         right = (answered and group_of[ranked[0].id] == question["group"]) if question.get(
             "group") else not answered
-        print(f"| {question['query'][:60]} | {kind} | {p:.3f} | "
+        group = question.get("group")
+        side = "-" if group is None else ("yes" if group in trained_on else "no (dev)")
+        print(f"| {question['query'][:60]} | {kind} | {side} | {ranked[0].rerank_score:.2f} | "
+              f"{ranked[0].recall_score:.3f} | {p:.3f} | "
               f"{'answer' if answered else 'no twin'} | {'yes' if right else 'NO'} |")
         if question.get("group"):
             at_one = group_of[ranked[0].id] == question["group"]
@@ -113,6 +120,28 @@ def main() -> None:
     print(f"paraphrases at rank 1 with p >= 0.5: {confident}/{n}; answered: {answered_right}/{n}; "
           f"no-twin questions refused: {refused}/{len(questions) - n}; off-topic p at most "
           f"{max(off_topic, default=0.0):.3f}")
+
+
+def _trained_groups(reranker: Path, group_of: dict[str, str]) -> set[str]:
+    """The FAQ groups on the training side of the reranker's split (its training.json settings).
+
+    The split is recomputed from the same pair files, fraction and seed, so it is the one the
+    reranker was trained with while those files are unchanged (their sha256 is in training.json).
+    """
+    from twinq.pipelines.splits import question_key
+    from twinq.pipelines.train_data import split_pairs
+    from twinq.pipelines.train_settings import TrainSettings
+
+    settings = json.loads((reranker / "training.json").read_text())["settings"]
+    split = split_pairs(TrainSettings(
+        pairs=settings["pairs"], out=str(reranker), dev=settings.get("dev"),
+        train_only=settings.get("train_only"), dev_fraction=settings["dev_fraction"],
+        max_pairs=settings.get("max_pairs"), seed=settings["seed"]))
+    faq = Path(__file__).resolve().parents[1] / "pipelines" / "demo" / "faq.jsonl"
+    group_of_text = {question_key(r["text"]): r["group"]
+                     for r in map(json.loads, faq.read_text().splitlines())}
+    return {group_of_text[question_key(q)] for pair in split.train for q in (pair.q1, pair.q2)
+            if question_key(q) in group_of_text}
 
 
 if __name__ == "__main__":
