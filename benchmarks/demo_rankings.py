@@ -80,7 +80,7 @@ def main() -> None:
     if defaults.decision is None:
         return
     threshold = float(defaults.decision.min_probability or 1.0)
-    trained_on = _trained_groups(reranker, group_of)
+    trained_on = _trained_groups(reranker)
     print(f"\nTwin decision at min_probability {threshold:.3f} (from training.json); the top "
           "hit's logit and cosine, and whether the reranker trained on the question's FAQ group "
           "(else it was on the dev side of its split):\n"
@@ -122,7 +122,7 @@ def main() -> None:
           f"{max(off_topic, default=0.0):.3f}")
 
 
-def _trained_groups(reranker: Path, group_of: dict[str, str]) -> set[str]:
+def _trained_groups(reranker: Path) -> set[str]:
     """The FAQ groups on the training side of the reranker's split (its training.json settings).
 
     The split is recomputed from the same pair files, fraction and seed, so it is the one the
@@ -135,8 +135,9 @@ def _trained_groups(reranker: Path, group_of: dict[str, str]) -> set[str]:
     settings = json.loads((reranker / "training.json").read_text())["settings"]
     split = split_pairs(TrainSettings(
         pairs=settings["pairs"], out=str(reranker), dev=settings.get("dev"),
-        train_only=settings.get("train_only"), dev_fraction=settings["dev_fraction"],
-        max_pairs=settings.get("max_pairs"), seed=settings["seed"]))
+        labelled=settings.get("labelled"), train_only=settings.get("train_only"),
+        dev_fraction=settings["dev_fraction"], max_pairs=settings.get("max_pairs"),
+        max_dev_pairs=settings.get("max_dev_pairs"), seed=settings["seed"]))
     faq = Path(__file__).resolve().parents[1] / "pipelines" / "demo" / "faq.jsonl"
     group_of_text = {question_key(r["text"]): r["group"]
                      for r in map(json.loads, faq.read_text().splitlines())}
