@@ -138,7 +138,7 @@ def _trained_groups(reranker: Path) -> set[str]:
         labelled=settings.get("labelled"), train_only=settings.get("train_only"),
         dev_fraction=settings["dev_fraction"], max_pairs=settings.get("max_pairs"),
         max_dev_pairs=settings.get("max_dev_pairs"), seed=settings["seed"]))
-    faq = Path(__file__).resolve().parents[1] / "pipelines" / "demo" / "faq.jsonl"
+    faq = REPO / "pipelines" / "demo" / "faq.jsonl"
     group_of_text = {question_key(r["text"]): r["group"]
                      for r in map(json.loads, faq.read_text().splitlines())}
     return {group_of_text[question_key(q)] for pair in split.train for q in (pair.q1, pair.q2)
