@@ -23,6 +23,12 @@ from tests.object_store import SeaweedS3, find_weed
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# OpenMP threads that wait at a barrier sleep instead of spinning. Under `.ci/run`'s two lanes
+# (`pytest_xdist_make_scheduler`) spinning torch threads of one lane steal the core the other
+# lane's threads need: the demo's training ran at 3.7 s/step on two threads beside a busy lane
+# against 2.6 with passive waiting (one thread: 2.6), and passive costs nothing alone (1.47
+# against 1.47 s/step; a 2-core AMD EPYC, 2026-12-01). Set before anything imports torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REDIS_URL = os.environ.get("TWINQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 DATA_DIR = Path(os.environ.get("TWINQ_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -265,8 +271,10 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """Two lanes for `.ci/run`'s `-n 2`: the files in `OWN_LANE`, and the rest of the suite.
 
     The demo test spends minutes training a reranker, about half of the suite run after it.
-    In a lane of its own, on one thread (test_demo.py), beside the rest on the other core, the
-    suite took 768 s instead of 896 s on a 2-core AVX2-only EPYC (2026-12-01). The rest stays
+    In a lane of its own beside the rest, the suite took 768 s instead of 896 s on a 2-core
+    AVX2-only EPYC (2026-12-01, the demo on one thread); its two torch threads wait passively
+    (`OMP_WAIT_POLICY` above), so they share a core while the other lane runs and use both
+    once it is done. The rest stays
     one lane, in order, as it always ran: those tests share a Redis database, a SeaweedFS
     server and ports, and were written to run one at a time. (xdist's `--dist loadgroup`
     would group with markers, but pytest 9.2 builds node ids afresh and ignores the suffix
