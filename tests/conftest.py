@@ -274,11 +274,10 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     In a lane of its own beside the rest, the suite took 768 s instead of 896 s on a 2-core
     AVX2-only EPYC (2026-12-01, the demo on one thread); its two torch threads wait passively
     (`OMP_WAIT_POLICY` above), so they share a core while the other lane runs and use both
-    once it is done. The rest stays
-    one lane, in order, as it always ran: those tests share a Redis database, a SeaweedFS
-    server and ports, and were written to run one at a time. (xdist's `--dist loadgroup`
-    would group with markers, but pytest 9.2 builds node ids afresh and ignores the suffix
-    xdist 3.8 writes into them to group them.)
+    once it is done. The rest stays one lane, in order, as it always ran: those tests share a
+    Redis database, a SeaweedFS server and ports, and were written to run one at a time.
+    (xdist's `--dist loadgroup` would group with markers, but pytest 9.2 builds node ids
+    afresh and ignores the suffix xdist 3.8 writes into them to group them.)
     """
     from xdist.scheduler import LoadScopeScheduling
 
