@@ -97,7 +97,8 @@ class QueryRequest:
     fusion: str | None = None
     fusion_weight: float | None = None
     min_probability: float | None = None
-    """If set, the reply carries `no_twin`: true when no hit's duplicate probability reaches it."""
+    """If set, the reply carries `no_twin`: true when the top hit's duplicate probability is
+    below it (the decision is the top hit's; see `ok_reply`)."""
     collapse: bool | None = None
     """Keep one hit per duplicate cluster, the others as its `also_asked`; None: the worker's
     `collapse_clusters` (see `twinq.shared.collapse`)."""

@@ -191,12 +191,16 @@ def _print_reply(reply: dict[str, Any]) -> None:
     results = reply["results"]
     answer = results[0]["metadata"].get("answer") if results else None
     if reply.get("no_twin"):
-        best = results[0]["duplicate_probability"] if results else None
+        # The worker decides on the top hit alone (its probability is the calibrated one), so
+        # the message names that hit's probability, not the largest in the table.
+        top = results[0]["duplicate_probability"] if results else None
+        needed = f"{reply['min_probability']:.2f}"
         console.print(Text.assemble(
             ("no twin found", "bold yellow"),
-            f": no stored question reaches duplicate probability {reply['min_probability']:.2f}"
-            + (f" (the closest has {best:.2f}; shown below, not an answer)" if best is not None
-               else "")))
+            ": nothing matched" if not results else
+            f": the best match has no duplicate probability to reach {needed}" if top is None else
+            f": the best match's duplicate probability, {top:.2f}, is below {needed} "
+            "(the matches below are not an answer)"))
     elif answer:
         console.print(Panel(Text(str(answer)), border_style="green",
                             title=Text(f"Answer — matched: {clip(results[0]['text'], 70)}")))

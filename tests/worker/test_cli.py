@@ -170,6 +170,9 @@ def test_ask_says_no_twin_found_instead_of_an_answer(capsys: pytest.CaptureFixtu
                         min_probability=0.6))
     out = capsys.readouterr().out
     assert "no twin found" in out and "0.60" in out and "Answer" not in out
+    assert "best match's duplicate probability, 0.20, is below 0.60" in " ".join(out.split())
+    _print_reply({**_reply("q", "a", no_twin=True, min_probability=0.6), "results": []})
+    assert "no twin found: nothing matched" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("text, width, expected", [
