@@ -7,7 +7,8 @@
     4. ask the sample questions through the queue                    (TwinqClient)
     5. print a table per question, with the stored answer of the top hit, or "no twin found"
        for the questions the FAQ does not answer
-    6. shut everything down: worker first (SIGTERM, it drains), then Redis
+    6. shut everything down: worker first (SIGTERM, it drains), then Redis; also when the
+       demo is stopped by Ctrl-C, SIGTERM or SIGHUP
 
 Each step runs the real command in a child process, exactly as a user would, so the demo
 exercises the same code paths as a deployment. Its full output goes to a log file; the terminal
@@ -26,7 +27,8 @@ import subprocess
 import sys
 import time
 import urllib.request
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from importlib.resources import files
 from pathlib import Path
 from typing import Any, Optional
@@ -103,11 +105,15 @@ def _run(step: str, argv: list[str], log_file: Path) -> None:
     with log_file.open("w") as log, Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task(step, total=None)
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-        while process.poll() is None:
-            time.sleep(0.5)
-            seen = _progress(log_file)
-            if seen is not None and seen[1] > 0:
-                bar.update(task, completed=min(seen), total=seen[1])
+        try:
+            while process.poll() is None:
+                time.sleep(0.5)
+                seen = _progress(log_file)
+                if seen is not None and seen[1] > 0:
+                    bar.update(task, completed=min(seen), total=seen[1])
+        except BaseException:
+            _stop(process)  # a demo that is stopped stops its step: no orphaned training
+            raise
         code = process.returncode
     if code != 0:
         tail = "\n".join(log_file.read_text(errors="replace").splitlines()[-15:])
@@ -158,7 +164,8 @@ def _wait_ready(process: subprocess.Popen, port: int, timeout_s: float, log_file
 
 
 def _stop(process: subprocess.Popen) -> None:
-    """SIGTERM lets the worker finish its batch; a stuck one is killed after the grace period."""
+    """SIGTERM lets the worker finish its batch (or a step end); a stuck one is killed after the
+    grace period."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:
@@ -213,6 +220,26 @@ def _twinq_path() -> str:
         return str(script)
 
 
+@contextmanager
+def _interrupt_on_termination() -> Iterator[None]:
+    """Make SIGTERM and SIGHUP stop the demo as Ctrl-C does.
+
+    Python's default for both exits at once, without cleanups: `kill`, a process manager or a
+    closed terminal left the embedded Redis (and a running step) behind. As a KeyboardInterrupt
+    they unwind the demo's `ExitStack`, which drains the worker and stops Redis; `--serve`
+    then exits 0, as after Ctrl-C. The previous handlers come back on the way out.
+    """
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def demo_command(
     serve: bool = typer.Option(False, "--serve", help="Stay up: print the status page and how to ask."),
     fast: bool = typer.Option(False, "--fast", help="Train for a few steps only (tests)."),
@@ -221,7 +248,12 @@ def demo_command(
 ) -> None:
     """Run the whole twinq lifecycle on the bundled FAQ, offline."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    work = workdir.resolve()
+    with _interrupt_on_termination():
+        _lifecycle(workdir.resolve(), serve=serve, fast=fast, report=report)
+
+
+def _lifecycle(work: Path, *, serve: bool, fast: bool, report: Path | None) -> None:
+    """Steps 1 to 6 of the module docstring, in `work`."""
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     root = work / "root"
