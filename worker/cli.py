@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,28 +44,44 @@ _REDIS = typer.Option(None, "--redis-url", help="redis:// or rediss:// URL (with
                       "(/tmp/twinq-<uid>/ without XDG_RUNTIME_DIR).")
 
 
-def install_signal_handlers(consumer: Consumer) -> None:
-    """First SIGTERM/SIGINT drains (within `shutdown_grace_s`); a second one exits at once.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+"""What stops a worker: a process manager (SIGTERM), Ctrl-C (SIGINT) and a closed terminal
+(SIGHUP, whose default exit would skip every cleanup and leave an embedded Redis holding its
+port)."""
+
+
+def install_signal_handlers(consumer: Consumer,
+                            on_exit_now: Callable[[], None] | None = None) -> None:
+    """A first stop signal drains (within `shutdown_grace_s`); a second one exits at once.
 
     Un-ACKed entries of a forced exit are redelivered to other workers after the visibility
     timeout, so exiting early loses nothing. Call from the main thread.
+
+    Args:
+        consumer: The loop to stop.
+        on_exit_now: Run before a forced exit, which skips `finally` blocks: stopping the
+            worker's own embedded Redis, a child process that would outlive it.
     """
     def force(signum: int, _frame: Any) -> None:
         consumer.log.warning("signal %s while draining: exiting now; un-acked entries will be "
                              "redelivered", signal.Signals(signum).name)
-        logging.shutdown()
-        os._exit(1)
+        try:
+            if on_exit_now is not None:
+                on_exit_now()
+        finally:
+            logging.shutdown()
+            os._exit(1)
 
     def drain(signum: int, _frame: Any) -> None:
-        signal.signal(signal.SIGTERM, force)
-        signal.signal(signal.SIGINT, force)
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, force)
         consumer.request_stop()
         timer = threading.Timer(consumer.settings.shutdown_grace_s, force, (signum, None))
         timer.daemon = True
         timer.start()
 
-    signal.signal(signal.SIGTERM, drain)
-    signal.signal(signal.SIGINT, drain)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, drain)
 
 
 def serve(settings: Settings, *, worker_id: str | None = None,
@@ -80,7 +97,7 @@ def serve(settings: Settings, *, worker_id: str | None = None,
         worker_id: Consumer name. Defaults to `<hostname>-<pid>`.
         consumer_cls: The loop class (tests pass a slowed-down subclass).
         embedded_port: Port of the embedded server. Defaults to 6390.
-        signals: Install the SIGTERM/SIGINT handlers. Defaults to True.
+        signals: Install the handlers of `STOP_SIGNALS`. Defaults to True.
     """
     if not settings.root:
         raise BadInput("--root is required (or TWINQ_ROOT): the snapshot root to serve")
@@ -97,7 +114,7 @@ def serve(settings: Settings, *, worker_id: str | None = None,
         if settings.metrics_port is not None:
             status = StatusServer(consumer, settings.metrics_host, settings.metrics_port).start()
         if signals:
-            install_signal_handlers(consumer)
+            install_signal_handlers(consumer, embedded.stop if embedded is not None else None)
         engine.start()
         return consumer.run()
     finally:

@@ -1,16 +1,19 @@
-"""Worker processes under faults: SIGKILL mid-batch (work is taken over) and SIGTERM mid-batch
-(the batch is finished, acknowledged, and the process exits 0)."""
+"""Worker processes under faults: SIGKILL mid-batch (work is taken over), SIGTERM mid-batch
+(the batch is finished, acknowledged, and the process exits 0), and a worker's own embedded
+Redis stopped however the worker is (a closed terminal's SIGHUP, a second signal)."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from tests.worker.conftest import TEXTS, running_worker, send, wait_reply, wait_until
 
@@ -18,16 +21,22 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def start_worker(settings: Any, marker: Path, hold_s: float, worker_id: str,
-                 log: Path) -> subprocess.Popen:
+                 log: Path, embedded_port: int | None = None) -> subprocess.Popen:
+    """A slow worker on `settings`' Redis, or with `embedded_port` on an embedded one of its
+    own (its URL file under the log's folder)."""
     env = {**os.environ, "TWINQ_ROOT": settings.root, "TWINQ_REDIS_URL": settings.redis_url,
            "TWINQ_STREAM": settings.stream, "TWINQ_GROUP": settings.group,
            "TWINQ_DEAD_STREAM": settings.dead_stream, "TWINQ_BATCH_SIZE": "8",
            "TWINQ_BLOCK_MS": "20", "TWINQ_THREADS": "1", "TWINQ_SHUTDOWN_GRACE_S": "20",
            "TWINQ_VISIBILITY_TIMEOUT_MS": str(settings.visibility_timeout_ms)}
     env.pop("TWINQ_CONFIG", None)
-    return subprocess.Popen([sys.executable, "-m", "tests.worker.slow_worker", str(marker),
-                             str(hold_s), worker_id], cwd=REPO, env=env,
-                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+    argv = [sys.executable, "-m", "tests.worker.slow_worker", str(marker), str(hold_s), worker_id]
+    if embedded_port is not None:
+        env.pop("TWINQ_REDIS_URL")
+        env["XDG_RUNTIME_DIR"] = str(log.parent / "run")
+        argv.append(str(embedded_port))
+    return subprocess.Popen(argv, cwd=REPO, env=env, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT)
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -95,3 +104,68 @@ def test_worker_process_sigterm_finishes_batch_and_exits_zero(quick_snapshot: An
     assert group["pending"] == 0  # the batch in flight was acknowledged
     assert group["lag"] == 1  # the request sent while draining was left for other workers
     assert "stopping: finishing the batch in flight" in log.read_text()
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _embedded_left_over(port: int) -> bool:
+    """Whether the embedded server still listens; if so it is killed, so that a failing test
+    leaves nothing running."""
+    if not _port_open(port):
+        return False
+    redis.Redis(port=port).shutdown(nosave=True)
+    return True
+
+
+@pytest.mark.slow
+def test_worker_on_its_own_embedded_redis_drains_and_stops_it_on_sighup(
+        quick_snapshot: Any, make_settings: Any, tmp_path: Path) -> None:
+    root, _ = quick_snapshot(TEXTS)
+    port, marker, log = _free_port(), tmp_path / "in-flight", tmp_path / "worker.log"
+    proc = start_worker(make_settings(root), marker, 0.0, "terminal", log, embedded_port=port)
+    url_file = tmp_path / "run" / "twinq" / "redis-url"
+    try:
+        wait_until(lambda: url_file.exists() and _port_open(port), timeout_s=60, step_s=0.1)
+        proc.send_signal(signal.SIGHUP)  # the terminal it ran in was closed
+        code = proc.wait(timeout=30)
+    finally:
+        stop(proc)
+        left_over = _embedded_left_over(port)
+    assert code == 0 and not left_over, log.read_text()
+    assert not url_file.exists()
+    assert "stopping: finishing the batch in flight" in log.read_text()
+
+
+@pytest.mark.slow
+def test_second_signal_exits_at_once_and_still_stops_the_embedded_redis(
+        quick_snapshot: Any, make_settings: Any, tmp_path: Path) -> None:
+    root, _ = quick_snapshot(TEXTS)
+    settings = make_settings(root)
+    port, marker, log = _free_port(), tmp_path / "in-flight", tmp_path / "worker.log"
+    proc = start_worker(settings, marker, 120.0, "impatient", log, embedded_port=port)
+    try:
+        wait_until(lambda: _port_open(port), timeout_s=60, step_s=0.1)
+        client = redis.Redis(port=port)
+        wait_until(lambda: client.exists(settings.stream), timeout_s=60, step_s=0.1)
+        send(client, settings, {"id": "held", "query": TEXTS[0]})
+        wait_for_batch(proc, marker, log)
+        proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: "stopping: finishing the batch in flight" in log.read_text(),
+                   timeout_s=10, step_s=0.05)
+        proc.send_signal(signal.SIGINT)  # a second Ctrl-C: do not wait for the batch
+        code = proc.wait(timeout=15)
+    finally:
+        stop(proc)
+        left_over = _embedded_left_over(port)
+    assert code == 1 and not left_over, log.read_text()
+    assert "exiting now" in log.read_text()
