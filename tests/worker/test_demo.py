@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+import redis
 
 # The default (not --fast) demo: its 30-step fast reranker cannot fix the near-miss questions that
 # recall alone gets wrong, and this test checks what a newcomer sees: every paraphrase's twin at
@@ -42,13 +46,21 @@ def _pid_alive(pid: int) -> bool:
 TIMEOUT_S = 3000
 
 
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo's workdir, shared by this file's tests: the served demo below reuses the
+    reranker the first test trained (cached by the demo), instead of training one more."""
+    return tmp_path_factory.mktemp("demo")
+
+
 @pytest.mark.timeout(TIMEOUT_S)
-def test_demo_answers_every_sample_question_and_leaves_nothing_running(tmp_path: Path) -> None:
+def test_demo_answers_every_sample_question_and_leaves_nothing_running(workdir: Path,
+                                                                       tmp_path: Path) -> None:
     report = tmp_path / "report.json"
     # Under xdist it has a lane of its own, its two torch threads waiting passively
     # (tests/conftest.py says why and what it measured).
     result = subprocess.run([sys.executable, "-m", "twinq.shared.cli", "demo", "--workdir",
-                             str(tmp_path / "demo"), "--report", str(report)],
+                             str(workdir), "--report", str(report)],
                             capture_output=True, text=True, timeout=TIMEOUT_S - 100)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     data = json.loads(report.read_text())
@@ -96,6 +108,46 @@ def test_demo_answers_every_sample_question_and_leaves_nothing_running(tmp_path:
     redis_port = int(data["redis_url"].rsplit(":", 1)[1].split("/")[0])
     assert not _pid_alive(data["worker_pid"])
     assert not _port_open(redis_port) and not _port_open(data["status_port"])
+
+
+@pytest.mark.timeout(TIMEOUT_S)
+def test_served_demo_stopped_by_sigterm_stops_its_worker_and_redis(workdir: Path,
+                                                                    tmp_path: Path) -> None:
+    """`make serve` stopped by `kill` or a process manager. Python's default for SIGTERM exits
+    without cleanups, which left the worker and the embedded Redis running (session 22). After
+    the test above, the demo finds its reranker cached and serves in seconds; alone, it trains
+    it first. tests/worker/test_demo_stop.py stops a demo mid-step, by SIGTERM and SIGHUP."""
+    report, out = tmp_path / "report.json", tmp_path / "out.log"
+    process = subprocess.Popen([sys.executable, "-m", "twinq.shared.cli", "demo", "--serve",
+                                "--workdir", str(workdir), "--report", str(report)],
+                               stdout=out.open("w"), stderr=subprocess.STDOUT)
+    data: dict[str, Any] = {}
+    redis_port = 0
+    try:
+        deadline = time.monotonic() + TIMEOUT_S - 100
+        while "Ctrl-C stops the worker and Redis" not in out.read_text():
+            assert process.poll() is None and time.monotonic() < deadline, out.read_text()[-3000:]
+            time.sleep(0.5)
+        data = json.loads(report.read_text())
+        redis_port = int(data["redis_url"].rsplit(":", 1)[1])
+        # What must stop is running: the test can fail.
+        assert _pid_alive(data["worker_pid"]) and _port_open(redis_port)
+        assert _port_open(data["status_port"])
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        # Measured, then cleaned up, so that a failure leaves nothing running either.
+        left = {"worker": bool(data) and _pid_alive(data["worker_pid"]),
+                "redis": bool(redis_port) and _port_open(redis_port)}
+        if left["worker"]:
+            os.kill(data["worker_pid"], signal.SIGKILL)
+        if left["redis"]:
+            redis.Redis(port=redis_port).shutdown(nosave=True)
+    assert code == 0 and "shutting down" in out.read_text(), out.read_text()[-3000:]
+    assert not any(left.values()), left
+    assert not _port_open(data["status_port"])
 
 
 @pytest.mark.parametrize("log, expected", [
