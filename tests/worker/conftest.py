@@ -5,6 +5,8 @@ Every worker started here is stopped in a finally block, so no thread outlives i
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
 import uuid
@@ -116,3 +118,26 @@ def wait_until(predicate: Callable[[], Any], timeout_s: float = 10.0, step_s: fl
             return value
         time.sleep(step_s)
     raise AssertionError(f"condition not met within {timeout_s}s")
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (another process may take it before it is bound)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    """Whether something listens on 127.0.0.1:`port`."""
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (a zombie counts until its parent reaps it)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

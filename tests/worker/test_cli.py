@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from typer.testing import CliRunner
 
 from twinq.shared.errors import BadInput
 from tests.conftest import REDIS_URL
-from tests.worker.conftest import TEXTS, running_worker, wait_until
+from tests.worker.conftest import TEXTS, free_port, running_worker, wait_until
 from twinq.worker.cli import ask_command, read_questions, serve, submit_command, worker_command
 from twinq.worker.consumer import Consumer
 
@@ -103,12 +102,6 @@ def test_worker_command_requires_a_root(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.delenv("TWINQ_ROOT", raising=False)
     result = CliRunner().invoke(app(), ["worker"])
     assert isinstance(result.exception, BadInput) and "--root" in str(result.exception)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_serve_with_embedded_redis_is_found_by_ask(quick_snapshot: Any, tmp_path: Path,

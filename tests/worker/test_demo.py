@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,8 @@ from typing import Any
 import pytest
 import redis
 
+from tests.worker.conftest import pid_alive, port_open
+
 # The default (not --fast) demo: its 30-step fast reranker cannot fix the near-miss questions that
 # recall alone gets wrong, and this test checks what a newcomer sees: every paraphrase's twin at
 # rank 1, every off-topic question refused with "no twin found" below probability 0.3, the
@@ -23,20 +24,6 @@ import redis
 # weights on one machine), but another CPU trains a slightly different model: see the floors
 # below.
 pytestmark = pytest.mark.slow
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 # It trains the demo reranker: 5 to 7 minutes alone on fast 2-core machines, 15 on a slow one
@@ -106,8 +93,8 @@ def test_demo_answers_every_sample_question_and_leaves_nothing_running(workdir: 
     assert "found their twin at rank 1" in result.stdout
     # Nothing keeps running: no worker, no Redis, no open port.
     redis_port = int(data["redis_url"].rsplit(":", 1)[1].split("/")[0])
-    assert not _pid_alive(data["worker_pid"])
-    assert not _port_open(redis_port) and not _port_open(data["status_port"])
+    assert not pid_alive(data["worker_pid"])
+    assert not port_open(redis_port) and not port_open(data["status_port"])
 
 
 @pytest.mark.timeout(TIMEOUT_S)
@@ -129,25 +116,25 @@ def test_served_demo_stopped_by_sigterm_stops_its_worker_and_redis(workdir: Path
             assert process.poll() is None and time.monotonic() < deadline, out.read_text()[-3000:]
             time.sleep(0.5)
         data = json.loads(report.read_text())
-        redis_port = int(data["redis_url"].rsplit(":", 1)[1])
+        redis_port = int(data["redis_url"].rsplit(":", 1)[1].split("/")[0])
         # What must stop is running: the test can fail.
-        assert _pid_alive(data["worker_pid"]) and _port_open(redis_port)
-        assert _port_open(data["status_port"])
+        assert pid_alive(data["worker_pid"]) and port_open(redis_port)
+        assert port_open(data["status_port"])
         process.send_signal(signal.SIGTERM)
         code = process.wait(timeout=120)
     finally:
         if process.poll() is None:
             process.kill()
         # Measured, then cleaned up, so that a failure leaves nothing running either.
-        left = {"worker": bool(data) and _pid_alive(data["worker_pid"]),
-                "redis": bool(redis_port) and _port_open(redis_port)}
+        left = {"worker": bool(data) and pid_alive(data["worker_pid"]),
+                "redis": bool(redis_port) and port_open(redis_port)}
         if left["worker"]:
             os.kill(data["worker_pid"], signal.SIGKILL)
         if left["redis"]:
             redis.Redis(port=redis_port).shutdown(nosave=True)
     assert code == 0 and "shutting down" in out.read_text(), out.read_text()[-3000:]
     assert not any(left.values()), left
-    assert not _port_open(data["status_port"])
+    assert not port_open(data["status_port"])
 
 
 @pytest.mark.parametrize("log, expected", [

@@ -17,19 +17,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.worker.conftest import pid_alive
+
 pytestmark = pytest.mark.slow
 
 START_S = 600
 """The `--fast` demo starts training within 10 s on a 2-core Zen 5 EPYC; slow hosts beside the
 other lane take several times that."""
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def _processes_naming(*parts: str) -> list[int]:
@@ -67,9 +61,9 @@ def test_demo_stopped_while_training_stops_the_training(tmp_path: Path, sig: int
         if process.poll() is None:
             process.kill()
         deadline = time.monotonic() + 30
-        while any(_pid_alive(pid) for pid in steps) and time.monotonic() < deadline:
+        while any(pid_alive(pid) for pid in steps) and time.monotonic() < deadline:
             time.sleep(0.2)
-        left = [pid for pid in steps if _pid_alive(pid)]
+        left = [pid for pid in steps if pid_alive(pid)]
         for pid in left:  # measured, then cleaned up: a failure leaves nothing running either
             os.kill(pid, signal.SIGKILL)
     assert not left, "the training step was left running"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.worker.conftest import TEXTS, running_worker, sample, wait_until
+from tests.worker.conftest import TEXTS, free_port, running_worker, sample, wait_until
 from twinq.shared.protocol import Update, updates_stream
 from twinq.shared.search import Hit
 from twinq.worker.client import TwinqClient
@@ -279,12 +278,6 @@ def test_live_metrics_and_status_page(live_setup: Any, tiny_bi_encoder: Any) -> 
 # ---------------------------------------------------------------- Redis restart with AOF
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _start_redis(port: int, folder: Path) -> subprocess.Popen:
     import redis
 
@@ -315,7 +308,7 @@ def test_redis_restart_with_aof_loses_no_acknowledged_update(tmp_path: Path) -> 
     from twinq.shared.protocol import parse_update
     from twinq.shared.queue import UpdateLog
 
-    port = _free_port()
+    port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
     settings = load_settings(env={}, overrides={"redis_url": url})
     proc = _start_redis(port, tmp_path)
