@@ -90,7 +90,10 @@ def serve(settings: Settings, *, worker_id: str | None = None,
     """Run one worker until it is told to stop; return its exit code.
 
     The status server starts before the models load, so that /healthz answers during a slow
-    start (a Kubernetes startupProbe) while /readyz says not yet.
+    start (a Kubernetes startupProbe) while /readyz says not yet. A stop signal that arrives
+    before the drain handlers are in place (the embedded Redis up, the engine not yet built) is
+    noted, not obeyed on the spot (an exception raised there could cut the embedded server's
+    own start in half), and ends the start once they are: what was started is stopped, exit 0.
 
     Args:
         settings: Everything; `root` is required. No `redis_url` starts an embedded server.
@@ -104,6 +107,11 @@ def serve(settings: Settings, *, worker_id: str | None = None,
     set_threads(settings.threads)
     worker_id = worker_id or default_worker_id()
     embedded = status = None
+    stop_noted: list[str] = []
+    if signals:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, lambda signum, _frame: stop_noted.append(
+                signal.Signals(signum).name))
     try:
         if settings.redis_url is None:
             embedded = EmbeddedRedis(port=embedded_port, record=True)
@@ -115,6 +123,9 @@ def serve(settings: Settings, *, worker_id: str | None = None,
             status = StatusServer(consumer, settings.metrics_host, settings.metrics_port).start()
         if signals:
             install_signal_handlers(consumer, embedded.stop if embedded is not None else None)
+        if stop_noted:
+            log.info("%s while starting: stopped before serving", stop_noted[0])
+            return 0
         engine.start()
         return consumer.run()
     finally:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,8 @@ from typing import Any
 import pytest
 import redis
 
-from tests.worker.conftest import TEXTS, running_worker, send, wait_reply, wait_until
+from tests.worker.conftest import (TEXTS, free_port, port_open, running_worker, send,
+                                   wait_reply, wait_until)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -106,44 +106,39 @@ def test_worker_process_sigterm_finishes_batch_and_exits_zero(quick_snapshot: An
     assert "stopping: finishing the batch in flight" in log.read_text()
 
 
-def _port_open(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _embedded_left_over(port: int) -> bool:
     """Whether the embedded server still listens; if so it is killed, so that a failing test
     leaves nothing running."""
-    if not _port_open(port):
+    if not port_open(port):
         return False
     redis.Redis(port=port).shutdown(nosave=True)
     return True
 
 
 @pytest.mark.slow
-def test_worker_on_its_own_embedded_redis_drains_and_stops_it_on_sighup(
-        quick_snapshot: Any, make_settings: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("when", ["serving", "starting"])
+def test_worker_on_its_own_embedded_redis_stops_it_on_sighup(
+        quick_snapshot: Any, make_settings: Any, tmp_path: Path, when: str) -> None:
+    """A closed terminal: SIGHUP once the worker consumes (it drains), or as soon as its
+    embedded Redis is up (the start is cut short). Either way it exits 0 and stops Redis."""
     root, _ = quick_snapshot(TEXTS)
-    port, marker, log = _free_port(), tmp_path / "in-flight", tmp_path / "worker.log"
+    port, marker, log = free_port(), tmp_path / "in-flight", tmp_path / "worker.log"
     proc = start_worker(make_settings(root), marker, 0.0, "terminal", log, embedded_port=port)
     url_file = tmp_path / "run" / "twinq" / "redis-url"
     try:
-        wait_until(lambda: url_file.exists() and _port_open(port), timeout_s=60, step_s=0.1)
-        proc.send_signal(signal.SIGHUP)  # the terminal it ran in was closed
+        if when == "serving":
+            wait_until(lambda: "consuming" in log.read_text(), timeout_s=60, step_s=0.1)
+        else:
+            wait_until(lambda: port_open(port), timeout_s=60, step_s=0.01)
+        proc.send_signal(signal.SIGHUP)
         code = proc.wait(timeout=30)
     finally:
         stop(proc)
         left_over = _embedded_left_over(port)
     assert code == 0 and not left_over, log.read_text()
     assert not url_file.exists()
-    assert "stopping: finishing the batch in flight" in log.read_text()
+    if when == "serving":
+        assert "stopping: finishing the batch in flight" in log.read_text()
 
 
 @pytest.mark.slow
@@ -151,10 +146,10 @@ def test_second_signal_exits_at_once_and_still_stops_the_embedded_redis(
         quick_snapshot: Any, make_settings: Any, tmp_path: Path) -> None:
     root, _ = quick_snapshot(TEXTS)
     settings = make_settings(root)
-    port, marker, log = _free_port(), tmp_path / "in-flight", tmp_path / "worker.log"
+    port, marker, log = free_port(), tmp_path / "in-flight", tmp_path / "worker.log"
     proc = start_worker(settings, marker, 120.0, "impatient", log, embedded_port=port)
     try:
-        wait_until(lambda: _port_open(port), timeout_s=60, step_s=0.1)
+        wait_until(lambda: port_open(port), timeout_s=60, step_s=0.1)
         client = redis.Redis(port=port)
         wait_until(lambda: client.exists(settings.stream), timeout_s=60, step_s=0.1)
         send(client, settings, {"id": "held", "query": TEXTS[0]})
