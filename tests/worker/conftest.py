@@ -141,3 +141,14 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def stop_left_over_redis(port: int) -> bool:
+    """Whether a Redis server still listens on `port`; if so it is shut down, so that a test
+    that fails on it leaves nothing running."""
+    import redis
+
+    if not port_open(port):
+        return False
+    redis.Redis(port=port).shutdown(nosave=True)
+    return True

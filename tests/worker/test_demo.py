@@ -7,14 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 
-from tests.worker.conftest import pid_alive, port_open
+from tests.worker.conftest import pid_alive, port_open, stop_left_over_redis, wait_until
 
 # The default (not --fast) demo: its 30-step fast reranker cannot fix the near-miss questions that
 # recall alone gets wrong, and this test checks what a newcomer sees: every paraphrase's twin at
@@ -110,11 +108,13 @@ def test_served_demo_stopped_by_sigterm_stops_its_worker_and_redis(workdir: Path
                                stdout=out.open("w"), stderr=subprocess.STDOUT)
     data: dict[str, Any] = {}
     redis_port = 0
+    def serving() -> bool:
+        if process.poll() is not None:
+            pytest.fail(f"the demo exited ({process.returncode}):\n{out.read_text()[-3000:]}")
+        return "Ctrl-C stops the worker and Redis" in out.read_text()
+
     try:
-        deadline = time.monotonic() + TIMEOUT_S - 100
-        while "Ctrl-C stops the worker and Redis" not in out.read_text():
-            assert process.poll() is None and time.monotonic() < deadline, out.read_text()[-3000:]
-            time.sleep(0.5)
+        wait_until(serving, timeout_s=TIMEOUT_S - 100, step_s=0.5)
         data = json.loads(report.read_text())
         redis_port = int(data["redis_url"].rsplit(":", 1)[1].split("/")[0])
         # What must stop is running: the test can fail.
@@ -127,11 +127,9 @@ def test_served_demo_stopped_by_sigterm_stops_its_worker_and_redis(workdir: Path
             process.kill()
         # Measured, then cleaned up, so that a failure leaves nothing running either.
         left = {"worker": bool(data) and pid_alive(data["worker_pid"]),
-                "redis": bool(redis_port) and port_open(redis_port)}
+                "redis": bool(redis_port) and stop_left_over_redis(redis_port)}
         if left["worker"]:
             os.kill(data["worker_pid"], signal.SIGKILL)
-        if left["redis"]:
-            redis.Redis(port=redis_port).shutdown(nosave=True)
     assert code == 0 and "shutting down" in out.read_text(), out.read_text()[-3000:]
     assert not any(left.values()), left
     assert not port_open(data["status_port"])

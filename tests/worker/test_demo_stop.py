@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.worker.conftest import pid_alive
+from tests.worker.conftest import pid_alive, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -47,14 +47,16 @@ def test_demo_stopped_while_training_stops_the_training(tmp_path: Path, sig: int
     process = subprocess.Popen(
         [sys.executable, "-m", "twinq.shared.cli", "demo", "--fast", "--workdir", str(workdir)],
         stdout=out.open("w"), stderr=subprocess.STDOUT)
-    steps: list[int] = []
-    try:
+    def training() -> list[int]:
         # The training step names the workdir in its --out (the demo's own command line names
         # the workdir too, but not the subcommand).
-        deadline = time.monotonic() + START_S
-        while not (steps := _processes_naming("reranker", str(workdir))):
-            assert process.poll() is None and time.monotonic() < deadline, out.read_text()[-3000:]
-            time.sleep(0.2)
+        if process.poll() is not None:
+            pytest.fail(f"the demo exited ({process.returncode}):\n{out.read_text()[-3000:]}")
+        return _processes_naming("reranker", str(workdir))
+
+    steps: list[int] = []
+    try:
+        steps = wait_until(training, timeout_s=START_S, step_s=0.2)
         process.send_signal(sig)
         code = process.wait(timeout=120)
     finally:

@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from tests.worker.conftest import (TEXTS, free_port, port_open, running_worker, send,
-                                   wait_reply, wait_until)
+                                   stop_left_over_redis, wait_reply, wait_until)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -106,15 +106,6 @@ def test_worker_process_sigterm_finishes_batch_and_exits_zero(quick_snapshot: An
     assert "stopping: finishing the batch in flight" in log.read_text()
 
 
-def _embedded_left_over(port: int) -> bool:
-    """Whether the embedded server still listens; if so it is killed, so that a failing test
-    leaves nothing running."""
-    if not port_open(port):
-        return False
-    redis.Redis(port=port).shutdown(nosave=True)
-    return True
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("when", ["serving", "starting"])
 def test_worker_on_its_own_embedded_redis_stops_it_on_sighup(
@@ -134,7 +125,7 @@ def test_worker_on_its_own_embedded_redis_stops_it_on_sighup(
         code = proc.wait(timeout=30)
     finally:
         stop(proc)
-        left_over = _embedded_left_over(port)
+        left_over = stop_left_over_redis(port)
     assert code == 0 and not left_over, log.read_text()
     assert not url_file.exists()
     if when == "serving":
@@ -161,6 +152,6 @@ def test_second_signal_exits_at_once_and_still_stops_the_embedded_redis(
         code = proc.wait(timeout=15)
     finally:
         stop(proc)
-        left_over = _embedded_left_over(port)
+        left_over = stop_left_over_redis(port)
     assert code == 1 and not left_over, log.read_text()
     assert "exiting now" in log.read_text()
